@@ -1,0 +1,3 @@
+"""Jalur: a transaction routing proxy."""
+
+__version__ = "0.1.0"

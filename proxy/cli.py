@@ -1,0 +1,164 @@
+"""``jalur run | check | routes | demo``: the command line (stdlib argparse).
+
+Logs go to stderr; the access log (when enabled) is JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from . import __version__
+from . import config as cfg
+from .router import Router
+
+DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jalur", description="Jalur transaction routing proxy")
+    p.add_argument("--version", action="version", version=f"jalur {__version__}")
+    p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve with a config file")
+    run.add_argument("-c", "--config", required=True, help="YAML config file")
+
+    check = sub.add_parser("check", help="validate a config file and summarise it")
+    check.add_argument("file", help="YAML config file")
+
+    routes = sub.add_parser("routes", help="print the compiled route table")
+    routes.add_argument("-c", "--config", required=True, help="YAML config file")
+
+    demo = sub.add_parser("demo", help="simulated back ends + proxy on loopback")
+    demo.add_argument(
+        "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "check":
+        return check(args.file, sys.stdout, sys.stderr)
+    if args.command == "routes":
+        config = _load_or_report(args.config, sys.stderr)
+        if config is None:
+            return 1
+        print_routes(config, sys.stdout)
+        return 0
+    if args.command == "run":
+        config = _load_or_report(args.config, sys.stderr)
+        if config is None:
+            return 1
+        from .server import serve
+
+        _run(serve(config, config_path=args.config))
+        return 0
+    if args.command == "demo":
+        from .demo.run import run_demo
+
+        config = _load_or_report(args.config, sys.stderr)
+        if config is None:
+            return 1
+        _run(run_demo(config))
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(coro)
+
+
+def _load_or_report(path: str, err: TextIO) -> cfg.Config | None:
+    try:
+        return cfg.load(path, env=os.environ)
+    except cfg.ConfigError as exc:
+        print(f"{exc.source}: {len(exc.errors)} error(s)", file=err)
+        for e in exc.errors:
+            print(f"  {e}", file=err)
+        return None
+
+
+def check(path: str, out: TextIO, err: TextIO) -> int:
+    config = _load_or_report(path, err)
+    if config is None:
+        return 1
+    print(f"{path}: OK", file=out)
+    print(
+        f"listen {config.listen.host}:{config.listen.port}  "
+        f"admin {config.admin.host}:{config.admin.port}",
+        file=out,
+    )
+    print("systems:", file=out)
+    for name, system in config.systems.items():
+        print(f"  {name:<20} {system.kind}", file=out)
+    print("clusters:", file=out)
+    for name, cluster in config.clusters.items():
+        print(f"  {name:<20} {cluster.system:<14} {', '.join(cluster.endpoints)}", file=out)
+    categories: dict[str, list[str]] = {}
+    for route in config.routes:
+        categories.setdefault(route.category, []).append(route.name)
+    print(f"routes: {len(config.routes)}", file=out)
+    print("categories:", file=out)
+    tx = set(config.compliance.transaction_categories)
+    for category, names in categories.items():
+        mark = " (transaction)" if category in tx else ""
+        print(f"  {category + mark:<26} {', '.join(names)}", file=out)
+    return 0
+
+
+def describe_match(m: cfg.Match) -> str:
+    parts = []
+    if m.host:
+        parts.append(f"host={m.host}")
+    if m.exact is not None:
+        parts.append(f"exact={m.exact}")
+    elif m.prefix is not None:
+        parts.append(f"prefix={m.prefix}")
+    elif m.regex is not None:
+        parts.append(f"regex={m.regex}")
+    else:
+        parts.append("any path")
+    if not m.case_sensitive:
+        parts.append("(case-insensitive)")
+    for h in m.headers:
+        parts.append(f"header:{h.name}")
+    return " ".join(parts)
+
+
+def print_routes(config: cfg.Config, out: TextIO) -> None:
+    router = Router(config.routes)
+    rows = [("#", "ROUTE", "METHODS", "MATCH", "CATEGORY", "CLUSTERS")]
+    for r in router.routes:
+        methods = ",".join(r.spec.match.methods) if r.spec.match.methods else "*"
+        if len(r.targets) == 1:
+            clusters = r.targets[0].cluster
+        else:
+            clusters = " ".join(f"{t.cluster}:{t.weight}" for t in r.targets)
+        systems = {config.clusters[t.cluster].system for t in r.targets}
+        clusters += f" ({', '.join(sorted(systems))})"
+        rows.append(
+            (str(r.index), r.name, methods, describe_match(r.spec.match), r.category, clusters)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )

@@ -1,0 +1,505 @@
+"""Typed configuration: YAML -> frozen msgspec Structs, env overrides, validation.
+
+Everything that can be checked without traffic is checked here, and every problem is
+reported with its field path (``$.routes[3].split[0].cluster``) and, where the YAML
+tells us, the line it is on. ``load`` either returns a whole valid ``Config`` or raises
+``ConfigError`` carrying *every* error found, never just the first.
+
+Decoding is declarative (msgspec, ``forbid_unknown_fields``); the cross-references that a
+schema cannot express (a route naming an unknown cluster, a cluster of an unknown system,
+two routes with one name, an endpoint that is not an ``http://host:port`` URL) are checked
+afterwards in ``_check_references``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+import yaml
+from yarl import URL
+
+__all__ = [
+    "Admin",
+    "Cluster",
+    "Compliance",
+    "Config",
+    "ConfigError",
+    "Drain",
+    "FieldError",
+    "HeaderMatch",
+    "Listen",
+    "Match",
+    "Migration",
+    "Owns",
+    "Route",
+    "SplitTarget",
+    "Sticky",
+    "System",
+    "Timeouts",
+    "load",
+    "parse",
+]
+
+ENV_PREFIX: Final = "JALUR_"
+# Separator between path segments in an override variable: JALUR_LISTEN__PORT=8081.
+ENV_SEPARATOR: Final = "__"
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+Weight = Annotated[int, msgspec.Meta(ge=0, le=10000)]
+Method = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{1,20}$")]
+HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every config object: immutable, hashable, unknown keys are errors."""
+
+
+class Listen(_Base, frozen=True):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    # Seconds a client may take to send a complete request head; protects the listener
+    # from slow-header (slowloris) clients holding connections open.
+    header_read_timeout: Seconds = 10.0
+    # Seconds an idle keep-alive connection is kept open between requests.
+    keepalive_timeout: Seconds = 75.0
+    # Longest request line / single header line the parser accepts (bytes).
+    max_line_size: Annotated[int, msgspec.Meta(ge=1024, le=65536)] = 8190
+    max_field_size: Annotated[int, msgspec.Meta(ge=1024, le=65536)] = 8190
+
+
+class Admin(_Base, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 9901
+    # Bearer token for mutating admin calls; unset means they are refused.
+    token: str | None = None
+
+
+class Drain(_Base, frozen=True):
+    delay: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    timeout: Seconds = 25.0
+
+
+class Owns(_Base, frozen=True):
+    cookies: list[str] = []
+    headers: list[HeaderName] = []
+
+
+class System(_Base, frozen=True):
+    kind: Literal["social", "commerce"]
+    owns: Owns = Owns()
+
+
+class Timeouts(_Base, frozen=True):
+    # Seconds to establish a TCP connection to an endpoint.
+    connect: Seconds = 2.0
+    # Seconds from sending the request until the upstream response head has arrived.
+    response_headers: Seconds = 15.0
+    # Seconds of silence allowed between two body reads, either direction.
+    idle: Seconds = 60.0
+
+
+class Cluster(_Base, frozen=True):
+    system: Name
+    endpoints: Annotated[list[str], msgspec.Meta(min_length=1)]
+    timeouts: Timeouts = Timeouts()
+    # Pooled upstream connections per cluster (all endpoints together).
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+
+
+class HeaderMatch(_Base, frozen=True):
+    name: HeaderName
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    invert: bool = False
+
+
+class Match(_Base, frozen=True):
+    prefix: str | None = None
+    exact: str | None = None
+    regex: str | None = None
+    methods: list[Method] | None = None
+    host: str | None = None
+    headers: list[HeaderMatch] = []
+    case_sensitive: bool = True
+
+
+class SplitTarget(_Base, frozen=True):
+    cluster: Name
+    weight: Weight
+
+
+class Sticky(_Base, frozen=True):
+    header: HeaderName | None = None
+    cookie: str | None = None
+
+
+class Route(_Base, frozen=True):
+    name: Name
+    match: Match
+    category: Name
+    to: Name | None = None
+    split: list[SplitTarget] | None = None
+    sticky: Sticky | None = None
+
+
+class Compliance(_Base, frozen=True):
+    transaction_categories: list[Name] = msgspec.field(
+        default_factory=lambda: ["payment", "user-data", "merchant"]
+    )
+    transition_until: datetime | None = None
+    # Clusters of a social system that may still carry a transaction share until
+    # ``transition_until``.
+    legacy_clusters: list[Name] = []
+
+
+class Migration(_Base, frozen=True):
+    weights: dict[Name, Annotated[float, msgspec.Meta(ge=0)]] = {}
+
+
+class Config(_Base, frozen=True):
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    drain: Drain = Drain()
+    systems: dict[Name, System] = {}
+    clusters: dict[Name, Cluster] = {}
+    routes: list[Route] = []
+    compliance: Compliance = Compliance()
+    migration: Migration = Migration()
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    path: str  # "$.routes[3].to"
+    message: str
+    line: int | None = None  # 1-based line in the YAML file, when known
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line is not None else ""
+        return f"{self.path}{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be served. ``errors`` holds every problem found."""
+
+    def __init__(self, errors: list[FieldError], source: str = "<config>") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(str(e) for e in errors))
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file, apply ``JALUR_*`` overrides from ``env``, decode and validate."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([FieldError("$", f"cannot read file: {exc.strerror}")], str(p)) from exc
+    return parse(text, source=str(p), env=env)
+
+
+def parse(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError([FieldError("$", f"invalid YAML: {exc}", line)], source) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([FieldError("$", "the document must be a mapping")], source)
+    errors: list[FieldError] = []
+    overridden: dict[str, str] = {}
+    if env is not None:
+        errors.extend(_apply_env(data, env, overridden))
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError:
+        errors.extend(_collect(data, Config, "$"))
+        raise ConfigError(_located(errors, node, overridden), source) from None
+    errors.extend(_check_references(config))
+    if errors:
+        raise ConfigError(_located(errors, node, overridden), source)
+    return config
+
+
+# -- environment overrides -------------------------------------------------------------
+
+
+def _apply_env(
+    data: dict[str, Any], env: Mapping[str, str], overridden: dict[str, str]
+) -> list[FieldError]:
+    """Apply ``JALUR_A__B=value``: set ``data[a][b]``, the value parsed as YAML.
+
+    Segments match existing keys case-insensitively with ``_`` standing for ``-``
+    (``JALUR_CLUSTERS__SHOP_LEGACY__...`` reaches ``clusters.shop-legacy``)."""
+    errors: list[FieldError] = []
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        segments = [s.lower() for s in var[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+        if not all(segments):
+            errors.append(FieldError("$", f"environment variable {var}: empty path segment"))
+            continue
+        node: Any = data
+        for i, seg in enumerate(segments):
+            if not isinstance(node, dict):
+                errors.append(
+                    FieldError(
+                        "$." + ".".join(segments[:i]),
+                        f"environment variable {var}: not a mapping, cannot override",
+                    )
+                )
+                break
+            key = _env_key(node, seg)
+            if i == len(segments) - 1:
+                overridden["$." + ".".join(segments[:i]) + ("." if i else "") + key] = var
+                try:
+                    node[key] = yaml.safe_load(env[var])
+                except yaml.YAMLError as exc:
+                    errors.append(FieldError("$", f"environment variable {var}: {exc}"))
+            else:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return errors
+
+
+def _env_key(node: dict[str, Any], seg: str) -> str:
+    for key in node:
+        if isinstance(key, str) and key.lower().replace("-", "_") == seg:
+            return key
+    return seg
+
+
+# -- error collection -------------------------------------------------------------------
+
+_MSGSPEC_PATH: Final = re.compile(r" - at `\$(?P<rest>[^`]*)`$")
+
+
+def _collect(data: Any, typ: Any, path: str) -> list[FieldError]:
+    """Every validation error in ``data`` as ``typ``, not just msgspec's first one.
+
+    msgspec stops at the first error; this descends into Structs, lists and dicts and
+    converts each part on its own, so a config with five mistakes reports five."""
+    try:
+        msgspec.convert(data, typ)
+        return []
+    except msgspec.ValidationError as exc:
+        first = _from_msgspec(exc, path)
+    info = msgspec.inspect.type_info(typ)
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(data, dict):
+        errors: list[FieldError] = []
+        fields = {f.encode_name: f for f in info.fields}
+        for key in data:
+            if key not in fields:
+                errors.append(FieldError(f"{path}.{key}", "unknown field"))
+        for name, field in fields.items():
+            if name in data:
+                errors.extend(_collect(data[name], _field_type(typ, field.name), f"{path}.{name}"))
+            elif field.required:
+                errors.append(FieldError(f"{path}.{name}", "required field is missing"))
+        return errors or [first]
+    origin = getattr(typ, "__origin__", None)
+    args: tuple[Any, ...] = getattr(typ, "__args__", ())
+    if origin is list and isinstance(data, list) and args:
+        errors = []
+        for i, item in enumerate(data):
+            errors.extend(_collect(item, args[0], f"{path}[{i}]"))
+        return errors or [first]
+    if origin is dict and isinstance(data, dict) and len(args) == 2:
+        errors = []
+        for key, value in data.items():
+            key_errors = _collect(key, args[0], f"{path}.{key}")
+            if key_errors:
+                errors.append(FieldError(f"{path}.{key}", f"invalid name {key!r}"))
+                continue
+            errors.extend(_collect(value, args[1], f"{path}.{key}"))
+        return errors or [first]
+    return [first]
+
+
+def _field_type(struct_type: Any, attr: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(struct_type, include_extras=True)[attr]
+
+
+def _from_msgspec(exc: msgspec.ValidationError, path: str) -> FieldError:
+    message = str(exc)
+    m = _MSGSPEC_PATH.search(message)
+    if m:
+        return FieldError(path + m.group("rest"), message[: m.start()])
+    return FieldError(path, message)
+
+
+# -- cross-reference checks -------------------------------------------------------------
+
+
+def _check_references(config: Config) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for name, cluster in config.clusters.items():
+        if cluster.system not in config.systems:
+            errors.append(
+                FieldError(f"$.clusters.{name}.system", f"unknown system {cluster.system!r}")
+            )
+        for i, endpoint in enumerate(cluster.endpoints):
+            problem = _endpoint_problem(endpoint)
+            if problem:
+                errors.append(FieldError(f"$.clusters.{name}.endpoints[{i}]", problem))
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        at = f"$.routes[{i}]"
+        if route.name in seen:
+            errors.append(
+                FieldError(
+                    f"{at}.name", f"duplicate route name (also $.routes[{seen[route.name]}])"
+                )
+            )
+        seen.setdefault(route.name, i)
+        errors.extend(_check_match(route.match, f"{at}.match"))
+        if (route.to is None) == (route.split is None):
+            errors.append(FieldError(at, "exactly one of `to` or `split` is required"))
+        if route.to is not None and route.to not in config.clusters:
+            errors.append(FieldError(f"{at}.to", f"unknown cluster {route.to!r}"))
+        if route.split is not None:
+            if not route.split:
+                errors.append(FieldError(f"{at}.split", "needs at least one cluster"))
+            elif sum(t.weight for t in route.split) == 0:
+                errors.append(FieldError(f"{at}.split", "weights add up to 0"))
+            names = [t.cluster for t in route.split]
+            for j, target in enumerate(route.split):
+                if target.cluster not in config.clusters:
+                    errors.append(
+                        FieldError(
+                            f"{at}.split[{j}].cluster", f"unknown cluster {target.cluster!r}"
+                        )
+                    )
+                if names.index(target.cluster) != j:
+                    errors.append(
+                        FieldError(f"{at}.split[{j}].cluster", "cluster named twice in one split")
+                    )
+        if route.sticky is not None and (route.sticky.header is None) == (
+            route.sticky.cookie is None
+        ):
+            errors.append(FieldError(f"{at}.sticky", "exactly one of `header` or `cookie`"))
+    for i, name in enumerate(config.compliance.legacy_clusters):
+        if name not in config.clusters:
+            errors.append(
+                FieldError(f"$.compliance.legacy_clusters[{i}]", f"unknown cluster {name!r}")
+            )
+    until = config.compliance.transition_until
+    if until is not None and until.tzinfo is None:
+        errors.append(
+            FieldError(
+                "$.compliance.transition_until",
+                "needs a UTC offset (e.g. 2024-04-01T00:00:00+07:00)",
+            )
+        )
+    return errors
+
+
+def _check_match(match: Match, at: str) -> list[FieldError]:
+    errors: list[FieldError] = []
+    kinds = [k for k in ("prefix", "exact", "regex") if getattr(match, k) is not None]
+    if len(kinds) > 1:
+        errors.append(FieldError(at, f"at most one of prefix/exact/regex (got {', '.join(kinds)})"))
+    for kind in ("prefix", "exact"):
+        value = getattr(match, kind)
+        if value is not None and not value.startswith("/"):
+            errors.append(FieldError(f"{at}.{kind}", "must start with '/'"))
+    if match.regex is not None:
+        errors.extend(_check_regex(match.regex, f"{at}.regex"))
+    for j, header in enumerate(match.headers):
+        hat = f"{at}.headers[{j}]"
+        given = [
+            k for k in ("exact", "prefix", "regex", "present") if getattr(header, k) is not None
+        ]
+        if len(given) != 1:
+            errors.append(FieldError(hat, "exactly one of exact/prefix/regex/present"))
+        if header.regex is not None:
+            errors.extend(_check_regex(header.regex, f"{hat}.regex"))
+    return errors
+
+
+def _check_regex(pattern: str, at: str) -> list[FieldError]:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [FieldError(at, f"invalid regular expression: {exc}")]
+    return []
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    try:
+        url = URL(endpoint)
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    if url.scheme != "http":
+        return "endpoint must be http://host:port (TLS to upstreams is not supported yet)"
+    if not url.host or url.explicit_port is None:
+        return "endpoint must name a host and a port, e.g. http://127.0.0.1:9001"
+    if url.path not in ("", "/") or url.query_string or url.fragment or url.user:
+        return "endpoint must be only scheme://host:port, without path, query or userinfo"
+    return None
+
+
+# -- line numbers -----------------------------------------------------------------------
+
+_PATH_PART: Final = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _located(
+    errors: list[FieldError], root: yaml.Node | None, overridden: dict[str, str]
+) -> list[FieldError]:
+    """Attach the YAML line to each error, or name the env variable the value came from."""
+    out = []
+    for e in errors:
+        var = next((v for p, v in overridden.items() if e.path.startswith(p)), None)
+        if var is not None:
+            out.append(FieldError(e.path, f"{e.message} (from environment variable {var})"))
+        elif e.line is None and root is not None:
+            out.append(FieldError(e.path, e.message, _line_of(root, e.path)))
+        else:
+            out.append(e)
+    return out
+
+
+def _line_of(root: yaml.Node, path: str) -> int | None:
+    """Best line for ``$.a.b[2].c`` in the composed YAML: the deepest node that exists."""
+    node: yaml.Node = root
+    line = None
+    for key, index in _parts(path):
+        nxt: yaml.Node | None = None
+        if key is not None and isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == key:
+                    nxt, line = v, k.start_mark.line + 1
+                    break
+        elif index is not None and isinstance(node, yaml.SequenceNode) and index < len(node.value):
+            nxt = node.value[index]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            break
+        node = nxt
+    return line
+
+
+def _parts(path: str) -> Iterator[tuple[str | None, int | None]]:
+    for m in _PATH_PART.finditer(path):
+        yield (m.group(1), int(m.group(2)) if m.group(2) is not None else None)

@@ -1,0 +1,1 @@
+"""Demo helpers: simulated back ends for the demo, the tests and the load tests."""

@@ -1,0 +1,102 @@
+"""Every error Jalur answers with, and the one place foreign exceptions become them.
+
+The tree (status code, Envoy response flag, metric ``kind``)::
+
+    ProxyError
+    ├── RequestError                 the client's request cannot be served as sent
+    │   ├── BadRequest          400  malformed or ambiguous request (bad path, bad header)
+    │   └── NoRoute             404  NR   no route matches
+    ├── PolicyError                  refused by a policy before anything was sent upstream
+    │   └── NoHealthyUpstream   503  UH   no endpoint may take the request now
+    └── UpstreamError                the upstream exchange failed; ``kind`` labels metrics
+        ├── ConnectFailed       502  UF   connect refused, unreachable, DNS failure
+        ├── ConnectTimeout      504  UF   TCP connect did not finish in time
+        ├── ResponseTimeout     504  UT   no response head (or a body chunk) in time
+        ├── UpstreamReset       502  UC   upstream closed or reset before its response head
+        └── UpstreamProtocolError 502 UPE upstream sent something that is not HTTP/1.1
+
+``upstream.map_exception`` is the only function that looks at aiohttp/OS exceptions; the
+rest of the proxy sees only this tree. An error that happens after the response head was
+sent to the client is not answered at all: the client connection is aborted (see
+``forward``), because a 502 page inside a 200 would be a lie.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    flag: ClassVar[str] = "-"  # Envoy-style response flag for the access log
+    kind: ClassVar[str] = "internal"  # bounded metric label
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RequestError(ProxyError):
+    status = 400
+
+
+class BadRequest(RequestError):
+    status = 400
+    flag = "DPE"
+    kind = "bad_request"
+
+    def __init__(self, message: str, reason: str = "bad_request") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoRoute(RequestError):
+    status = 404
+    flag = "NR"
+    kind = "no_route"
+
+
+class PolicyError(ProxyError):
+    status = 503
+
+
+class NoHealthyUpstream(PolicyError):
+    status = 503
+    flag = "UH"
+    kind = "no_healthy_upstream"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    flag = "UF"
+    kind = "upstream"
+
+
+class ConnectFailed(UpstreamError):
+    status = 502
+    flag = "UF"
+    kind = "connect"
+
+
+class ConnectTimeout(UpstreamError):
+    status = 504
+    flag = "UF"
+    kind = "connect_timeout"
+
+
+class ResponseTimeout(UpstreamError):
+    status = 504
+    flag = "UT"
+    kind = "timeout"
+
+
+class UpstreamReset(UpstreamError):
+    status = 502
+    flag = "UC"
+    kind = "reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    flag = "UPE"
+    kind = "protocol"
