@@ -27,9 +27,12 @@ from yarl import URL
 
 __all__ = [
     "Admin",
+    "Boundary",
     "Cluster",
     "Compliance",
     "Config",
+    "Consent",
+    "CrossIdentity",
     "ConfigError",
     "Drain",
     "FieldError",
@@ -57,6 +60,7 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 Weight = Annotated[int, msgspec.Meta(ge=0, le=10000)]
 Method = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{1,20}$")]
 HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")]
+CookieName = HeaderName  # RFC 6265 cookie-name is an RFC 9110 token, like a field name
 
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -89,7 +93,7 @@ class Drain(_Base, frozen=True):
 
 
 class Owns(_Base, frozen=True):
-    cookies: list[str] = []
+    cookies: list[CookieName] = []
     headers: list[HeaderName] = []
 
 
@@ -153,6 +157,18 @@ class Route(_Base, frozen=True):
     sticky: Sticky | None = None
 
 
+class Audit(_Base, frozen=True):
+    # Audit log file (JSON lines); "-" writes to stderr.
+    path: str = "jalur-audit.log"
+    # Rotate when the file reaches this size; keep this many rotated files.
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
+    backups: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    # Records queued for the writer thread; bounds memory if the disk stalls.
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    on_overflow: Literal["block", "drop"] = "block"
+    flush_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+
+
 class Compliance(_Base, frozen=True):
     transaction_categories: list[Name] = msgspec.field(
         default_factory=lambda: ["payment", "user-data", "merchant"]
@@ -161,10 +177,59 @@ class Compliance(_Base, frozen=True):
     # Clusters of a social system that may still carry a transaction share until
     # ``transition_until``.
     legacy_clusters: list[Name] = []
+    audit: Audit = Audit()
+
+
+class CrossIdentity(_Base, frozen=True):
+    """A header carrying one system's user identity that another system may receive only
+    with the user's consent (e.g. the social user id passed to commerce)."""
+
+    header: HeaderName
+    from_system: Name
+    to_system: Name
+    scope: Name
+
+
+class Consent(_Base, frozen=True):
+    # HMAC-SHA256 key for consent tokens (set it from the environment:
+    # JALUR_BOUNDARY__CONSENT__KEY). Without a key no cross-system identity is forwarded.
+    key: Annotated[str, msgspec.Meta(min_length=16)] | None = None
+    header: HeaderName = "x-jalur-consent"
+    identities: list[CrossIdentity] = []
+
+
+class Boundary(_Base, frozen=True):
+    # What to do with a request header whose name contains "_" (X_TT_User): some back ends
+    # read it as "-" and it would slip past the owned-header rules.
+    underscore_headers: Literal["reject", "drop"] = "reject"
+    consent: Consent = Consent()
 
 
 class Migration(_Base, frozen=True):
     weights: dict[Name, Annotated[float, msgspec.Meta(ge=0)]] = {}
+
+
+class Metrics(_Base, frozen=True):
+    # Histogram bucket upper bounds in seconds (request duration, upstream response);
+    # the default is OpenTelemetry's. Strictly increasing, finite.
+    buckets: Annotated[
+        tuple[Annotated[float, msgspec.Meta(gt=0, le=86400)], ...],
+        msgspec.Meta(min_length=1, max_length=64),
+    ] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+    def __post_init__(self) -> None:
+        if any(a >= b for a, b in zip(self.buckets, self.buckets[1:], strict=False)):
+            raise ValueError("buckets must be strictly increasing")
+
+
+class AccessLog(_Base, frozen=True):
+    enabled: bool = True
+    # Share of requests logged (0.01 = about 1 %); responses >= 500 are always logged.
+    sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # JSON lines destination: "-" is stdout, anything else a file appended to.
+    path: str = "-"
+    # Lines waiting for the writer thread; past this, lines are dropped and counted.
+    buffer_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 65536
 
 
 class Config(_Base, frozen=True):
@@ -175,7 +240,10 @@ class Config(_Base, frozen=True):
     clusters: dict[Name, Cluster] = {}
     routes: list[Route] = []
     compliance: Compliance = Compliance()
+    boundary: Boundary = Boundary()
     migration: Migration = Migration()
+    metrics: Metrics = Metrics()
+    access_log: AccessLog = AccessLog()
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +420,7 @@ def _from_msgspec(exc: msgspec.ValidationError, path: str) -> FieldError:
 
 
 def _check_references(config: Config) -> list[FieldError]:
-    errors: list[FieldError] = []
+    errors: list[FieldError] = _check_boundary(config)
     for name, cluster in config.clusters.items():
         if cluster.system not in config.systems:
             errors.append(

@@ -1,0 +1,191 @@
+"""Shared harness: simulated back ends and the proxy on loopback port 0, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy import config as cfg
+from proxy.demo.backend import RECEIVED, BackendSpec, Received, make_app
+from proxy.server import ProxyServer
+
+SYSTEMS: dict[str, Any] = {
+    "tiktok": {"kind": "social", "owns": {"cookies": ["tt_session"], "headers": ["x-tt-user"]}},
+    "tokopedia": {
+        "kind": "commerce",
+        "owns": {"cookies": ["_SID_Tokopedia_"], "headers": ["authorization"]},
+    },
+}
+
+
+@dataclass
+class Backend:
+    cluster: str
+    system: str
+    port: int
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def received(self) -> list[Received]:
+        return self.app[RECEIVED]
+
+
+@dataclass
+class Harness:
+    backends: dict[str, Backend] = field(default_factory=dict)
+    proxies: list[ProxyServer] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
+
+    async def backend(self, cluster: str, system: str, **kw: Any) -> Backend:
+        app = make_app(BackendSpec(cluster=cluster, system=system, **kw))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = int(runner.addresses[0][1])
+        b = Backend(cluster, system, port, app, runner)
+        self.backends[cluster] = b
+        self.runners.append(runner)
+        return b
+
+    async def proxy(self, data: dict[str, Any]) -> ProxyServer:
+        conf = build_config(data)
+        server = ProxyServer(conf)
+        await server.start()
+        self.proxies.append(server)
+        return server
+
+    async def close(self) -> None:
+        for p in self.proxies:
+            if not p.stopped.is_set():
+                await p.stop(drain_delay=0)
+        for r in self.runners:
+            await r.cleanup()
+
+
+def build_config(data: dict[str, Any]) -> cfg.Config:
+    base: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "drain": {"delay": 0, "timeout": 5},
+        "systems": SYSTEMS,
+        "compliance": {"audit": {"path": "-"}},
+    }
+    base.update(data)
+    return cfg.parse(yaml.safe_dump(base))
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness()
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+async def raw_request(port: int, data: bytes, wait: float = 5.0) -> RawResponse:
+    """Send raw bytes, read one response (Content-Length or close delimited)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(wait):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = [
+                (k.strip(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:] if ln)
+            ]
+            length = next((int(v) for k, v in headers if k.lower() == "content-length"), None)
+            body = await reader.readexactly(length) if length is not None else await reader.read()
+        return RawResponse(status, headers, body)
+    finally:
+        writer.close()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """A hand-written HTTP/1.1 upstream for behaviours a real server would not show."""
+
+    server: asyncio.Server
+    port: int
+    requests: list[bytes] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def raw_upstream(
+    handler: Callable[[RawUpstream, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> RawUpstream:
+    holder: list[RawUpstream] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(holder[0], reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    up = RawUpstream(server, int(server.sockets[0].getsockname()[1]))
+    holder.append(up)
+    return up
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    headers = {
+        k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ln)
+    }
+    return lines[0], headers
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    line, headers = await read_head(reader)
+    n = int(headers.get("content-length", "0"))
+    body = await reader.readexactly(n) if n else b""
+    return line, headers, body
+
+
+SERVING = re.compile(r"serving on [^:]+:(\d+) \(admin [^:]+:(\d+)\)")

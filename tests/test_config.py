@@ -1,0 +1,167 @@
+"""Config loading: every error with its field path and line, env overrides, the CLI."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from proxy import cli
+from proxy import config as cfg
+
+DEMO = Path(__file__).parent.parent / "config" / "demo.yaml"
+
+GOOD = """\
+systems:
+  tiktok: {kind: social}
+  tokopedia: {kind: commerce}
+clusters:
+  feed: {system: tiktok, endpoints: [http://127.0.0.1:9001]}
+  pay: {system: tokopedia, endpoints: [http://127.0.0.1:9003]}
+routes:
+  - name: feed
+    match: {prefix: /api/feed}
+    category: promotion
+    to: feed
+  - name: payment
+    match: {prefix: /api/payment}
+    category: payment
+    to: pay
+"""
+
+
+def errors_of(text: str, **kw: object) -> list[cfg.FieldError]:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(text, **kw)  # type: ignore[arg-type]
+    return info.value.errors
+
+
+def paths_of(text: str, **kw: object) -> set[str]:
+    return {e.path for e in errors_of(text, **kw)}
+
+
+def test_good_config_and_demo_config_load() -> None:
+    c = cfg.parse(GOOD)
+    assert [r.name for r in c.routes] == ["feed", "payment"]
+    assert c.clusters["pay"].timeouts.connect == 2.0
+    demo = cfg.load(DEMO)
+    assert {r.name for r in demo.routes} >= {"feed", "live", "products", "payment", "cart"}
+
+
+@pytest.mark.parametrize(
+    ("mutation", "path"),
+    [
+        (("to: pay", "to: nowhere"), "$.routes[1].to"),
+        (("system: tokopedia,", "system: nobody,"), "$.clusters.pay.system"),
+        (("prefix: /api/feed", "prefix: api/feed"), "$.routes[0].match.prefix"),
+        (("prefix: /api/feed}", "prefix: /api/feed, colour: red}"), "$.routes[0].match.colour"),
+        (("kind: social", "kind: bank"), "$.systems.tiktok.kind"),
+        (("http://127.0.0.1:9001", "ftp://127.0.0.1:9001"), "$.clusters.feed.endpoints[0]"),
+        (("http://127.0.0.1:9001", "http://127.0.0.1"), "$.clusters.feed.endpoints[0]"),
+        (("name: payment", "name: feed"), "$.routes[1].name"),
+        (("category: promotion", "category: 'bad name'"), "$.routes[0].category"),
+    ],
+)
+def test_each_error_names_its_field_path(mutation: tuple[str, str], path: str) -> None:
+    old, new = mutation
+    assert old in GOOD
+    assert path in paths_of(GOOD.replace(old, new, 1))
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    text = GOOD.replace("kind: social", "kind: bank").replace(
+        "prefix: /api/feed}", "prefix: /api/feed, colour: red}"
+    )
+    text += "listen: {port: 99999}\nbogus: 1\n"
+    assert paths_of(text) >= {
+        "$.systems.tiktok.kind",
+        "$.routes[0].match.colour",
+        "$.listen.port",
+        "$.bogus",
+    }
+
+
+def test_errors_carry_the_yaml_line() -> None:
+    errors = errors_of(GOOD.replace("to: pay", "to: nowhere"))
+    (err,) = errors
+    assert err.line == GOOD.splitlines().index("    to: pay") + 1
+    assert f"(line {err.line})" in str(err)
+
+
+def test_route_needs_exactly_one_of_to_and_split() -> None:
+    text = GOOD.replace("    to: pay\n", "")
+    assert "$.routes[1]" in paths_of(text)
+
+
+def test_env_overrides_set_scalars_and_name_their_variable() -> None:
+    c = cfg.parse(
+        GOOD,
+        env={
+            "JALUR_LISTEN__PORT": "8081",
+            "JALUR_ADMIN__TOKEN": "s3cret",
+            "JALUR_CLUSTERS__PAY__TIMEOUTS__CONNECT": "0.5",
+            "OTHER": "ignored",
+        },
+    )
+    assert c.listen.port == 8081
+    assert c.admin.token == "s3cret"
+    assert c.clusters["pay"].timeouts.connect == 0.5
+    (err,) = errors_of(GOOD, env={"JALUR_LISTEN__PORT": "eighty"})
+    assert err.path == "$.listen.port"
+    assert "JALUR_LISTEN__PORT" in err.message
+
+
+def test_env_override_reaches_hyphenated_names() -> None:
+    text = GOOD.replace("pay:", "tokopedia-pay:").replace("to: pay", "to: tokopedia-pay")
+    c = cfg.parse(text, env={"JALUR_CLUSTERS__TOKOPEDIA_PAY__MAX_CONNECTIONS": "7"})
+    assert c.clusters["tokopedia-pay"].max_connections == 7
+
+
+def test_config_objects_are_frozen() -> None:
+    c = cfg.parse(GOOD)
+    with pytest.raises(AttributeError):
+        c.listen.port = 1  # type: ignore[misc]
+
+
+def test_invalid_yaml_is_reported_with_line() -> None:
+    (err,) = errors_of("routes: [\n  {name: x\n")
+    assert err.path == "$"
+    assert err.line is not None
+
+
+def test_check_cli_ok_summary_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(good), out, err) == 0
+    text = out.getvalue()
+    assert "OK" in text
+    assert "payment (transaction)" in text
+    assert "tokopedia" in text
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("to: pay", "to: nowhere").replace("kind: social", "kind: x"))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(bad), out, err) == 1
+    assert "$.systems.tiktok.kind" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_check_cli_exit_codes_through_main(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("to: pay", "to: nowhere"))
+    assert cli.main(["check", str(bad)]) == 1
+    assert "$.routes[1].to" in capsys.readouterr().err
+    assert cli.main(["check", str(DEMO)]) == 0
+
+
+def test_routes_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["routes", "-c", str(DEMO)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["#", "ROUTE", "METHODS"]
+    payment = next(line for line in out if " payment " in f" {line} ")
+    assert "tokopedia-pay" in payment
+    assert "(tokopedia)" in payment
