@@ -2,11 +2,13 @@
 
 ``/healthz`` (alias ``/livez``) answers 200 while the process runs; ``/readyz`` answers 200
 only once a config is loaded and the proxy is not draining; ``/config`` shows the loaded
-config with secrets masked.
+config with secrets masked; ``/metrics`` is the Prometheus exposition (OpenMetrics when the
+scraper asks for it), served when ``make_app`` is given a ``Metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -15,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config
+from .metrics import Metrics
 
 # Config fields whose values are never shown, whatever their nesting.
 SECRET_FIELDS: Final = frozenset({"token", "key", "secret", "password"})
@@ -34,6 +37,7 @@ class Status:
 
 
 STATUS: Final = web.AppKey("status", Status)
+METRICS: Final = web.AppKey("metrics", Metrics)
 
 
 def masked(config: Config) -> dict[str, Any]:
@@ -74,9 +78,20 @@ async def config_view(request: web.Request) -> web.Response:
     return _json(masked(config))
 
 
-def make_app(status: Status) -> web.Application:
+async def metrics_view(request: web.Request) -> web.Response:
+    # Rendering walks every series (and in multiprocess mode reads files): off the loop.
+    body, content_type = await asyncio.to_thread(
+        request.app[METRICS].render, request.headers.get("Accept")
+    )
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def make_app(status: Status, metrics: Metrics | None = None) -> web.Application:
     app = web.Application()
     app[STATUS] = status
+    if metrics is not None:
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/livez", healthz)
     app.router.add_get("/readyz", readyz)

@@ -1,4 +1,4 @@
-"""``jalur run | check | routes | demo``: the command line (stdlib argparse).
+"""``jalur run | check | routes | demo | consent-token``: the command line (stdlib argparse).
 
 Logs go to stderr; the access log (when enabled) is JSON lines on stdout.
 """
@@ -19,6 +19,7 @@ from . import config as cfg
 from .router import Router
 
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
+CONSENT_KEY_ENV: Final = "JALUR_BOUNDARY__CONSENT__KEY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
     )
+
+    token = sub.add_parser(
+        "consent-token", help="print a consent token letting one system receive another's id"
+    )
+    token.add_argument(
+        "--key",
+        help=f"HMAC key (default: ${CONSENT_KEY_ENV}; prefer it, argv is visible in ps)",
+    )
+    token.add_argument("--user", required=True, help="the user's id in the from system")
+    token.add_argument("--from", dest="from_system", metavar="SYSTEM", required=True)
+    token.add_argument("--to", dest="to_system", metavar="SYSTEM", required=True)
+    token.add_argument(
+        "--scope",
+        dest="scopes",
+        metavar="SCOPE",
+        action="append",
+        required=True,
+        help="consented scope (repeatable)",
+    )
+    token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default 3600)")
     return p
 
 
@@ -74,7 +95,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         _run(run_demo(config))
         return 0
+    if args.command == "consent-token":
+        return consent_token(args, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def consent_token(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .boundary import make_token
+
+    key = args.key or os.environ.get(CONSENT_KEY_ENV)
+    if not key:
+        print(f"consent-token: no key: pass --key or set {CONSENT_KEY_ENV}", file=err)
+        return 2
+    try:
+        token = make_token(key, args.user, args.from_system, args.to_system, args.scopes, args.ttl)
+    except ValueError as exc:
+        print(f"consent-token: {exc}", file=err)
+        return 2
+    print(token, file=out)
+    return 0
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:

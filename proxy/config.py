@@ -31,9 +31,9 @@ __all__ = [
     "Cluster",
     "Compliance",
     "Config",
+    "ConfigError",
     "Consent",
     "CrossIdentity",
-    "ConfigError",
     "Drain",
     "FieldError",
     "HeaderMatch",
@@ -230,6 +230,8 @@ class AccessLog(_Base, frozen=True):
     path: str = "-"
     # Lines waiting for the writer thread; past this, lines are dropped and counted.
     buffer_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 65536
+    # Seconds between hand-offs of buffered lines to the writer thread.
+    flush_interval: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.1
 
 
 class Config(_Base, frozen=True):
@@ -269,17 +271,30 @@ class ConfigError(Exception):
 # -- loading ----------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read a YAML file, apply ``JALUR_*`` overrides from ``env``, decode and validate."""
+def load(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    now: datetime | None = None,
+) -> Config:
+    """Read a YAML file, apply ``JALUR_*`` overrides from ``env``, decode and validate.
+
+    ``now`` (default: the current time) is when transition deadlines are judged."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([FieldError("$", f"cannot read file: {exc.strerror}")], str(p)) from exc
-    return parse(text, source=str(p), env=env)
+    return parse(text, source=str(p), env=env, now=now)
 
 
-def parse(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+def parse(
+    text: str,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    *,
+    now: datetime | None = None,
+) -> Config:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -301,6 +316,9 @@ def parse(text: str, source: str = "<config>", env: Mapping[str, str] | None = N
         errors.extend(_collect(data, Config, "$"))
         raise ConfigError(_located(errors, node, overridden), source) from None
     errors.extend(_check_references(config))
+    from .compliance import static_violations  # compliance imports this module
+
+    errors.extend(static_violations(config, now))
     if errors:
         raise ConfigError(_located(errors, node, overridden), source)
     return config
@@ -479,6 +497,71 @@ def _check_references(config: Config) -> list[FieldError]:
                 "needs a UTC offset (e.g. 2024-04-01T00:00:00+07:00)",
             )
         )
+    return errors
+
+
+# Header names a system cannot own: cookies go under ``owns.cookies``; the rest frame the
+# request itself.
+_NOT_OWNABLE: Final = frozenset(
+    {"cookie", "set-cookie", "host", "content-length", "transfer-encoding", "connection"}
+)
+_UNDERSCORE: Final = "names with '_' never reach an upstream (see boundary.underscore_headers)"
+
+
+def _check_boundary(config: Config) -> list[FieldError]:
+    """Ownership must be unambiguous: one owner per header/cookie (case-insensitive), and a
+    consent-gated identity header belongs to its ``from_system`` only."""
+    errors: list[FieldError] = []
+    consent = config.boundary.consent
+    consent_header = consent.header.lower()
+    if "_" in consent_header:
+        errors.append(FieldError("$.boundary.consent.header", _UNDERSCORE))
+
+    def ownable(header: str, at: str) -> bool:
+        low = header.lower()
+        if "_" in low:
+            errors.append(FieldError(at, _UNDERSCORE))
+        elif low in _NOT_OWNABLE or low == consent_header:
+            errors.append(FieldError(at, f"{header!r} cannot be a system's or identity header"))
+        else:
+            return True
+        return False
+
+    header_owner: dict[str, str] = {}
+    cookie_owner: dict[str, str] = {}
+    for name, system in config.systems.items():
+        at = f"$.systems.{name}.owns"
+        for kind, names, owners in (
+            ("headers", system.owns.headers, header_owner),
+            ("cookies", system.owns.cookies, cookie_owner),
+        ):
+            for i, item in enumerate(names):
+                if kind == "headers" and not ownable(item, f"{at}.headers[{i}]"):
+                    continue
+                first = owners.setdefault(item.lower(), name)
+                if first != name:
+                    errors.append(FieldError(f"{at}.{kind}[{i}]", f"also owned by {first!r}"))
+    origin: dict[str, str] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for i, ident in enumerate(consent.identities):
+        at = f"$.boundary.consent.identities[{i}]"
+        for end in (ident.from_system, ident.to_system):
+            if end not in config.systems:
+                errors.append(FieldError(at, f"unknown system {end!r}"))
+        if ident.from_system == ident.to_system:
+            errors.append(FieldError(at, "from_system and to_system are the same system"))
+        header = ident.header.lower()
+        if not ownable(ident.header, f"{at}.header"):
+            continue
+        owner = header_owner.get(header, ident.from_system)
+        if owner != ident.from_system:
+            errors.append(FieldError(f"{at}.header", f"owned by {owner!r}, not by from_system"))
+        first = origin.setdefault(header, ident.from_system)
+        if first != ident.from_system:
+            errors.append(FieldError(f"{at}.header", f"already an identity of {first!r}"))
+        j = seen.setdefault((header, ident.to_system), i)
+        if j != i:
+            errors.append(FieldError(at, f"same header and to_system as identities[{j}]"))
     return errors
 
 

@@ -17,9 +17,11 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -29,10 +31,16 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import errors, paths
+from .accesslog import AccessLog
+from .boundary import Boundary, Stripped
+from .compliance import AuditLog, Guard, VariantCheck
 from .config import Config
+from .metrics import NO_CLUSTER, Bound, Metrics
 from .router import Route, Router
 from .split import Splitter
 from .upstream import AiohttpTransport, ClusterRuntime, Endpoint, Transport, UpstreamResponse
+
+log = logging.getLogger("jalur")
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones every proxy strips.
 HOP_BY_HOP: Final = frozenset(
@@ -61,6 +69,15 @@ WS_MAX_MESSAGE: Final = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
+class Services:
+    """Process-wide collaborators that outlive any one config."""
+
+    metrics: Metrics
+    access: AccessLog
+    audit: AuditLog
+
+
+@dataclass(slots=True)
 class State:
     """Everything built from one Config. Immutable once serving; replaced whole on reload."""
 
@@ -68,13 +85,18 @@ class State:
     router: Router
     clusters: dict[str, ClusterRuntime]
     splitters: dict[str, Splitter]
+    guard: Guard
+    variants: VariantCheck
+    boundary: Boundary
+    bound: Bound
+    transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
 
     async def close(self) -> None:
         await asyncio.gather(*(t.close() for t in self.transports), return_exceptions=True)
 
 
-def build_state(config: Config) -> State:
+def build_state(config: Config, metrics: Metrics) -> State:
     """Compile a validated Config. Must run inside the event loop (sessions are created)."""
     router = Router(config.routes)
     clusters: dict[str, ClusterRuntime] = {}
@@ -84,7 +106,18 @@ def build_state(config: Config) -> State:
         transports.append(transport)
         clusters[name] = ClusterRuntime(name, spec, config.systems[spec.system], transport)
     splitters = {r.name: Splitter(r.name, r.targets) for r in router.routes}
-    return State(config, router, clusters, splitters, transports)
+    return State(
+        config=config,
+        router=router,
+        clusters=clusters,
+        splitters=splitters,
+        guard=Guard(config, router),
+        variants=VariantCheck(config, router),
+        boundary=Boundary(config),
+        bound=metrics.bind(router, config),
+        transaction_categories=frozenset(config.compliance.transaction_categories),
+        transports=transports,
+    )
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -165,47 +198,170 @@ class _ClientBody:
             yield chunk
 
 
-def _has_body(request: web.BaseRequest) -> bool:
-    return request.body_exists
+class Exchange:
+    """What one request did, filled in as it goes and reported once at the end."""
+
+    __slots__ = (
+        "body",
+        "bytes_out",
+        "cluster",
+        "endpoint",
+        "flags",
+        "reason",
+        "request_id",
+        "route",
+        "status",
+        "upstream_time",
+    )
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.route: Route | None = None
+        self.cluster: ClusterRuntime | None = None
+        self.endpoint: Endpoint | None = None
+        self.body: _ClientBody | None = None
+        self.status = 0
+        self.flags = "-"
+        self.reason = ""  # compliance/boundary refusal slug, for the audit log
+        self.bytes_out = 0
+        self.upstream_time: float | None = None
 
 
 class Forwarder:
-    """The data-plane handler. ``state`` is swapped whole on reload."""
+    """The data-plane handler. ``state`` is swapped whole on reload; a request keeps the
+    state it started with."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, services: Services) -> None:
         self.state = state
+        self.services = services
+        self.in_flight = 0
+        self.clock: Callable[[], float] = time.time  # wall clock the deadlines are judged by
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         state = self.state
+        ex = Exchange(new_request_id(request.headers.get("X-Request-Id")))
+        started = time.monotonic()
+        self.in_flight += 1
+        try:
+            resp = await self._serve(state, request, ex)
+            if not ex.status:
+                ex.status = resp.status
+            return resp
+        finally:
+            self.in_flight -= 1
+            self._report(state, request, ex, time.monotonic() - started)
+
+    async def _serve(
+        self, state: State, request: web.BaseRequest, ex: Exchange
+    ) -> web.StreamResponse:
         headers = request.headers
-        request_id = new_request_id(headers.get("X-Request-Id"))
         try:
             target = paths.canonicalize(request.raw_path, headers.get("Host"))
         except paths.PathError as exc:
-            return error_response(
-                400, f"invalid request path: {exc}", request_id, reason=exc.reason
-            )
+            return self._reject(ex, 400, f"invalid request path: {exc}", exc.reason)
+        problem = state.boundary.check_names(headers)
+        if problem is not None:
+            return self._reject(ex, 400, problem, "underscore_header")
         route = state.router.match(request.method, headers.get("Host", ""), target.path, headers)
         if route is None:
-            return error_response(404, "no route matches this request", request_id)
+            ex.flags = "NR"
+            return self._reject(ex, 404, "no route matches this request", "no_route")
+        ex.route = route
+        rm = state.bound.routes[route.name]
+        rm.enter()
+        try:
+            return await self._route(state, request, ex, route, target)
+        finally:
+            rm.exit()
+
+    async def _route(
+        self,
+        state: State,
+        request: web.BaseRequest,
+        ex: Exchange,
+        route: Route,
+        target: paths.Target,
+    ) -> web.StreamResponse:
+        rid = ex.request_id
         cluster = state.clusters[self._choose(state, route, request)]
+        ex.cluster = cluster
+        variant = state.variants.check(request.raw_path, route, cluster.kind)
+        if variant is not None:
+            return self._block(
+                state, ex, 400, variant, "this path could be read as a transaction path"
+            )
+        refused = state.guard.check(route.name, cluster.name, self.clock())
+        if refused is not None:
+            return self._block(
+                state,
+                ex,
+                503,
+                refused,
+                f"cluster {cluster.name} may not serve {route.category} requests now",
+            )
         endpoint = cluster.pick()
-        out_headers = upstream_headers(request, request_id)
+        ex.endpoint = endpoint
+        out_headers = upstream_headers(request, rid)
+        stripped = state.boundary.scrub(out_headers, cluster.system)
+        if stripped.counts() or stripped.consent is not None:
+            self._count_stripped(cluster.system, stripped)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
-        if _is_websocket(headers):
-            return await self._websocket(request, cluster, endpoint, upstream_target, out_headers)
-        body = _ClientBody(request) if _has_body(request) else None
-        if body is not None and headers.get("Expect", "").lower() == "100-continue":
+        if _is_websocket(request.headers):
+            return await self._websocket(
+                request, ex, cluster, endpoint, upstream_target, out_headers
+            )
+        body = _ClientBody(request) if request.body_exists else None
+        ex.body = body
+        if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sent = time.monotonic()
         try:
             up = await cluster.transport.send(
                 endpoint, request.method, upstream_target, out_headers, body
             )
         except errors.ProxyError as exc:
             if body is not None and body.client_failed:
-                return error_response(400, "client body ended early", request_id)
-            return error_response(exc.status, exc.message, request_id, kind=exc.kind)
-        return await self._relay(request, up, request_id)
+                ex.flags = "DC"
+                return error_response(400, "client body ended early", rid)
+            ex.flags = exc.flag
+            state.bound.clusters[cluster.name].error(exc.kind)
+            return error_response(exc.status, exc.message, rid, kind=exc.kind)
+        ex.upstream_time = time.monotonic() - sent
+        state.bound.clusters[cluster.name].upstream_response(ex.upstream_time)
+        return await self._relay(state, request, ex, cluster, up)
+
+    def _reject(self, ex: Exchange, status: int, message: str, reason: str) -> web.Response:
+        """Refused before routing: counted by reason, never under a route label."""
+        self.services.metrics.rejected(reason)
+        if ex.flags == "-":
+            ex.flags = "DPE"
+        ex.status = status
+        return error_response(status, message, ex.request_id, reason=reason)
+
+    def _block(
+        self, state: State, ex: Exchange, status: int, reason: str, message: str
+    ) -> web.Response:
+        """Refused by compliance after routing: counted per route, always audited."""
+        assert ex.route is not None
+        state.bound.routes[ex.route.name].blocked(reason)
+        ex.reason = reason
+        ex.flags = "UAEX"
+        ex.status = status
+        log.warning(
+            "compliance blocked request_id=%s route=%s cluster=%s reason=%s",
+            ex.request_id,
+            ex.route.name,
+            ex.cluster.name if ex.cluster else "-",
+            reason,
+        )
+        return error_response(status, message, ex.request_id, reason=reason)
+
+    def _count_stripped(self, system: str, stripped: Stripped) -> None:
+        metrics = self.services.metrics
+        for kind, n in stripped.counts():
+            metrics.stripped(system, kind, n)
+        if stripped.consent is not None:
+            metrics.consent(stripped.consent)
 
     @staticmethod
     def _choose(state: State, route: Route, request: web.BaseRequest) -> str:
@@ -220,27 +376,38 @@ class Forwarder:
         return splitter.choose(key)
 
     async def _relay(
-        self, request: web.BaseRequest, upr: UpstreamResponse, request_id: str
+        self,
+        state: State,
+        request: web.BaseRequest,
+        ex: Exchange,
+        cluster: ClusterRuntime,
+        upr: UpstreamResponse,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            status=upr.status,
-            reason=upr.reason,
-            headers=_response_headers(upr.headers, request_id),
-        )
+        headers = _response_headers(upr.headers, ex.request_id)
+        dropped = state.boundary.filter_response(headers, cluster.system)
+        if dropped:
+            self.services.metrics.stripped(cluster.system, "set_cookie", dropped)
+        resp = web.StreamResponse(status=upr.status, reason=upr.reason, headers=headers)
+        ex.status = upr.status
         try:
             await resp.prepare(request)
         except ConnectionError:
+            ex.flags = "DC"
             upr.close()
             return resp
         try:
             while chunk := await upr.read_chunk():
+                ex.bytes_out += len(chunk)
                 await resp.write(chunk)
-        except errors.ProxyError:
+        except errors.ProxyError as exc:
             # The head is out: the only honest signal left is to cut the connection.
+            ex.flags = "UPE" if exc.kind == "protocol" else "UC"
+            state.bound.clusters[cluster.name].error(exc.kind)
             upr.close()
             _abort(request)
             return resp
         except ConnectionError:
+            ex.flags = "DC"
             upr.close()  # the client went away; drop the upstream connection too
             return resp
         upr.release()
@@ -249,12 +416,13 @@ class Forwarder:
     async def _websocket(
         self,
         request: web.BaseRequest,
+        ex: Exchange,
         cluster: ClusterRuntime,
         endpoint: Endpoint,
         target: str,
         headers: CIMultiDict[str],
     ) -> web.StreamResponse:
-        request_id = headers["X-Request-Id"]
+        request_id = ex.request_id
         transport = cluster.transport
         if not isinstance(transport, AiohttpTransport):
             return error_response(501, "websocket not supported by this transport", request_id)
@@ -265,6 +433,8 @@ class Forwarder:
         try:
             upstream_ws = await transport.websocket(endpoint, target, headers, protocols)
         except errors.ProxyError as exc:
+            ex.flags = exc.flag
+            self.state.bound.clusters[cluster.name].error(exc.kind)
             return error_response(exc.status, exc.message, request_id, kind=exc.kind)
         ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
@@ -273,8 +443,56 @@ class Forwarder:
         )
         ws.headers["x-request-id"] = request_id
         await ws.prepare(request)
+        ex.status = 101
         await _pump_websockets(ws, upstream_ws)
         return ws
+
+    def _report(
+        self, state: State, request: web.BaseRequest, ex: Exchange, duration: float
+    ) -> None:
+        """Metrics, access log and audit record for one finished request."""
+        route, cluster = ex.route, ex.cluster
+        bytes_in = ex.body.bytes if ex.body is not None else 0
+        cluster_name = cluster.name if cluster is not None else NO_CLUSTER
+        if route is not None:
+            state.bound.routes[route.name].observe(
+                cluster_name, request.method, ex.status, duration, bytes_in, ex.bytes_out
+            )
+        headers = request.headers
+        self.services.access.log(
+            method=request.method,
+            path=request.raw_path,
+            protocol=f"HTTP/{request.version.major}.{request.version.minor}",
+            response_code=ex.status,
+            response_flags=ex.flags,
+            bytes_received=bytes_in,
+            bytes_sent=ex.bytes_out,
+            duration=duration,
+            upstream_service_time=ex.upstream_time,
+            x_forwarded_for=headers.get("X-Forwarded-For"),
+            user_agent=headers.get("User-Agent"),
+            request_id=ex.request_id,
+            authority=headers.get("Host"),
+            upstream_host=f"{ex.endpoint.host}:{ex.endpoint.port}" if ex.endpoint else None,
+            route=route.name if route else None,
+            category=route.category if route else None,
+            cluster=cluster.name if cluster else None,
+            system=cluster.system if cluster else None,
+        )
+        if route is not None and (ex.reason or route.category in state.transaction_categories):
+            self.services.audit.record(
+                {
+                    "request_id": ex.request_id,
+                    "route": route.name,
+                    "category": route.category,
+                    "cluster": cluster_name,
+                    "system": cluster.system if cluster else None,
+                    "status": ex.status,
+                    "duration": round(duration, 6),
+                    "decision": "blocked" if ex.reason else "allowed",
+                    "reason": ex.reason or None,
+                }
+            )
 
 
 def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:

@@ -19,7 +19,10 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import admin
 from . import config as cfg
-from .forward import Forwarder, State, build_state
+from .accesslog import AccessLog
+from .compliance import AuditLog
+from .forward import Forwarder, Services, State, build_state
+from .metrics import Metrics
 
 log = logging.getLogger("jalur")
 
@@ -87,10 +90,21 @@ class _Server(web.Server):
 class ProxyServer:
     """One proxy instance: data listener + admin listener around a swappable ``State``."""
 
-    def __init__(self, config: cfg.Config, *, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: cfg.Config,
+        *,
+        config_path: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.status = admin.Status()
+        self.services = Services(
+            metrics=metrics or Metrics.from_config(config),
+            access=AccessLog.from_config(config.access_log),
+            audit=AuditLog(config.compliance.audit),
+        )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -100,8 +114,10 @@ class ProxyServer:
 
     async def start(self, *, data_sock: socket.socket | None = None) -> None:
         config = self.config
-        state = build_state(config)
-        self.forwarder = Forwarder(state)
+        self.services.audit.start()
+        state = build_state(config, self.services.metrics)
+        self.services.metrics.config_reload(True)
+        self.forwarder = Forwarder(state, self.services)
         listen = config.listen
         server = _Server(
             self.forwarder.handle,
@@ -122,7 +138,9 @@ class ProxyServer:
         await site.start()
         self.data_port = _bound_port(self._data_runner)
 
-        self._admin_runner = web.AppRunner(admin.make_app(self.status), access_log=None)
+        self._admin_runner = web.AppRunner(
+            admin.make_app(self.status, self.services.metrics), access_log=None
+        )
         await self._admin_runner.setup()
         admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
         await admin_site.start()
@@ -158,6 +176,8 @@ class ProxyServer:
             await self.forwarder.state.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        await asyncio.to_thread(self.services.access.close)
+        await asyncio.to_thread(self.services.audit.close)
         log.info("stopped")
         self.stopped.set()
 

@@ -7,6 +7,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +46,7 @@ class Backend:
 
 @dataclass
 class Harness:
+    tmp: Path
     backends: dict[str, Backend] = field(default_factory=dict)
     proxies: list[ProxyServer] = field(default_factory=list)
     runners: list[web.BaseRunner] = field(default_factory=list)
@@ -62,7 +64,7 @@ class Harness:
         return b
 
     async def proxy(self, data: dict[str, Any]) -> ProxyServer:
-        conf = build_config(data)
+        conf = build_config(data, audit=self.tmp / "audit.log")
         server = ProxyServer(conf)
         await server.start()
         self.proxies.append(server)
@@ -76,21 +78,21 @@ class Harness:
             await r.cleanup()
 
 
-def build_config(data: dict[str, Any]) -> cfg.Config:
+def build_config(data: dict[str, Any], audit: Path | None = None) -> cfg.Config:
     base: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
         "drain": {"delay": 0, "timeout": 5},
         "systems": SYSTEMS,
-        "compliance": {"audit": {"path": "-"}},
+        "compliance": {"audit": {"path": str(audit) if audit else "-"}},
     }
     base.update(data)
     return cfg.parse(yaml.safe_dump(base))
 
 
 @pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
-    h = Harness()
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path)
     try:
         yield h
     finally:

@@ -60,6 +60,7 @@ async def test_jalur_demo_serves_social_and_commerce_and_stops_on_sigint(tmp_pat
         cluster["endpoints"] = new
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(conf))
+    cwd = tmp_path
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -70,6 +71,7 @@ async def test_jalur_demo_serves_social_and_commerce_and_stops_on_sigint(tmp_pat
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=str(cwd),
     )
     assert proc.stdout is not None
     try:

@@ -29,7 +29,7 @@ def rss(pid: int, field: str) -> int:
     raise AssertionError(f"{field} not in /proc/{pid}/status")
 
 
-async def start_jalur(config_path: Path) -> tuple[asyncio.subprocess.Process, int, int]:
+async def start_jalur(config_path: Path, cwd: Path) -> tuple[asyncio.subprocess.Process, int, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -40,6 +40,7 @@ async def start_jalur(config_path: Path) -> tuple[asyncio.subprocess.Process, in
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=str(cwd),
     )
     assert proc.stderr is not None
     async with asyncio.timeout(20):
@@ -73,7 +74,7 @@ async def test_256_mib_upload_and_download_keep_proxy_rss_bounded(
     }
     path = tmp_path / "jalur.yaml"
     path.write_text(yaml.safe_dump(conf))
-    proc, port, _admin = await start_jalur(path)
+    proc, port, _admin = await start_jalur(path, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
