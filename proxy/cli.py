@@ -30,6 +30,17 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the listening socket (default 1: no supervisor)",
+    )
+
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the supervisor
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
+    worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
 
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("file", help="YAML config file")
@@ -80,13 +91,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_routes(config, sys.stdout)
         return 0
     if args.command == "run":
+        if args.workers < 1:
+            print("--workers must be at least 1", file=sys.stderr)
+            return 2
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
+        if args.workers > 1:
+            _multiprocess_metrics_dir()
+            from .supervisor import supervise
+
+            _run(supervise(config, args.config, args.workers))
+            return 0
         from .server import serve
 
         _run(serve(config, config_path=args.config))
         return 0
+    if args.command == "worker":
+        return _worker(args.config, args.fd, args.ready_fd)
     if args.command == "demo":
         from .demo.run import run_demo
 
@@ -123,6 +145,39 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency
         asyncio.run(coro)
+
+
+def _multiprocess_metrics_dir() -> None:
+    """prometheus-client multiprocess mode: the directory must be set before the library is
+    imported, shared by the supervisor and its workers, and empty at start."""
+    import shutil
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jalur-metrics-")
+
+
+def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
+    import socket
+
+    config = _load_or_report(config_path, sys.stderr)
+    if config is None:
+        return 1
+    from .server import serve
+
+    sock = socket.socket(fileno=fd)
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+    _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready))
+    return 0
 
 
 def _load_or_report(path: str, err: TextIO) -> cfg.Config | None:

@@ -91,6 +91,24 @@ class State:
     bound: Bound
     transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
+    active: int = 0  # requests currently using this state
+    _idle: asyncio.Event | None = None  # set when retired and the last request is done
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def retire(self, grace: float) -> None:
+        """Close the upstream pools once no request uses this state (or after ``grace``)."""
+        if self.active:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("retired config still had %d requests after %.0fs", self.active, grace)
+        await self.close()
 
     async def close(self) -> None:
         await asyncio.gather(*(t.close() for t in self.transports), return_exceptions=True)
@@ -234,21 +252,20 @@ class Forwarder:
     def __init__(self, state: State, services: Services) -> None:
         self.state = state
         self.services = services
-        self.in_flight = 0
         self.clock: Callable[[], float] = time.time  # wall clock the deadlines are judged by
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         state = self.state
         ex = Exchange(new_request_id(request.headers.get("X-Request-Id")))
         started = time.monotonic()
-        self.in_flight += 1
+        state.active += 1
         try:
             resp = await self._serve(state, request, ex)
             if not ex.status:
                 ex.status = resp.status
             return resp
         finally:
-            self.in_flight -= 1
+            state.leave()
             self._report(state, request, ex, time.monotonic() - started)
 
     async def _serve(
@@ -347,7 +364,7 @@ class Forwarder:
         ex.reason = reason
         ex.flags = "UAEX"
         ex.status = status
-        log.warning(
+        log.debug(
             "compliance blocked request_id=%s route=%s cluster=%s reason=%s",
             ex.request_id,
             ex.route.name,

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from . import admin
+from . import admin as admin_mod
 from . import config as cfg
 from .accesslog import AccessLog
 from .compliance import AuditLog
-from .forward import Forwarder, Services, State, build_state
+from .forward import Forwarder, Services, State, build_state, error_response, new_request_id
 from .metrics import Metrics
 
 log = logging.getLogger("jalur")
@@ -77,18 +79,56 @@ class _Protocol(RequestHandler):
         self.transport.write(TIMEOUT_408)
         self.force_close()
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Requests aiohttp refuses itself (malformed request line or headers) and handler
+        crashes: a JSON error like every other, counted, never a traceback per bad client."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        request_id = new_request_id(None)
+        if status >= 500:
+            log.error("internal error request_id=%s", request_id, exc_info=exc)
+            reason, text = "internal", "internal proxy error"
+        else:
+            reason = "malformed"
+            detail = getattr(exc, "message", None) or message or "malformed request"
+            text = f"malformed request: {str(detail).strip().splitlines()[0][:120]}"
+            log.debug("malformed request from %s: %s", request.remote, exc)
+        manager = self._manager
+        if isinstance(manager, _Server):
+            manager.on_error(reason)
+        resp = error_response(status, text, request_id, reason=reason)
+        resp.force_close()
+        return resp
+
 
 class _Server(web.Server):
-    def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        header_timeout: float,
+        on_error: Callable[[str], None] = lambda reason: None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self.on_error = on_error
 
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
 
 
 class ProxyServer:
-    """One proxy instance: data listener + admin listener around a swappable ``State``."""
+    """One proxy instance: data listener (+ admin listener) around a swappable ``State``.
+
+    With ``admin=False`` it is a worker under ``supervisor``: the supervisor owns the admin
+    listener, readiness and the aggregated metrics."""
 
     def __init__(
         self,
@@ -96,10 +136,12 @@ class ProxyServer:
         *,
         config_path: str | None = None,
         metrics: Metrics | None = None,
+        admin: bool = True,
     ) -> None:
         self.config = config
         self.config_path = config_path
-        self.status = admin.Status()
+        self.with_admin = admin
+        self.status = admin_mod.Status()
         self.services = Services(
             metrics=metrics or Metrics.from_config(config),
             access=AccessLog.from_config(config.access_log),
@@ -108,6 +150,7 @@ class ProxyServer:
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self.data_port = 0
         self.admin_port = 0
         self.stopped = asyncio.Event()
@@ -127,6 +170,7 @@ class ProxyServer:
             max_field_size=listen.max_field_size,
             access_log=None,
             auto_decompress=False,
+            on_error=self.services.metrics.rejected,
         )
         self._data_runner = web.ServerRunner(server, shutdown_timeout=config.drain.timeout)
         await self._data_runner.setup()
@@ -137,15 +181,14 @@ class ProxyServer:
             site = web.TCPSite(self._data_runner, listen.host, listen.port, reuse_address=True)
         await site.start()
         self.data_port = _bound_port(self._data_runner)
-
-        self._admin_runner = web.AppRunner(
-            admin.make_app(self.status, self.services.metrics), access_log=None
-        )
-        await self._admin_runner.setup()
-        admin_site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
-        await admin_site.start()
-        self.admin_port = _bound_port(self._admin_runner)
+        if self.with_admin:
+            self._admin_runner, self.admin_port = await start_admin(
+                config, self.status, self.services.metrics
+            )
         self.status.config = config
+        if not self.with_admin:
+            log.info("worker pid %d accepting, %d routes", os.getpid(), len(config.routes))
+            return
         log.info(
             "jalur serving on %s:%d (admin %s:%d), %d routes, %d clusters",
             listen.host,
@@ -161,6 +204,44 @@ class ProxyServer:
         assert self.forwarder is not None
         return self.forwarder.state
 
+    async def reload(self, config: cfg.Config | None = None) -> bool:
+        """Load ``config`` (default: re-read ``config_path``), validate it (compliance
+        included), build the new state and swap it in. Requests in flight finish on the
+        state they started with; its pools close when the last one ends. An invalid config
+        is refused and the running one keeps serving."""
+        assert self.forwarder is not None
+        metrics = self.services.metrics
+        if config is None:
+            if self.config_path is None:
+                log.error("reload: no config file to read")
+                metrics.config_reload(False)
+                return False
+            try:
+                config = await asyncio.to_thread(cfg.load, self.config_path, env=os.environ)
+            except cfg.ConfigError as exc:
+                log.error("reload refused, still serving the previous config: %s", exc)
+                metrics.config_reload(False)
+                return False
+        for fixed in ("listen", "admin"):
+            if getattr(config, fixed) != getattr(self.config, fixed):
+                log.warning("reload: %s settings change only on restart", fixed)
+        try:
+            new = build_state(config, metrics)
+        except Exception:
+            log.exception("reload refused: could not build the new config")
+            metrics.config_reload(False)
+            return False
+        old = self.forwarder.state
+        self.forwarder.state = new
+        self.config = config
+        self.status.config = config
+        metrics.config_reload(True)
+        task = asyncio.create_task(old.retire(config.drain.timeout))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("reloaded: %d routes, %d clusters", len(config.routes), len(config.clusters))
+        return True
+
     async def stop(self, *, drain_delay: float | None = None) -> None:
         """Drain: not ready at once, keep serving ``drain.delay``, stop accepting, wait
         for in-flight requests up to ``drain.timeout``, close upstream pools."""
@@ -172,6 +253,8 @@ class ProxyServer:
         log.info("draining: no longer accepting, waiting for in-flight requests")
         if self._data_runner is not None:
             await self._data_runner.cleanup()
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.forwarder is not None:
             await self.forwarder.state.close()
         if self._admin_runner is not None:
@@ -182,19 +265,50 @@ class ProxyServer:
         self.stopped.set()
 
 
+async def start_admin(
+    config: cfg.Config, status: admin_mod.Status, metrics: Metrics
+) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(admin_mod.make_app(status, metrics), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.admin.host, config.admin.port, reuse_address=True)
+    await site.start()
+    return runner, _bound_port(runner)
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         return int(addr[1])
     raise RuntimeError("listener has no bound socket")
 
 
-async def serve(config: cfg.Config, config_path: str | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return."""
-    server = ProxyServer(config, config_path=config_path)
-    await server.start()
+async def serve(
+    config: cfg.Config,
+    config_path: str | None = None,
+    *,
+    data_sock: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """One process: run until SIGTERM/SIGINT, then drain and return. SIGHUP reloads.
+
+    With ``data_sock`` (a socket inherited from the supervisor) it runs as a worker: no
+    admin listener, and SIGTERM stops accepting at once (the supervisor already waited
+    ``drain.delay`` with ``/readyz`` failing)."""
+    worker = data_sock is not None
+    server = ProxyServer(config, config_path=config_path, admin=not worker)
+    await server.start(data_sock=data_sock)
+    if on_ready is not None:
+        on_ready()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    await server.stop()
+    await server.stop(drain_delay=0 if worker else None)

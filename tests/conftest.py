@@ -191,3 +191,12 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str
 
 
 SERVING = re.compile(r"serving on [^:]+:(\d+) \(admin [^:]+:(\d+)\)")
+
+
+def children(pid: int) -> list[int]:
+    """Direct child PIDs of ``pid`` (from /proc, no external tools)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out.extend(int(x) for x in text)
+    return out

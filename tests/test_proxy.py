@@ -451,3 +451,32 @@ async def test_query_is_passed_verbatim(harness: Harness) -> None:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         echo = await r.json()
     assert echo["query"] == "q=a%20b&x=%2F&x=2"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+        b"GET %EF%BC%8Fx HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"BLAH\r\n\r\n",
+    ],
+)
+async def test_malformed_requests_get_json_400_and_are_counted(
+    harness: Harness, request_bytes: bytes
+) -> None:
+    port, _ = await simple_proxy(harness)
+    r = await raw_request(port, request_bytes)
+    assert r.status == 400
+    import orjson
+
+    body = orjson.loads(r.body)
+    assert body["reason"] == "malformed"
+    assert body["request_id"]
+    assert body["error"].startswith("malformed request")
+    assert not harness.backends["pay"].received
+    metrics = harness.proxies[0].services.metrics
+    assert (
+        metrics.registry.get_sample_value("jalur_requests_rejected_total", {"reason": "malformed"})
+        == 1
+    )
