@@ -9,6 +9,10 @@ scraper asks for it), served when ``make_app`` is given a ``Metrics``.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,6 +22,7 @@ from aiohttp import web
 
 from .config import Config
 from .metrics import Metrics
+from .migration import Migration, WeightError
 
 # Config fields whose values are never shown, whatever their nesting.
 SECRET_FIELDS: Final = frozenset({"token", "key", "secret", "password"})
@@ -30,6 +35,12 @@ class Status:
 
     config: Config | None = None
     draining: bool = False
+    # The live migration controller of the current config (None under a supervisor).
+    migration: Callable[[], Migration] | None = None
+    # Where audited admin actions go (the compliance audit log).
+    audit: Callable[[dict[str, Any]], None] | None = None
+    # Wall clock compliance deadlines are judged by.
+    clock: Callable[[], float] = time.time
 
     @property
     def ready(self) -> bool:
@@ -86,6 +97,72 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+log = logging.getLogger("jalur.admin")
+
+
+def _authorized(request: web.Request, config: Config) -> web.Response | None:
+    """None when the request carries the admin bearer token; else the refusal."""
+    token = config.admin.token
+    if not token:
+        return _json({"error": "mutating admin calls are disabled: set admin.token"}, 403)
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        return _json({"error": "missing or wrong bearer token"}, 401)
+    return None
+
+
+def _migration(request: web.Request) -> Migration | None:
+    getter = request.app[STATUS].migration
+    return getter() if getter is not None else None
+
+
+async def migration_view(request: web.Request) -> web.Response:
+    migration = _migration(request)
+    if migration is None:
+        return _json({"error": "migration view is per worker; not available here"}, 404)
+    view = migration.view()
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        ratios = {c: f["ratio"] for c, f in view["progress"].items() if f["ratio"] is not None}
+        metrics.set_migration_progress(ratios)
+    return _json(view)
+
+
+async def migration_update(request: web.Request) -> web.Response:
+    status = request.app[STATUS]
+    if status.config is None:
+        return _json({"error": "config not loaded"}, 503)
+    refused = _authorized(request, status.config)
+    if refused is not None:
+        return refused
+    migration = _migration(request)
+    if migration is None:
+        return _json({"error": "weights are set per worker; not available here"}, 404)
+    route = request.match_info["route"]
+    try:
+        body = orjson.loads(await request.read())
+        weights = body["weights"]
+        if not isinstance(weights, dict):
+            raise TypeError
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return _json({"error": 'body must be JSON {"weights": {"cluster": weight, ...}}'}, 400)
+    try:
+        migration.set_weights(route, weights, status.clock())
+    except WeightError as exc:
+        return _json({"error": str(exc)}, exc.status)
+    record = {
+        "decision": "weights-changed",
+        "route": route,
+        "weights": weights,
+        "peer": request.remote,
+    }
+    log.warning("migration weights changed: route=%s weights=%s", route, weights)
+    if status.audit is not None:
+        status.audit(record)
+    return _json(migration.view()["routes"][route])
+
+
 def make_app(status: Status, metrics: Metrics | None = None) -> web.Application:
     app = web.Application()
     app[STATUS] = status
@@ -96,4 +173,6 @@ def make_app(status: Status, metrics: Metrics | None = None) -> web.Application:
     app.router.add_get("/livez", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config", config_view)
+    app.router.add_get("/migration", migration_view)
+    app.router.add_post("/migration/{route}", migration_update)
     return app

@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes sharing the listening socket (default 1: no supervisor)",
     )
+    run.add_argument(
+        "--print-config",
+        nargs="?",
+        const="yaml",
+        choices=("yaml", "json"),
+        metavar="FORMAT",
+        help="print the merged config (file + JALUR_* env), secrets masked, as yaml "
+        "(default) or json, and exit without serving",
+    )
 
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the supervisor
     worker.add_argument("-c", "--config", required=True)
@@ -97,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
+        if args.print_config:
+            print_config(config, args.print_config, sys.stdout)
+            return 0
         if args.workers > 1:
             _multiprocess_metrics_dir()
             from .supervisor import supervise
@@ -120,6 +132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def print_config(config: cfg.Config, fmt: str, out: TextIO) -> None:
+    """The config as it would be served (file + env overrides), secrets masked."""
+    from .admin import masked
+
+    data = masked(config)
+    if fmt == "json":
+        import json
+
+        print(json.dumps(data, indent=2), file=out)
+    else:
+        import yaml
+
+        out.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 def consent_token(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -248,6 +275,8 @@ def print_routes(config: cfg.Config, out: TextIO) -> None:
             clusters = " ".join(f"{t.cluster}:{t.weight}" for t in r.targets)
         systems = {config.clusters[t.cluster].system for t in r.targets}
         clusters += f" ({', '.join(sorted(systems))})"
+        if r.spec.shadow is not None:
+            clusters += f" shadow:{r.spec.shadow.cluster}@{r.spec.shadow.percent:g}%"
         rows.append(
             (str(r.index), r.name, methods, describe_match(r.spec.match), r.category, clusters)
         )

@@ -176,6 +176,9 @@ def _targets_of(route: RouteSpec, i: int) -> Iterator[tuple[str, str, int | None
         yield f"$.routes[{i}].to", route.to, None
     for j, target in enumerate(route.split or ()):
         yield f"$.routes[{i}].split[{j}].cluster", target.cluster, target.weight
+    if route.shadow is not None:
+        # A shadow copy is a request like any other: the same systems rule applies.
+        yield f"$.routes[{i}].shadow.cluster", route.shadow.cluster, None
 
 
 def _shadowing(config: Config, tx: frozenset[str]) -> list[FieldError]:
@@ -291,6 +294,11 @@ class Guard:
                 entry = self._entry(config, legacy, route.category, target.cluster)
                 self._table[(route.name, target.cluster)] = entry
                 pairs.append((target.cluster, entry[0]))
+            if route.spec.shadow is not None:  # checked per copy, never a route target
+                shadow = route.spec.shadow.cluster
+                self._table[(route.name, shadow)] = self._entry(
+                    config, legacy, route.category, shadow
+                )
             self._routes[route.name] = (
                 tuple(c for c, _ in pairs),
                 min((u for _, u in pairs), default=-math.inf),

@@ -117,6 +117,9 @@ class Cluster(_Base, frozen=True):
     timeouts: Timeouts = Timeouts()
     # Pooled upstream connections per cluster (all endpoints together).
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    # A sandbox cluster has no real side effects: it may receive shadow copies of
+    # non-idempotent requests (POST/PATCH); other clusters only get safe methods.
+    sandbox: bool = False
 
 
 class HeaderMatch(_Base, frozen=True):
@@ -148,6 +151,19 @@ class Sticky(_Base, frozen=True):
     cookie: str | None = None
 
 
+class Shadow(_Base, frozen=True):
+    """Copy a share of a route's requests to another cluster; its answer is compared with
+    the real one and never returned."""
+
+    cluster: Name
+    # Share of the route's requests copied, in percent.
+    percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 100.0
+    # Compare a SHA-256 of both bodies as well as the status (costs hashing the response).
+    compare_body: bool = False
+    # Largest request body copied; a request with a larger body is not shadowed.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
+
+
 class Route(_Base, frozen=True):
     name: Name
     match: Match
@@ -155,6 +171,7 @@ class Route(_Base, frozen=True):
     to: Name | None = None
     split: list[SplitTarget] | None = None
     sticky: Sticky | None = None
+    shadow: Shadow | None = None
 
 
 class Audit(_Base, frozen=True):
@@ -206,7 +223,14 @@ class Boundary(_Base, frozen=True):
 
 
 class Migration(_Base, frozen=True):
-    weights: dict[Name, Annotated[float, msgspec.Meta(ge=0)]] = {}
+    # Weight of each category in the total migration-progress figure.
+    weights: dict[Name, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(
+        default_factory=lambda: {"payment": 0.6, "user-data": 0.2, "merchant": 0.2}
+    )
+    # Sliding window (seconds) over which progress and observed shares are measured.
+    window: Annotated[float, msgspec.Meta(ge=10, le=86400)] = 300.0
+    # Shadow copies in flight at once per process; beyond it copies are dropped (counted).
+    max_shadow_in_flight: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 64
 
 
 class Metrics(_Base, frozen=True):
@@ -480,6 +504,14 @@ def _check_references(config: Config) -> list[FieldError]:
                     errors.append(
                         FieldError(f"{at}.split[{j}].cluster", "cluster named twice in one split")
                     )
+        if route.shadow is not None:
+            shadow = route.shadow.cluster
+            if shadow not in config.clusters:
+                errors.append(FieldError(f"{at}.shadow.cluster", f"unknown cluster {shadow!r}"))
+            elif route.to == shadow or shadow in {t.cluster for t in route.split or ()}:
+                errors.append(
+                    FieldError(f"{at}.shadow.cluster", "a route cannot shadow to its own cluster")
+                )
         if route.sticky is not None and (route.sticky.header is None) == (
             route.sticky.cookie is None
         ):

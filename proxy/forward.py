@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -36,7 +37,9 @@ from .boundary import Boundary, Stripped
 from .compliance import AuditLog, Guard, VariantCheck
 from .config import Config
 from .metrics import NO_CLUSTER, Bound, Metrics
+from .migration import Migration
 from .router import Route, Router
+from .shadow import SHADOW_HEADER, Copy, Plan, Shadower
 from .split import Splitter
 from .upstream import AiohttpTransport, ClusterRuntime, Endpoint, Transport, UpstreamResponse
 
@@ -75,6 +78,7 @@ class Services:
     metrics: Metrics
     access: AccessLog
     audit: AuditLog
+    shadower: Shadower
 
 
 @dataclass(slots=True)
@@ -89,6 +93,8 @@ class State:
     variants: VariantCheck
     boundary: Boundary
     bound: Bound
+    migration: Migration
+    shadows: dict[str, Plan]
     transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
     active: int = 0  # requests currently using this state
@@ -124,12 +130,28 @@ def build_state(config: Config, metrics: Metrics) -> State:
         transports.append(transport)
         clusters[name] = ClusterRuntime(name, spec, config.systems[spec.system], transport)
     splitters = {r.name: Splitter(r.name, r.targets) for r in router.routes}
+    guard = Guard(config, router)
+    migration = Migration(
+        routes=router.by_name,
+        splitters=splitters,
+        cluster_kinds={name: c.kind for name, c in clusters.items()},
+        category_weights=config.migration.weights,
+        window=config.migration.window,
+        guard=guard,
+    )
+    shadows = {
+        r.name: Plan(r.spec.shadow, clusters[r.spec.shadow.cluster], r.spec.shadow.percent / 100)
+        for r in router.routes
+        if r.spec.shadow is not None
+    }
     return State(
         config=config,
+        shadows=shadows,
         router=router,
         clusters=clusters,
         splitters=splitters,
-        guard=Guard(config, router),
+        migration=migration,
+        guard=guard,
         variants=VariantCheck(config, router),
         boundary=Boundary(config),
         bound=metrics.bind(router, config),
@@ -195,12 +217,13 @@ class _ClientBody:
     """The client's request body as an async iterator; remembers whether the *client*
     failed (disconnect mid-upload) so that is not blamed on the upstream."""
 
-    __slots__ = ("bytes", "client_failed", "request")
+    __slots__ = ("bytes", "client_failed", "copy", "request")
 
-    def __init__(self, request: web.BaseRequest) -> None:
+    def __init__(self, request: web.BaseRequest, copy: bytearray | None = None) -> None:
         self.request = request
         self.bytes = 0
         self.client_failed = False
+        self.copy = copy  # a shadow's copy of the body (bounded by the shadow plan)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         content = self.request.content
@@ -213,6 +236,8 @@ class _ClientBody:
             if not chunk:
                 return
             self.bytes += len(chunk)
+            if self.copy is not None:
+                self.copy += chunk
             yield chunk
 
 
@@ -319,15 +344,20 @@ class Forwarder:
         endpoint = cluster.pick()
         ex.endpoint = endpoint
         out_headers = upstream_headers(request, rid)
+        upstream_target = f"{target.path}?{target.query}" if target.query else target.path
+        copy = self._shadow_copy(state, request, route, upstream_target, out_headers)
         stripped = state.boundary.scrub(out_headers, cluster.system)
         if stripped.counts() or stripped.consent is not None:
             self._count_stripped(cluster.system, stripped)
-        upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         if _is_websocket(request.headers):
             return await self._websocket(
                 request, ex, cluster, endpoint, upstream_target, out_headers
             )
-        body = _ClientBody(request) if request.body_exists else None
+        body = (
+            _ClientBody(request, copy.body if copy is not None else None)
+            if request.body_exists
+            else None
+        )
         ex.body = body
         if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -345,7 +375,32 @@ class Forwarder:
             return error_response(exc.status, exc.message, rid, kind=exc.kind)
         ex.upstream_time = time.monotonic() - sent
         state.bound.clusters[cluster.name].upstream_response(ex.upstream_time)
-        return await self._relay(state, request, ex, cluster, up)
+        state.migration.served(route.name, cluster.name)
+        resp = await self._relay(state, request, ex, cluster, up, copy)
+        if copy is not None and ex.flags == "-":
+            copy.status = up.status
+            refusal = state.guard.check(route.name, copy.plan.cluster.name, self.clock())
+            self.services.shadower.submit(copy, refusal)
+        return resp
+
+    @staticmethod
+    def _shadow_copy(
+        state: State,
+        request: web.BaseRequest,
+        route: Route,
+        target: str,
+        headers: CIMultiDict[str],
+    ) -> Copy | None:
+        plan = state.shadows.get(route.name)
+        if plan is None or not plan.wants(
+            request.method, request.content_length, request.body_exists
+        ):
+            return None
+        copied = headers.copy()
+        state.boundary.scrub(copied, plan.cluster.system)
+        copied[SHADOW_HEADER] = "true"
+        digest = hashlib.sha256() if plan.spec.compare_body else None
+        return Copy(plan, route.name, request.method, target, copied, bytearray(), digest)
 
     def _reject(self, ex: Exchange, status: int, message: str, reason: str) -> web.Response:
         """Refused before routing: counted by reason, never under a route label."""
@@ -399,8 +454,10 @@ class Forwarder:
         ex: Exchange,
         cluster: ClusterRuntime,
         upr: UpstreamResponse,
+        copy: Copy | None = None,
     ) -> web.StreamResponse:
         headers = _response_headers(upr.headers, ex.request_id)
+        digest = copy.digest if copy is not None else None
         dropped = state.boundary.filter_response(headers, cluster.system)
         if dropped:
             self.services.metrics.stripped(cluster.system, "set_cookie", dropped)
@@ -415,6 +472,8 @@ class Forwarder:
         try:
             while chunk := await upr.read_chunk():
                 ex.bytes_out += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 await resp.write(chunk)
         except errors.ProxyError as exc:
             # The head is out: the only honest signal left is to cut the connection.

@@ -25,8 +25,13 @@ from .accesslog import AccessLog
 from .compliance import AuditLog
 from .forward import Forwarder, Services, State, build_state, error_response, new_request_id
 from .metrics import Metrics
+from .shadow import Shadower
 
 log = logging.getLogger("jalur")
+
+
+# Seconds between refreshes of the migration-progress gauge (a scrape may also refresh it).
+PROGRESS_INTERVAL: Final = 5.0
 
 
 def _408() -> bytes:
@@ -146,11 +151,13 @@ class ProxyServer:
             metrics=metrics or Metrics.from_config(config),
             access=AccessLog.from_config(config.access_log),
             audit=AuditLog(config.compliance.audit),
+            shadower=Shadower(config.migration.max_shadow_in_flight, self._count_shadow),
         )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._progress: asyncio.Task[None] | None = None
         self.data_port = 0
         self.admin_port = 0
         self.stopped = asyncio.Event()
@@ -186,6 +193,9 @@ class ProxyServer:
                 config, self.status, self.services.metrics
             )
         self.status.config = config
+        self.status.migration = lambda: self.state.migration
+        self.status.audit = self.services.audit.record
+        self._progress = asyncio.create_task(self._publish_progress())
         if not self.with_admin:
             log.info("worker pid %d accepting, %d routes", os.getpid(), len(config.routes))
             return
@@ -198,6 +208,20 @@ class ProxyServer:
             len(config.routes),
             len(config.clusters),
         )
+
+    def _count_shadow(self, route: str, outcome: str) -> None:
+        if self.forwarder is not None:
+            bound = self.forwarder.state.bound.routes.get(route)
+            if bound is not None:
+                bound.shadow(outcome)
+
+    async def _publish_progress(self) -> None:
+        """Keep ``jalur_migration_progress_ratio`` current between scrapes."""
+        while True:
+            figures = self.state.migration.progress()
+            ratios = {c: f.ratio for c, f in figures.items() if f.ratio is not None}
+            self.services.metrics.set_migration_progress(ratios)
+            await asyncio.sleep(PROGRESS_INTERVAL)
 
     @property
     def state(self) -> State:
@@ -246,6 +270,8 @@ class ProxyServer:
         """Drain: not ready at once, keep serving ``drain.delay``, stop accepting, wait
         for in-flight requests up to ``drain.timeout``, close upstream pools."""
         self.status.draining = True
+        if self._progress is not None:
+            self._progress.cancel()
         delay = self.config.drain.delay if drain_delay is None else drain_delay
         if delay > 0:
             log.info("draining: not ready, still serving for %.1fs", delay)
@@ -255,6 +281,7 @@ class ProxyServer:
             await self._data_runner.cleanup()
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.services.shadower.close()
         if self.forwarder is not None:
             await self.forwarder.state.close()
         if self._admin_runner is not None:

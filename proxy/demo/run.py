@@ -57,6 +57,13 @@ def print_banner(server: ProxyServer, config: Config, out: TextIO) -> None:
         f"  curl -i '{base}/api/feed/%2e%2e/payment'    # canonical path -> payment route",
         f"  curl -i '{base}/api/feed%2Fx'               # 400: encoded slash",
         f"  curl -s {admin}/readyz",
+        "Migration in progress on /api/checkout (13 % legacy social, 87 % commerce):",
+        f'  for u in $(seq 1 200); do curl -s -o /dev/null -X POST -H "x-user-id: u$u" '
+        f"{base}/api/checkout; done",
+        f"  curl -s {admin}/migration",
+        f"  curl -s -X POST -H 'Authorization: Bearer {config.admin.token or 'TOKEN'}' "
+        f'-d \'{{"weights": {{"shop-legacy": 0, "tokopedia-pay": 100}}}}\' '
+        f"{admin}/migration/checkout",
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), file=out, flush=True)
