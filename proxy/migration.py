@@ -108,8 +108,8 @@ class Migration:
         by_category: dict[str, list[int]] = {}
         for (route, cluster), n in self._served.totals().items():
             r = self.routes.get(route)
-            if r is None:
-                continue
+            if r is None or r.category not in self.category_weights:
+                continue  # only the categories being migrated have a progress figure
             counts = by_category.setdefault(r.category, [0, 0])
             counts[0] += n
             if self.kinds.get(cluster) == "commerce":
