@@ -87,6 +87,13 @@ class Admin(_Base, frozen=True):
     token: str | None = None
 
 
+class Reload(_Base, frozen=True):
+    # Re-read the config when the file (or the ConfigMap symlink it resolves through)
+    # changes; checked every `interval` seconds. SIGHUP always reloads.
+    watch: bool = True
+    interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 2.0
+
+
 class Drain(_Base, frozen=True):
     delay: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
     timeout: Seconds = 25.0
@@ -262,6 +269,7 @@ class Config(_Base, frozen=True):
     listen: Listen = Listen()
     admin: Admin = Admin()
     drain: Drain = Drain()
+    reload: Reload = Reload()
     systems: dict[Name, System] = {}
     clusters: dict[Name, Cluster] = {}
     routes: list[Route] = []

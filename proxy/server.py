@@ -308,6 +308,38 @@ def _bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("listener has no bound socket")
 
 
+def file_signature(path: str) -> tuple[str, int, int, int] | None:
+    """What identifies the config's content on disk. A Kubernetes ConfigMap update swaps
+    the ``..data`` symlink in the mounted directory, so the file is resolved through its
+    symlinks each time: the target path and inode change even when the mtime would not."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return (real, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+async def watch_config(
+    path: str,
+    interval: float,
+    on_change: Callable[[], Any],
+    initial: tuple[str, int, int, int] | None = None,
+) -> None:
+    """Call ``on_change`` (sync or async) when the config file's signature differs from
+    ``initial`` (default: the signature when the watch starts) or from the last change."""
+    last = initial if initial is not None else file_signature(path)
+    while True:
+        await asyncio.sleep(interval)
+        now = file_signature(path)
+        if now is not None and now != last:
+            last = now
+            log.info("config file changed on disk: reloading")
+            result = on_change()
+            if asyncio.iscoroutine(result):
+                await result
+
+
 async def serve(
     config: cfg.Config,
     config_path: str | None = None,
@@ -321,6 +353,7 @@ async def serve(
     admin listener, and SIGTERM stops accepting at once (the supervisor already waited
     ``drain.delay`` with ``/readyz`` failing)."""
     worker = data_sock is not None
+    loaded = file_signature(config_path) if config_path is not None else None
     server = ProxyServer(config, config_path=config_path, admin=not worker)
     await server.start(data_sock=data_sock)
     if on_ready is not None:
@@ -337,5 +370,13 @@ async def serve(
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watcher = None
+    if config_path is not None and config.reload.watch and not worker:
+        # Workers do not watch: their supervisor does and signals them.
+        watcher = asyncio.create_task(
+            watch_config(config_path, config.reload.interval, server.reload, loaded)
+        )
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     await server.stop(drain_delay=0 if worker else None)

@@ -32,7 +32,7 @@ from typing import Any, Final
 from . import admin as admin_mod
 from . import config as cfg
 from .metrics import Metrics, mark_process_dead
-from .server import start_admin
+from .server import start_admin, watch_config
 
 log = logging.getLogger("jalur.supervisor")
 
@@ -85,6 +85,10 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn_task(self.reload()))
+        if self.config.reload.watch:
+            self._spawn_task(
+                watch_config(self.config_path, self.config.reload.interval, self.reload)
+            )
         for w in self.workers:
             self._spawn_task(self._keep_running(w))
         try:
