@@ -38,14 +38,61 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy tests
 	$(BIN)/mypy
 
-test: lint
+test: lint test-tools
 	$(BIN)/pytest -q
+
+# The real components the tests run (Debian packages), installed once when missing:
+# promtool + prometheus (metrics tests), redis-server (idempotency store), nginx + wrk
+# (benchmark smoke). Nothing is started as a system service; tests start their own.
+.PHONY: test-tools
+test-tools:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
 
 # The long property test: 100,000 generated request targets through a running proxy, none of
 # which may reach the social back end as a transaction path (make test runs 2,000).
 fuzz: $(STAMP)
 	JALUR_FUZZ_EXAMPLES=100000 $(BIN)/pytest -q -p no:cacheprovider \
-		tests/test_pathconfusion.py -k generated --hypothesis-show-statistics
+		tests/test_pathconfusion.py::test_no_generated_path_reaches_social_as_a_transaction \
+		tests/test_fuzz_components.py --hypothesis-show-statistics
+
+.PHONY: loadtest loadtest-distributed bench install-bench-tools
+
+# Locust shoppers against `jalur demo` (started and stopped by loadtests/run.py) for
+# LOADTEST_TIME; CSV + HTML reports in loadtests/reports/; fails on any failed request.
+# LOADTEST_SHAPE: migration (ramp the demo's split 10 -> 50 -> 100 % through the admin API),
+# step (add users in steps) or none (LOADTEST_USERS at LOADTEST_RATE per second).
+LOADTEST_TIME  ?= 60s
+LOADTEST_USERS ?= 50
+LOADTEST_RATE  ?= 10
+LOADTEST_SHAPE ?= migration
+LOADTEST_ARGS   = --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
+                  --spawn-rate $(LOADTEST_RATE) --shape $(LOADTEST_SHAPE)
+
+loadtest: $(STAMP)
+	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
+
+# The same with a Locust master and two workers on loopback.
+loadtest-distributed: $(STAMP)
+	$(BIN)/python loadtests/run.py --distributed --workers 2 $(LOADTEST_ARGS)
+
+# Jalur (1 and 2 workers) vs NGINX vs direct with wrk; writes loadtests/RESULTS.md (~9 min).
+bench: $(STAMP) install-bench-tools
+	$(BIN)/python loadtests/bench.py
+
+# nginx and wrk (Debian packages) for `make bench` and tests/test_loadtests.py. The package's
+# own nginx service is never used: bench.py runs nginx with its own -c config and -p prefix.
+install-bench-tools:
+	@{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } && command -v wrk >/dev/null || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk; }
 
 format: $(STAMP)
 	$(BIN)/ruff format proxy tests

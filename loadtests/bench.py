@@ -1,0 +1,817 @@
+"""Jalur against NGINX and against no proxy at all: ``make bench`` (``--smoke`` for the tests).
+
+The same two fixed responses, ~100 B of JSON and 64 KiB, come from one upstream: NGINX
+serving static files (when ``nginx`` is missing: a minimal uvloop HTTP/1.1 responder in this
+file). They are fetched with ``wrk`` at fixed concurrency through each contender:
+
+* ``direct``: wrk -> upstream (the ceiling of this machine's loopback and load generator);
+* ``jalur-1``: ``jalur run`` with one process;
+* ``jalur-2``: ``jalur run --workers 2``;
+* ``nginx``: NGINX as an equivalent reverse proxy (``worker_processes 1``, an upstream block
+  with keep-alive, access log off, the same forwarding headers Jalur sets).
+
+CPU placement is the same for every contender: wrk and the upstream on CPU 0, the proxy on
+CPU 1 (``taskset``). Each (concurrency, size) cell is measured ``--rounds`` times with the
+contenders interleaved (A B C D A B C D ...); the report gives medians of req/s, p50 and p99
+(``wrk --latency``), the proxy's CPU time per request (``/proc/PID/stat`` utime + stime of the
+proxy's process tree, over the measured interval) and how busy that made the proxy's core.
+Then Jalur's (and NGINX's) resident memory is read at ``--idle-conns`` idle keep-alive client
+connections. The result is written between the bench markers of ``--out`` (default
+``loadtests/RESULTS.md``; the rest of the file is kept) and printed; raw samples go to
+``loadtests/reports/bench-*.json``.
+
+Jalur runs with one route table like the demo's (social promotion routes, commerce
+transaction routes), the measured route being the social ``feed`` route, access log sampled
+at 1 % to a file, metrics, compliance guard (with its crafted-path check for social routes),
+boundary rules and the migration counters on, as in production.
+
+Everything started here runs on loopback and is stopped by PID, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SMALL_BODY = (
+    b'{"id":"prod-000123","name":"Batik shirt","price_idr":185000,'
+    b'"stock":42,"seller":"toko-01","ok":true}\n'
+)
+BIG_BODY = bytes(range(256)) * 256  # 64 KiB
+SIZES = {"small": ("/api/feed/small", SMALL_BODY), "64k": ("/api/feed/64k", BIG_BODY)}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOAD_CPU, PROXY_CPU = 0, 1
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+class Processes:
+    """Everything started here, stopped by PID (SIGTERM, then SIGKILL after a deadline)."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, **kw)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    log(f"{name} (pid {proc.pid}) ignored SIGTERM: SIGKILL")
+                    proc.kill()
+                    proc.wait()
+
+
+def pinned(cpu: int | None, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *cmd] if cpu is not None else cmd
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid``'s process tree, in seconds."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    """Sum of VmRSS over ``pid``'s process tree, in KiB."""
+    total = 0
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+            if r.status == 200:
+                return
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: process for {url} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {url} did not answer 200 in time")
+        time.sleep(0.1)
+
+
+# -- the upstream and the contenders -----------------------------------------------------------
+
+NGINX_UPSTREAM = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    types {{ }}
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location = /api/feed/small {{ default_type application/json; }}
+        location = /api/feed/64k {{ default_type application/octet-stream; }}
+    }}
+}}
+"""
+
+# NGINX as a reverse proxy doing what Jalur does to a plain request: keep-alive to the
+# upstream, X-Forwarded-*, a request id both ways, Via; no access log (Jalur samples 1 %).
+NGINX_PROXY = """\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    upstream feed {{
+        server 127.0.0.1:{upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /api/ {{
+            proxy_pass http://feed;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            proxy_set_header Via "1.1 nginx";
+            # Bounded memory per request, never a temp file: a 64 KiB answer fits in memory,
+            # anything larger streams (Jalur moves bodies in 64 KiB chunks).
+            proxy_buffer_size 16k;
+            proxy_buffers 8 16k;
+            proxy_max_temp_file_size 0;
+            add_header X-Request-Id $request_id;
+            add_header Via "1.1 nginx";
+        }}
+    }}
+}}
+"""
+
+
+def jalur_config(port: int, upstream: str, work: Path) -> dict[str, Any]:
+    """A demo-like route table; every cluster is the one upstream. The measured route is feed."""
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "drain": {"delay": 0, "timeout": 5},
+        "systems": {
+            "tiktok": {
+                "kind": "social",
+                "owns": {"cookies": ["tt_session"], "headers": ["x-tt-user"]},
+            },
+            "tokopedia": {
+                "kind": "commerce",
+                "owns": {"cookies": ["_SID_Tokopedia_"], "headers": ["authorization"]},
+            },
+        },
+        "clusters": {
+            "feed": {"system": "tiktok", "endpoints": [upstream]},
+            "showcase": {"system": "tiktok", "endpoints": [upstream]},
+            "tokopedia-pay": {"system": "tokopedia", "endpoints": [upstream]},
+            "tokopedia-shop": {"system": "tokopedia", "endpoints": [upstream]},
+        },
+        "routes": [
+            {
+                "name": "feed",
+                "match": {"prefix": "/api/feed", "methods": ["GET", "HEAD"]},
+                "category": "promotion",
+                "to": "feed",
+            },
+            {
+                "name": "products",
+                "match": {"prefix": "/api/products", "methods": ["GET", "HEAD"]},
+                "category": "promotion",
+                "to": "showcase",
+            },
+            {
+                "name": "cart",
+                "match": {"prefix": "/api/cart", "case_sensitive": False},
+                "category": "merchant",
+                "to": "tokopedia-shop",
+            },
+            {
+                "name": "payment",
+                "match": {"prefix": "/api/payment", "case_sensitive": False},
+                "category": "payment",
+                "to": "tokopedia-pay",
+            },
+        ],
+        "compliance": {"audit": {"path": str(work / "audit.log")}},
+        "access_log": {"sample": 0.01, "path": str(work / "access.log")},
+    }
+
+
+@dataclass
+class Contender:
+    name: str
+    port: int
+    pid: int | None  # the proxy's process (tree) for CPU and RSS; None for direct
+    what: str
+
+    def url(self, size: str) -> str:
+        return f"http://127.0.0.1:{self.port}{SIZES[size][0]}"
+
+
+def start_nginx(
+    procs: Processes, name: str, conf: str, work: Path, cpu: int | None, nginx: str
+) -> subprocess.Popen[bytes]:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tmp").mkdir(exist_ok=True)
+    (work / "tmp").chmod(0o777)  # NGINX workers may run as another user
+    (work / "nginx.conf").write_text(conf)
+    cmd = [nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-e", str(work / "error.log")]
+    return procs.start(
+        name, pinned(cpu, cmd), stdout=subprocess.DEVNULL, stderr=(work / "stderr").open("wb")
+    )
+
+
+def start_jalur(
+    procs: Processes, name: str, config: Path, workers: int, cpu: int | None, work: Path
+) -> subprocess.Popen[bytes]:
+    jalur = Path(sys.executable).parent / "jalur"
+    cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
+    cmd += ["--log-level", "WARNING" if workers == 1 else "INFO", "run", "-c", str(config)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    if workers > 1:  # multiprocess metrics files live (and are removed) with the work dir
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(work / f"{name}-metrics")
+    return procs.start(
+        name,
+        pinned(cpu, cmd),
+        stdout=(work / f"{name}.out").open("wb"),
+        stderr=(work / f"{name}.log").open("wb"),
+        cwd=str(work),
+        env={**env, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+# -- the fallback upstream ---------------------------------------------------------------------
+
+
+def _response(body: bytes, ctype: str) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+class _Responder(asyncio.Protocol):
+    """Fixed answers to GET requests without bodies, keep-alive, pipelining allowed."""
+
+    answers = {
+        SIZES["small"][0].encode(): _response(SMALL_BODY, "application/json"),
+        SIZES["64k"][0].encode(): _response(BIG_BODY, "application/octet-stream"),
+    }
+    missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head, self.buf = self.buf[:end], self.buf[end + 4 :]
+            parts = head.split(b" ", 2)
+            target = parts[1] if len(parts) > 1 else b""
+            self.transport.write(self.answers.get(target, self.missing))
+
+
+def serve_upstream(port: int) -> None:
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Responder, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(main())
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us: float | None = None  # proxy CPU per request
+    busy: float | None = None  # proxy CPU seconds per wall second
+    up_cpu_us: float | None = None  # upstream CPU per request
+
+
+def parse_wrk(out: str) -> Sample:
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    reqs = re.search(r"(\d+) requests in", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (rps and reqs and p50 and p99):
+        raise ValueError(f"unexpected wrk output:\n{out}")
+    errors = 0
+    sock = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        errors += sum(int(g) for g in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return Sample(
+        float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), int(reqs.group(1)), errors
+    )
+
+
+def wrk(url: str, conns: int, seconds: float, cpu: int | None) -> str:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s"]
+    cmd += ["--latency", url]
+    done = subprocess.run(
+        pinned(cpu, cmd), capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def measure(
+    c: Contender, size: str, conns: int, seconds: float, cpu: int | None, upstream: int
+) -> Sample:
+    wall = time.monotonic()
+    cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
+    up0 = cpu_seconds(upstream)
+    sample = parse_wrk(wrk(c.url(size), conns, seconds, cpu))
+    n = max(1, sample.requests)
+    sample.up_cpu_us = 1e6 * (cpu_seconds(upstream) - up0) / n
+    if c.pid:
+        used = cpu_seconds(c.pid) - cpu0
+        sample.cpu_us = 1e6 * used / n
+        sample.busy = used / (time.monotonic() - wall)
+    return sample
+
+
+# -- idle connections --------------------------------------------------------------------------
+
+
+async def _idle(port: int, n: int, path: str, requests: int = 1) -> list[asyncio.StreamWriter]:
+    """Open ``n`` connections, make ``requests`` requests on each, keep them open and idle."""
+    sem = asyncio.Semaphore(100)
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+    async def one() -> asyncio.StreamWriter:
+        async with sem:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(requests):
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+            return writer
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def idle_rss(c: Contender, n: int) -> tuple[int, int]:
+    """``(RSS KiB before, RSS KiB with n idle keep-alive client connections)``."""
+    assert c.pid is not None
+
+    async def run() -> tuple[int, int]:
+        # Warm up: 100 requests on one connection (pools, caches, lazy imports), then measure.
+        for w in await _idle(c.port, 1, SIZES["small"][0], requests=100):
+            w.close()
+        await asyncio.sleep(1.0)
+        before = rss_kib(c.pid or 0)
+        async with asyncio.timeout(60):
+            writers = await _idle(c.port, n, SIZES["small"][0])
+        await asyncio.sleep(1.0)
+        after = rss_kib(c.pid or 0)
+        for w in writers:
+            w.close()
+        return before, after
+
+    return asyncio.run(run())
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str, int], list[Sample]] = field(default_factory=dict)
+    idle: dict[str, tuple[int, int]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def med(self, name: str, size: str, conns: int, attr: str) -> float | None:
+        values = [getattr(s, attr) for s in self.samples.get((name, size, conns), [])]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+
+def versions(nginx: str | None) -> dict[str, str]:
+    def out(cmd: list[str]) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "absent"
+        return (done.stdout + done.stderr).strip().splitlines()[0]
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+    commit = out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = out(["git", "-C", str(ROOT), "status", "--porcelain", "--", "proxy"])
+    return {
+        "cores": f"{os.cpu_count()} ({cpu})",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": metadata.version("aiohttp"),
+        "uvloop": metadata.version("uvloop"),
+        "jalur": f"{metadata.version('jalur')} (git {commit}"
+        + (", proxy/ modified)" if dirty and dirty != "absent" else ")"),
+        "nginx": out([nginx, "-v"]).replace("nginx version: ", "") if nginx else "absent",
+        "wrk": out(["wrk", "-v"]).split(" [")[0],
+    }
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "-"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def report(
+    res: Results,
+    contenders: list[Contender],
+    args: argparse.Namespace,
+    info: dict[str, str],
+    upstream: str,
+    started: datetime,
+    elapsed: float,
+) -> str:
+    names = [c.name for c in contenders]
+    lines = [
+        BEGIN,
+        f"## Benchmark: {started.strftime('%Y-%m-%d %H:%M UTC')}"
+        + (" (smoke run: numbers meaningless)" if args.smoke else ""),
+        "",
+        f"Written by `loadtests/bench.py` in {elapsed / 60:.1f} min: medians of {args.rounds} "
+        f"interleaved round(s) of {args.duration:g} s per cell, `wrk -t1 --latency`, "
+        f"upstream: {upstream}. Placement: wrk + upstream on CPU {LOAD_CPU}, "
+        f"the proxy on CPU {PROXY_CPU}.",
+        "",
+        "| conns | size | contender | req/s | p50 ms | p99 ms | proxy CPU µs/req "
+        "| proxy core busy | upstream CPU µs/req | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for conns in args.conns:
+        for size in args.sizes:
+            for name in names:
+                if (name, size, conns) not in res.samples:
+                    continue
+                errors = sum(s.errors for s in res.samples[(name, size, conns)])
+                busy = res.med(name, size, conns, "busy")
+                lines.append(
+                    f"| {conns} | {size} | {name} "
+                    f"| {_f(res.med(name, size, conns, 'rps'), ',.0f')} "
+                    f"| {_f(res.med(name, size, conns, 'p50_ms'), '.2f')} "
+                    f"| {_f(res.med(name, size, conns, 'p99_ms'), '.2f')} "
+                    f"| {_f(res.med(name, size, conns, 'cpu_us'), '.0f')} "
+                    f"| {_f(busy * 100 if busy is not None else None, '.0f')}"
+                    f"{' %' if busy is not None else ''} "
+                    f"| {_f(res.med(name, size, conns, 'up_cpu_us'), '.0f')} | {errors} |"
+                )
+    lines += [
+        "",
+        "Ratios of medians (req/s: higher is better for Jalur; p99 and CPU/request: lower is):",
+        "",
+        "| conns | size | req/s jalur-1 / nginx | req/s jalur-1 / direct | req/s jalur-2 / nginx "
+        "| p99 jalur-1 / nginx | CPU/req jalur-1 / nginx |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for conns in args.conns:
+        for size in args.sizes:
+
+            def m(name: str, attr: str, size: str = size, conns: int = conns) -> float | None:
+                return res.med(name, size, conns, attr)
+
+            lines.append(
+                f"| {conns} | {size} | {_ratio(m('jalur-1', 'rps'), m('nginx', 'rps'))} "
+                f"| {_ratio(m('jalur-1', 'rps'), m('direct', 'rps'))} "
+                f"| {_ratio(m('jalur-2', 'rps'), m('nginx', 'rps'))} "
+                f"| {_ratio(m('jalur-1', 'p99_ms'), m('nginx', 'p99_ms'))} "
+                f"| {_ratio(m('jalur-1', 'cpu_us'), m('nginx', 'cpu_us'))} |"
+            )
+    if res.idle:
+        lines += ["", f"Resident memory with {args.idle_conns} idle keep-alive connections:", ""]
+        lines += ["| proxy | RSS before | RSS with idle conns | per connection |"]
+        lines += ["|---|---:|---:|---:|"]
+        for name, (before, after) in res.idle.items():
+            per = (after - before) / args.idle_conns
+            lines.append(
+                f"| {name} | {before / 1024:.1f} MiB | {after / 1024:.1f} MiB | {per:.1f} KiB |"
+            )
+    for note in res.skipped:
+        lines += ["", f"**Skipped:** {note}"]
+    lines += ["", "Machine and versions:", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_results(path: Path, block: str) -> None:
+    """Replace the bench block of ``path`` (keep the rest), or create the file."""
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            tail = rest.split(END, 1)[1]
+            path.write_text(head + block + tail)
+            return
+        path.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
+        return
+    path.write_text("# Jalur performance results\n\n" + block + "\n")
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="1 s per cell, 1 round, 50 connections")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--conns", default="50,200", help="comma-separated wrk connection counts")
+    p.add_argument("--sizes", default="small,64k")
+    p.add_argument("--idle-conns", type=int, default=1000)
+    p.add_argument("--no-nginx", action="store_true", help="as if nginx were not installed")
+    p.add_argument("--out", help="results file (default loadtests/RESULTS.md; smoke: reports/)")
+    p.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return 0
+    if args.smoke:
+        args.duration, args.warmup, args.rounds, args.idle_conns = 1.0, 0.0, 1, 100
+        args.conns = "50"
+    args.conns = [int(c) for c in args.conns.split(",")]
+    args.sizes = [s for s in args.sizes.split(",") if s in SIZES]
+    default_out = HERE / ("reports/RESULTS-smoke.md" if args.smoke else "RESULTS.md")
+    out = Path(args.out) if args.out else default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if not shutil.which("wrk"):
+        log("wrk not found: install it (Debian: apt-get install wrk), or run `make bench`")
+        return 2
+    nginx = (
+        None
+        if args.no_nginx
+        else shutil.which("nginx")
+        or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    )
+    cpus = sorted(os.sched_getaffinity(0))
+    load_cpu: int | None = LOAD_CPU
+    proxy_cpu: int | None = PROXY_CPU
+    if not shutil.which("taskset") or not {LOAD_CPU, PROXY_CPU} <= set(cpus):
+        load_cpu = proxy_cpu = None
+        log(f"cannot pin to CPUs {LOAD_CPU} and {PROXY_CPU} (have {cpus}): running unpinned")
+    with contextlib.suppress(OSError):
+        if load_cpu is not None:
+            os.sched_setaffinity(0, {load_cpu})  # keep this script off the proxy's core
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 20000)), hard))
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    started, t0 = datetime.now(UTC), time.monotonic()
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    work = Path(tempfile.mkdtemp(prefix="jalur-bench-"))
+    work.chmod(0o755)  # NGINX workers (user nobody when run as root) read the files
+    procs = Processes()
+    res = Results()
+    try:
+        www = work / "www" / "api" / "feed"
+        www.mkdir(parents=True)
+        (www / "small").write_bytes(SMALL_BODY)
+        (www / "64k").write_bytes(BIG_BODY)
+        for d in (work, work / "www", work / "www" / "api", www):
+            d.chmod(0o755)
+        deadline = time.monotonic() + 30
+
+        up_port = free_port()
+        if nginx:
+            conf = NGINX_UPSTREAM.format(dir=work / "upstream", port=up_port, www=work / "www")
+            up = start_nginx(procs, "upstream", conf, work / "upstream", load_cpu, nginx)
+            upstream = f"NGINX {versions(nginx)['nginx']} serving two static files"
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(up_port)]
+            up = procs.start("upstream", pinned(load_cpu, cmd))
+            upstream = "the minimal uvloop responder in bench.py (nginx not installed)"
+            res.skipped.append(
+                "NGINX as a proxy (nginx is not installed: `make bench` installs it with "
+                "apt-get); the upstream is bench.py's own minimal uvloop responder instead"
+            )
+        wait_http(f"http://127.0.0.1:{up_port}{SIZES['small'][0]}", deadline, up)
+        contenders = [Contender("direct", up_port, None, "no proxy")]
+
+        def launch_jalur(name: str, workers: int) -> Contender:
+            port = free_port()
+            conf_path = work / f"{name}.yaml"
+            conf_path.write_text(
+                yaml.safe_dump(jalur_config(port, f"http://127.0.0.1:{up_port}", work))
+            )
+            proc = start_jalur(procs, name, conf_path, workers, proxy_cpu, work)
+            wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
+            return Contender(name, port, proc.pid, f"{workers} proc")
+
+        def launch_nginx(name: str, nginx: str) -> Contender:
+            port = free_port()
+            conf = NGINX_PROXY.format(dir=work / name, port=port, upstream=up_port)
+            proc = start_nginx(procs, name, conf, work / name, proxy_cpu, nginx)
+            wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
+            return Contender(name, port, proc.pid, "worker_processes 1")
+
+        contenders.append(launch_jalur("jalur-1", 1))
+        contenders.append(launch_jalur("jalur-2", 2))
+        if nginx:
+            contenders.append(launch_nginx("nginx", nginx))
+
+        # Same bytes from every contender, or the comparison means nothing.
+        for c in contenders:
+            for size, (path, body) in SIZES.items():
+                with urllib.request.urlopen(f"http://127.0.0.1:{c.port}{path}", timeout=5) as r:
+                    got = r.read()
+                if r.status != 200 or got != body:
+                    raise SystemExit(f"bench: {c.name} {size}: HTTP {r.status}, {len(got)} bytes")
+
+        cells = len(args.conns) * len(args.sizes) * len(contenders) * args.rounds
+        each = args.warmup + args.duration
+        log(
+            f"{len(contenders)} contenders x {len(args.sizes)} sizes x {len(args.conns)} "
+            f"concurrencies x {args.rounds} rounds = {cells} runs of {each:g} s "
+            f"(~{cells * (each + 0.5) / 60:.1f} min)"
+        )
+        for rnd in range(args.rounds):
+            for conns in args.conns:
+                for size in args.sizes:
+                    for c in contenders:  # interleaved: A B C D A B C D ...
+                        if args.warmup > 0:
+                            wrk(c.url(size), conns, args.warmup, load_cpu)
+                        s = measure(c, size, conns, args.duration, load_cpu, up.pid)
+                        res.samples.setdefault((c.name, size, conns), []).append(s)
+                        log(
+                            f"round {rnd + 1} c={conns} {size:<5} {c.name:<8} "
+                            f"{s.rps:>9,.0f} req/s  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms"
+                            + (f"  {s.cpu_us:.0f} µs/req" if s.cpu_us is not None else "")
+                            + (f"  errors {s.errors}" if s.errors else "")
+                        )
+        # Memory per idle connection, on fresh processes (after a load test a process holds
+        # memory it may hand back at any time, which would blur a before/after difference).
+        deadline = time.monotonic() + 30
+        fresh = [launch_jalur("jalur-1-idle", 1)]
+        if nginx:
+            fresh.append(launch_nginx("nginx-idle", nginx))
+        for c in fresh:
+            name = c.name.removesuffix("-idle")
+            res.idle[name] = idle_rss(c, args.idle_conns)
+            log(f"{name}: RSS {res.idle[name][0]} -> {res.idle[name][1]} KiB")
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    info = versions(nginx)
+    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    info["load average (1, 5, 15 min) at start / end"] = (
+        f"{' '.join(load_start)} / {' '.join(load_end)} (other users of this shared machine)"
+    )
+    block = report(res, contenders, args, info, upstream, started, time.monotonic() - t0)
+    write_results(out, block)
+    raw_dir = HERE / "reports" if args.out is None else out.parent
+    raw = raw_dir / f"bench-{started.strftime('%Y%m%dT%H%M%S')}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(
+        json.dumps(
+            {
+                "started": started.isoformat(),
+                "args": {k: v for k, v in vars(args).items() if k != "serve_upstream"},
+                "versions": info,
+                "samples": {
+                    f"{n} {s} {c}": [vars(x) for x in v] for (n, s, c), v in res.samples.items()
+                },
+                "idle_rss_kib": res.idle,
+            },
+            indent=1,
+        )
+    )
+    print(block)
+    log(f"results written to {out} (raw samples: {raw})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

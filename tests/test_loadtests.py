@@ -1,0 +1,154 @@
+"""Smoke runs of the load tests and the benchmark, so they cannot rot.
+
+* ``loadtests/run.py`` (what ``make loadtest`` runs) for a few seconds against ``jalur demo`` on
+  free ports, with the migration shape ramping the demo's split through the admin API: every
+  route is exercised, nothing fails, the ramp reached 100 %.
+* The locustfile's rule that a transaction answered by a social system is a failure: Locust
+  aimed straight at a social back end (no proxy) must report those failures.
+* ``loadtests/bench.py --smoke`` (what ``make bench`` runs, 1 s per cell): it produces the
+  results table. It needs ``wrk`` (skipped without it); without ``nginx`` the NGINX contender
+  is skipped and the report says so. ``make test`` installs both (Debian packages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import Harness, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADTESTS = ROOT / "loadtests"
+ROUTES = {"feed", "live", "products", "cart", "checkout", "payment", "orders"}
+HAVE_NGINX = shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
+async def run(*cmd: str, limit: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``cmd`` to completion (killed after ``limit`` s); exit code and combined output."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=str(ROOT),
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    try:
+        async with asyncio.timeout(limit):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode("utf-8", "replace")
+
+
+def stats(path: Path) -> dict[str, dict[str, str]]:
+    """Locust's ``*_stats.csv`` rows by name (the aggregate row is ``Aggregated``)."""
+    with path.open() as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+async def test_loadtest_smoke_with_migration_ramp_has_no_failures(tmp_path: Path) -> None:
+    code, out = await run(
+        sys.executable,
+        str(LOADTESTS / "run.py"),
+        "--free-ports",
+        "--time",
+        "5s",
+        "--users",
+        "10",
+        "--spawn-rate",
+        "10",
+        "--shape",
+        "migration",
+        "--reports",
+        str(tmp_path),
+        limit=90,
+    )
+    assert code == 0, out
+    rows = stats(tmp_path / "loadtest_stats.csv")
+    total = rows["Aggregated"]
+    assert int(total["Request Count"]) > 0, out
+    assert int(total["Failure Count"]) == 0, out
+    assert set(rows) >= ROUTES, f"routes not exercised: {ROUTES - set(rows)}\n{out}"
+    # The ramp's admin calls are in the stats too (and none failed: the aggregate above).
+    admin = {name.rsplit(" ", 1)[-1] for name, row in rows.items() if row["Type"] == "ADMIN"}
+    assert admin == {"10%", "50%", "100%"}, out
+    migration = json.loads((tmp_path / "migration.json").read_text())
+    assert migration["samples"], migration
+    assert migration["samples"][0]["weight_percent"] == 10, migration
+    assert "total:" in (tmp_path / "summary.txt").read_text()
+    assert (tmp_path / "loadtest.html").stat().st_size > 0
+
+
+async def test_transaction_answered_by_social_system_is_a_locust_failure(
+    harness: Harness, tmp_path: Path
+) -> None:
+    social = await harness.backend("shop-legacy", "tiktok")
+    # No admin listener to read rules from: the strict default (tiktok serves no transaction).
+    env = {"JALUR_ADMIN_URL": f"http://127.0.0.1:{free_port()}", "JALUR_SHAPE": ""}
+    code, out = await run(
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOADTESTS / "locustfile.py"),
+        "--headless",
+        "-u",
+        "10",
+        "-r",
+        "10",
+        "-t",
+        "3s",
+        "--host",
+        social.url,
+        "--csv",
+        str(tmp_path / "neg"),
+        "--only-summary",
+        limit=60,
+        env=env,
+    )
+    assert code != 0, out
+    rows = stats(tmp_path / "neg_stats.csv")
+    for route in ("feed", "live", "products"):
+        if route in rows:
+            assert rows[route]["Failure Count"] == "0", rows[route]
+    failed = {n for n, r in rows.items() if n != "Aggregated" and int(r["Failure Count"]) > 0}
+    assert failed, out
+    assert failed <= {"cart", "checkout", "payment", "orders"}, failed
+    for route in failed:
+        assert rows[route]["Failure Count"] == rows[route]["Request Count"], rows[route]
+    errors = (tmp_path / "neg_failures.csv").read_text()
+    assert "transaction served by social system tiktok" in errors, errors
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not on PATH (Debian package 'wrk'; make test and make bench install it)",
+)
+async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
+    out_file = tmp_path / "RESULTS.md"
+    code, out = await run(
+        sys.executable, str(LOADTESTS / "bench.py"), "--smoke", "--out", str(out_file), limit=120
+    )
+    assert code == 0, out
+    text = out_file.read_text()
+    assert "<!-- bench:begin -->" in text
+    assert "<!-- bench:end -->" in text
+    assert "| conns | size | contender | req/s |" in text
+    expected = ["direct", "jalur-1", "jalur-2"] + (["nginx"] if HAVE_NGINX else [])
+    for name in expected:
+        assert f"| 50 | small | {name} |" in text, text
+        assert f"| 50 | 64k | {name} |" in text, text
+    if not HAVE_NGINX:
+        assert "**Skipped:** NGINX" in text
+    assert "| jalur-1 |" in text  # the idle-connections RSS row
+    assert "- python: " in text
+    assert "- kernel: " in text
