@@ -508,7 +508,8 @@ def versions(nginx: str | None) -> dict[str, str]:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
         except OSError:
             return "absent"
-        return (done.stdout + done.stderr).strip().splitlines()[0]
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return lines[0] if lines else ""  # e.g. `git status` of a clean tree prints nothing
 
     cpu = next(
         (
