@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
     run.add_argument(
+        "--allow-python-parser",
+        action="store_true",
+        help="serve even if aiohttp's C HTTP parser is unavailable (not recommended)",
+    )
+    run.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -109,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print_config(config, args.print_config, sys.stdout)
             return 0
+        if not c_parser_in_use() and not args.allow_python_parser:
+            print(
+                "refusing to start: aiohttp's C HTTP parser is not in use (the pure-Python "
+                "parser has had request-smuggling bugs); fix the install or pass "
+                "--allow-python-parser",
+                file=sys.stderr,
+            )
+            return 1
         if args.workers > 1:
             _multiprocess_metrics_dir()
             from .supervisor import supervise
@@ -172,6 +185,17 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency
         asyncio.run(coro)
+
+
+def c_parser_in_use() -> bool:
+    """True when aiohttp parses requests with its C (llhttp) parser. The pure-Python
+    fallback (no compiled extension, or AIOHTTP_NO_EXTENSIONS set) has had most of aiohttp's
+    request-smuggling bugs; Jalur refuses to serve with it unless told otherwise. (Kept here,
+    not in server.py: the CLI must not import prometheus-client before the multiprocess
+    directory is set.)"""
+    from aiohttp import http_parser
+
+    return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
 def _multiprocess_metrics_dir() -> None:

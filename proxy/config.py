@@ -27,6 +27,7 @@ from yarl import URL
 
 __all__ = [
     "Admin",
+    "Backoff",
     "Boundary",
     "Cluster",
     "Compliance",
@@ -36,11 +37,17 @@ __all__ = [
     "CrossIdentity",
     "Drain",
     "FieldError",
+    "HashOn",
     "HeaderMatch",
+    "HealthCheck",
+    "LbPolicy",
     "Listen",
     "Match",
     "Migration",
+    "OutlierDetection",
     "Owns",
+    "Retry",
+    "RetryCondition",
     "Route",
     "SplitTarget",
     "Sticky",
@@ -78,6 +85,19 @@ class Listen(_Base, frozen=True):
     # Longest request line / single header line the parser accepts (bytes).
     max_line_size: Annotated[int, msgspec.Meta(ge=1024, le=65536)] = 8190
     max_field_size: Annotated[int, msgspec.Meta(ge=1024, le=65536)] = 8190
+    # Most header fields in one request (431-style refusal beyond, answered 400).
+    max_headers: Annotated[int, msgspec.Meta(ge=8, le=1024)] = 100
+    # Open client connections per process; beyond it new connections are closed at once
+    # (bounds file descriptors and memory under a connection flood).
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    # Requests served on one connection before it is closed (spreads load after scaling).
+    max_requests_per_connection: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    # Pipelined requests parsed ahead of the one being served; reading pauses beyond it.
+    max_pipelined: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    # Seconds without a byte of request body before the request is cut (408).
+    body_idle_timeout: Seconds = 30.0
+    # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
 
 
 class Admin(_Base, frozen=True):
@@ -118,15 +138,122 @@ class Timeouts(_Base, frozen=True):
     idle: Seconds = 60.0
 
 
+# How a cluster spreads requests over its endpoints (``balancer.BALANCERS``).
+LbPolicy = Literal["round_robin", "least_request", "random", "hash"]
+# What makes a failed attempt worth another (``retry``): the connect failed (any reason),
+# was refused, the connection died before a byte of the request was written, died after
+# the request was written but before the response head, or no head came in time.
+RetryCondition = Literal["connect-failure", "refused", "reset-before-request", "reset", "timeout"]
+# An upstream response status that is retried instead of relayed.
+RetryStatus = Annotated[int, msgspec.Meta(ge=500, le=599)]
+
+
+class HashOn(_Base, frozen=True):
+    """The request key of ``lb_policy: hash``: one header or one cookie."""
+
+    header: HeaderName | None = None
+    cookie: CookieName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("hash_on needs exactly one of `header` or `cookie`")
+
+
+class HealthCheck(_Base, frozen=True):
+    """Active health checking: ``GET path`` on every endpoint every ``interval``."""
+
+    # Request target of the check; a 2xx answer passes, anything else fails.
+    path: Annotated[str, msgspec.Meta(pattern=r"^/[!-~]*$")] = "/healthz"
+    # Seconds between two checks of one endpoint (each spread by +/- ``jitter``).
+    interval: Seconds = 5.0
+    # Seconds a check may take (connect, head and body) before it counts as failed.
+    timeout: Seconds = 1.0
+    # Consecutive passes that bring an unhealthy endpoint back.
+    healthy_threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    # Consecutive failures that take a healthy (or ejected) endpoint out.
+    unhealthy_threshold: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # Fraction of ``interval`` by which each wait is randomly shortened or lengthened.
+    jitter: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.1
+
+
+class OutlierDetection(_Base, frozen=True):
+    """Passive ejection of endpoints that keep failing real requests."""
+
+    # 5xx responses or failed exchanges (reset, timeout, protocol, connect) in a row that
+    # eject an endpoint; 0 turns it off.
+    consecutive_5xx: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 5
+    # Failed connects (refused, unreachable, timed out) in a row that eject; 0: off.
+    consecutive_connect_failures: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 3
+    # First ejection lasts this long; the n-th ejection n times as long, up to the max.
+    base_ejection_time: Seconds = 30.0
+    max_ejection_time: Seconds = 300.0
+    # At most this share of the cluster's endpoints is ejected at once (rounded down, so
+    # a one-endpoint cluster is never ejected).
+    max_ejection_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] = 50
+
+    def __post_init__(self) -> None:
+        if self.max_ejection_time < self.base_ejection_time:
+            raise ValueError("max_ejection_time must be at least base_ejection_time")
+
+
+class Backoff(_Base, frozen=True):
+    # Wait before retry n is random in [0, min(max, base * 2**(n-1))] seconds.
+    base: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.025
+    max: Annotated[float, msgspec.Meta(gt=0, le=300)] = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max < self.base:
+            raise ValueError("backoff max must be at least base")
+
+
+class Retry(_Base, frozen=True):
+    """When Jalur sends a failed request again (always within the same cluster)."""
+
+    # Tries in all, the first included; 1 turns retries off.
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 2
+    # Conditions and upstream statuses that are retried (``on`` would read as a YAML
+    # boolean, hence Envoy's name).
+    retry_on: list[RetryCondition | RetryStatus] = msgspec.field(
+        default_factory=lambda: ["connect-failure", "refused", "reset-before-request"]
+    )
+    # Seconds one try may wait for its response head (default: timeouts.response_headers).
+    per_try_timeout: Seconds | None = None
+    backoff: Backoff = Backoff()
+    # Retries in flight at once may be this share of the cluster's active requests ...
+    budget_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 20.0
+    # ... but at least this many.
+    min_retry_concurrency: Annotated[int, msgspec.Meta(ge=0, le=100000)] = 3
+    # A retryable request body up to this size is kept in memory so it can be sent again;
+    # a larger one is streamed and then not retried (unless no byte of it was sent).
+    buffer_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
+
+
 class Cluster(_Base, frozen=True):
     system: Name
     endpoints: Annotated[list[str], msgspec.Meta(min_length=1)]
     timeouts: Timeouts = Timeouts()
     # Pooled upstream connections per cluster (all endpoints together).
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 1024
+    # Circuit breaking: requests waiting for a connection beyond ``max_connections`` ...
+    max_pending: Annotated[int, msgspec.Meta(ge=0, le=100000)] = 1024
+    # ... and requests in flight to the cluster at once; beyond either: 503 (flag UO).
+    max_requests: Annotated[int, msgspec.Meta(ge=1, le=1000000)] = 1024
+    # Seconds an idle pooled connection is kept; below common upstream idle timeouts
+    # (60-75 s) so a reused connection is rarely one the upstream is just closing.
+    keepalive_idle_timeout: Seconds = 15.0
+    lb_policy: LbPolicy = "round_robin"
+    # The request key for ``lb_policy: hash`` (required with it, refused without it).
+    hash_on: HashOn | None = None
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection = OutlierDetection()
+    retry: Retry = Retry()
     # A sandbox cluster has no real side effects: it may receive shadow copies of
     # non-idempotent requests (POST/PATCH); other clusters only get safe methods.
     sandbox: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.lb_policy == "hash") != (self.hash_on is not None):
+            raise ValueError("`hash_on` is required with lb_policy hash and only with it")
 
 
 class HeaderMatch(_Base, frozen=True):
@@ -171,6 +298,26 @@ class Shadow(_Base, frozen=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class IdempotencyPolicy(_Base, frozen=True):
+    """Per route: how POST/PATCH with ``Idempotency-Key`` are deduplicated. Transaction
+    routes of category ``payment`` get the defaults when they do not say otherwise."""
+
+    enabled: bool = True
+    # A POST/PATCH without Idempotency-Key is refused (400). Off by default: the shopper's
+    # app must not have to change for Jalur to be deployed; keys are honoured when sent.
+    require: bool = False
+    # How long a completed response is kept for replay (seconds; default 24 h).
+    ttl: Annotated[float, msgspec.Meta(ge=1, le=7 * 86400)] = 86400.0
+    # Largest request body read to fingerprint the request (413 beyond).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Largest response kept for replay; a larger one is remembered as done but cannot be
+    # replayed (a repeat gets 409, never a second execution).
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    # A repeat while the first is in flight waits for it (up to wait_timeout) instead of 409.
+    wait_in_flight: bool = False
+    wait_timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+
+
 class Route(_Base, frozen=True):
     name: Name
     match: Match
@@ -179,6 +326,7 @@ class Route(_Base, frozen=True):
     split: list[SplitTarget] | None = None
     sticky: Sticky | None = None
     shadow: Shadow | None = None
+    idempotency: IdempotencyPolicy | None = None
 
 
 class Audit(_Base, frozen=True):
@@ -229,6 +377,14 @@ class Boundary(_Base, frozen=True):
     consent: Consent = Consent()
 
 
+class IdempotencyStore(_Base, frozen=True):
+    # memory: this process only (LRU); redis: shared by every replica and sidecar.
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_entries: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+
+
 class Migration(_Base, frozen=True):
     # Weight of each category in the total migration-progress figure.
     weights: dict[Name, Annotated[float, msgspec.Meta(ge=0)]] = msgspec.field(
@@ -270,6 +426,7 @@ class Config(_Base, frozen=True):
     admin: Admin = Admin()
     drain: Drain = Drain()
     reload: Reload = Reload()
+    idempotency: IdempotencyStore = IdempotencyStore()
     systems: dict[Name, System] = {}
     clusters: dict[Name, Cluster] = {}
     routes: list[Route] = []

@@ -7,13 +7,21 @@ The tree (status code, Envoy response flag, metric ``kind``)::
     │   ├── BadRequest          400  malformed or ambiguous request (bad path, bad header)
     │   └── NoRoute             404  NR   no route matches
     ├── PolicyError                  refused by a policy before anything was sent upstream
-    │   └── NoHealthyUpstream   503  UH   no endpoint may take the request now
+    │   ├── NoHealthyUpstream   503  UH   no endpoint may take the request now
+    │   └── Overflow            503  UO   the cluster's circuit breaker is open (too many requests)
     └── UpstreamError                the upstream exchange failed; ``kind`` labels metrics
         ├── ConnectFailed       502  UF   connect refused, unreachable, DNS failure
+        │   └── ConnectRefused  502  UF   the endpoint actively refused the connection
         ├── ConnectTimeout      504  UF   TCP connect did not finish in time
         ├── ResponseTimeout     504  UT   no response head (or a body chunk) in time
         ├── UpstreamReset       502  UC   upstream closed or reset before its response head
         └── UpstreamProtocolError 502 UPE upstream sent something that is not HTTP/1.1
+
+Every ``UpstreamError`` says how much of the request reached the socket:
+``request_bytes_sent`` is ``0`` when the transport knows no byte was written (connect
+failures always), a positive count when it knows some were, and ``None`` when it cannot
+tell. ``None`` is treated as "the upstream may have received it", so a non-idempotent
+request is then never retried (see ``retry``).
 
 ``upstream.map_exception`` is the only function that looks at aiohttp/OS exceptions; the
 rest of the proxy sees only this tree. An error that happens after the response head was
@@ -66,22 +74,43 @@ class NoHealthyUpstream(PolicyError):
     kind = "no_healthy_upstream"
 
 
+class Overflow(PolicyError):
+    status = 503
+    flag = "UO"
+    kind = "overflow"
+
+
 class UpstreamError(ProxyError):
     status = 502
     flag = "UF"
     kind = "upstream"
+    # Bytes of the request handed to the upstream socket before the failure: 0 = none (safe
+    # to send again whatever the method), None = unknown (assume the upstream got it).
+    # A transport may set it on the instance.
+    request_bytes_sent: int | None = None
+
+    def __init__(self, message: str, *, request_bytes_sent: int | None = None) -> None:
+        super().__init__(message)
+        if request_bytes_sent is not None:
+            self.request_bytes_sent = request_bytes_sent
 
 
 class ConnectFailed(UpstreamError):
     status = 502
     flag = "UF"
     kind = "connect"
+    request_bytes_sent = 0
+
+
+class ConnectRefused(ConnectFailed):
+    """The endpoint answered the TCP connect with a reset (nothing listens there)."""
 
 
 class ConnectTimeout(UpstreamError):
     status = 504
     flag = "UF"
     kind = "connect_timeout"
+    request_bytes_sent = 0
 
 
 class ResponseTimeout(UpstreamError):

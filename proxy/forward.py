@@ -32,12 +32,15 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import errors, paths
+from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
 from .compliance import AuditLog, Guard, VariantCheck
-from .config import Config
-from .metrics import NO_CLUSTER, Bound, Metrics
+from .config import Config, IdempotencyPolicy
+from .health import EndpointState
+from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
 from .migration import Migration
+from .retry import BUDGET, IDEMPOTENCY_KEY, IDEMPOTENT_METHODS, NO_ENDPOINT, NO_OTHER_ENDPOINT
 from .router import Route, Router
 from .shadow import SHADOW_HEADER, Copy, Plan, Shadower
 from .split import Splitter
@@ -79,6 +82,7 @@ class Services:
     access: AccessLog
     audit: AuditLog
     shadower: Shadower
+    idempotency: idem.Store
 
 
 @dataclass(slots=True)
@@ -95,6 +99,7 @@ class State:
     bound: Bound
     migration: Migration
     shadows: dict[str, Plan]
+    idempotency: dict[str, IdempotencyPolicy]
     transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
     active: int = 0  # requests currently using this state
@@ -107,6 +112,8 @@ class State:
 
     async def retire(self, grace: float) -> None:
         """Close the upstream pools once no request uses this state (or after ``grace``)."""
+        # Health checks and ejections stop at once: the new state has its own.
+        await asyncio.gather(*(c.close() for c in self.clusters.values()))
         if self.active:
             self._idle = asyncio.Event()
             try:
@@ -117,18 +124,22 @@ class State:
         await self.close()
 
     async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clusters.values()))
         await asyncio.gather(*(t.close() for t in self.transports), return_exceptions=True)
 
 
 def build_state(config: Config, metrics: Metrics) -> State:
     """Compile a validated Config. Must run inside the event loop (sessions are created)."""
     router = Router(config.routes)
+    bound = metrics.bind(router, config)
     clusters: dict[str, ClusterRuntime] = {}
     transports: list[Transport] = []
     for name, spec in config.clusters.items():
         transport = AiohttpTransport(spec, config.listen)
         transports.append(transport)
-        clusters[name] = ClusterRuntime(name, spec, config.systems[spec.system], transport)
+        clusters[name] = ClusterRuntime(
+            name, spec, config.systems[spec.system], transport, bound.clusters[name]
+        )
     splitters = {r.name: Splitter(r.name, r.targets) for r in router.routes}
     guard = Guard(config, router)
     migration = Migration(
@@ -144,8 +155,9 @@ def build_state(config: Config, metrics: Metrics) -> State:
         for r in router.routes
         if r.spec.shadow is not None
     }
-    return State(
+    state = State(
         config=config,
+        idempotency=idempotency_policies(router),
         shadows=shadows,
         router=router,
         clusters=clusters,
@@ -154,10 +166,32 @@ def build_state(config: Config, metrics: Metrics) -> State:
         guard=guard,
         variants=VariantCheck(config, router),
         boundary=Boundary(config),
-        bound=metrics.bind(router, config),
+        bound=bound,
         transaction_categories=frozenset(config.compliance.transaction_categories),
         transports=transports,
     )
+    for cluster in clusters.values():
+        cluster.start()  # health checks, once nothing above can fail any more
+    return state
+
+
+# Methods the idempotency gate applies to: the ones HTTP does not make idempotent.
+NON_IDEMPOTENT: Final = frozenset({"POST", "PATCH"})
+# Longest Idempotency-Key accepted (the draft suggests UUIDs; this bounds store keys).
+MAX_IDEMPOTENCY_KEY: Final = 255
+# The category whose routes get the default policy when they do not configure one.
+IDEMPOTENT_BY_DEFAULT: Final = "payment"
+
+
+def idempotency_policies(router: Router) -> dict[str, IdempotencyPolicy]:
+    out: dict[str, IdempotencyPolicy] = {}
+    for r in router.routes:
+        policy = r.spec.idempotency
+        if policy is None and r.category == IDEMPOTENT_BY_DEFAULT:
+            policy = IdempotencyPolicy()
+        if policy is not None and policy.enabled:
+            out[r.name] = policy
+    return out
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -215,17 +249,78 @@ def _response_headers(up: Mapping[str, str], request_id: str) -> CIMultiDict[str
 
 class _ClientBody:
     """The client's request body as an async iterator; remembers whether the *client*
-    failed (disconnect mid-upload) so that is not blamed on the upstream."""
+    failed (disconnect mid-upload) so that is not blamed on the upstream.
 
-    __slots__ = ("bytes", "client_failed", "copy", "request")
+    It can be iterated again (a retry) when it is ``replayable``: the whole body is in
+    ``preread``, or nothing of it was read for an upstream yet."""
+
+    __slots__ = ("bytes", "client_failed", "copy", "prefix", "preread", "request", "started")
 
     def __init__(self, request: web.BaseRequest, copy: bytearray | None = None) -> None:
         self.request = request
         self.bytes = 0
         self.client_failed = False
         self.copy = copy  # a shadow's copy of the body (bounded by the shadow plan)
+        self.preread: bytes | None = None  # the whole body, when a policy had to read it
+        self.prefix: bytes | None = None  # read by ``buffer``, still to be sent first
+        self.started = False  # an upstream attempt has begun reading the body
+
+    @property
+    def replayable(self) -> bool:
+        return self.preread is not None or not self.started
+
+    async def buffer(self, limit: int) -> bool:
+        """Read the body into ``preread`` if it is at most ``limit`` bytes, so a retry can
+        send it again. A larger body keeps what was read as ``prefix`` and streams on."""
+        if self.preread is not None:
+            return True
+        length = self.request.content_length
+        if length is not None and length > limit:
+            return False
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self._stream():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                self.prefix = b"".join(parts)
+                return False
+        self.preread = b"".join(parts)
+        return True
+
+    async def read_all(self, limit: int) -> bytes | None:
+        """Read the whole body if it is at most ``limit`` bytes (None: larger)."""
+        length = self.request.content_length
+        if length is not None and length > limit:
+            return None
+        data = bytearray()
+        async for chunk in self._stream():
+            data += chunk
+            if len(data) > limit:
+                return None
+        self.preread = bytes(data)
+        return self.preread
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        again = self.started
+        self.started = True
+        if self.preread is not None:
+            if self.copy is not None and not again:
+                self.copy += self.preread
+            if self.preread:
+                yield self.preread
+            return
+        prefix, self.prefix = self.prefix, None
+        if prefix:
+            if self.copy is not None:
+                self.copy += prefix
+            yield prefix
+        async for chunk in self._stream():
+            if self.copy is not None:
+                self.copy += chunk
+            yield chunk
+
+    async def _stream(self) -> AsyncIterator[bytes]:
         content = self.request.content
         while True:
             try:
@@ -236,24 +331,44 @@ class _ClientBody:
             if not chunk:
                 return
             self.bytes += len(chunk)
-            if self.copy is not None:
-                self.copy += chunk
             yield chunk
+
+
+@dataclass(slots=True)
+class Ticket:
+    """The idempotency lock a first attempt holds, and the response captured to store."""
+
+    key: str
+    token: str
+    fingerprint: str
+    policy: IdempotencyPolicy
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    too_large: bool = False
+    settled: bool = False
+
+
+# Stored response headers that must be recomputed when a response is replayed.
+_NOT_REPLAYED: Final = frozenset({"content-length", "transfer-encoding", "x-request-id", "date"})
 
 
 class Exchange:
     """What one request did, filled in as it goes and reported once at the end."""
 
     __slots__ = (
+        "admitted",
         "body",
         "bytes_out",
         "cluster",
         "endpoint",
         "flags",
+        "host",
         "reason",
         "request_id",
+        "retrying",
         "route",
         "status",
+        "ticket",
         "upstream_time",
     )
 
@@ -268,6 +383,10 @@ class Exchange:
         self.reason = ""  # compliance/boundary refusal slug, for the audit log
         self.bytes_out = 0
         self.upstream_time: float | None = None
+        self.ticket: Ticket | None = None  # an idempotency lock this request holds
+        self.admitted: ClusterRuntime | None = None  # counted by its circuit breaker
+        self.host: EndpointState | None = None  # the endpoint whose attempt it holds
+        self.retrying = False  # holds a slot of the cluster's retry budget
 
 
 class Forwarder:
@@ -314,6 +433,10 @@ class Forwarder:
         try:
             return await self._route(state, request, ex, route, target)
         finally:
+            if ex.admitted is not None:
+                ex.admitted.finish(ex.host, ex.retrying)
+            if ex.ticket is not None:
+                await self._settle(state, ex)
             rm.exit()
 
     async def _route(
@@ -341,8 +464,25 @@ class Forwarder:
                 refused,
                 f"cluster {cluster.name} may not serve {route.category} requests now",
             )
-        endpoint = cluster.pick()
-        ex.endpoint = endpoint
+        policy = state.idempotency.get(route.name)
+        if policy is not None and request.method in NON_IDEMPOTENT:
+            early = await self._idempotency_gate(state, request, ex, route, target, policy)
+            if early is not None:
+                return early
+        cm = state.bound.clusters[cluster.name]
+        if not cluster.admit():
+            return self._unavailable(
+                ex, cm, errors.Overflow(f"cluster {cluster.name} is at its request limit")
+            )
+        ex.admitted = cluster
+        key = _hash_key(cluster, request) if cluster.hashed else None
+        host = cluster.choose(key)
+        if host is None:
+            return self._unavailable(
+                ex, cm, errors.NoHealthyUpstream(f"no healthy endpoint in cluster {cluster.name}")
+            )
+        ex.host = host
+        endpoint = ex.endpoint = host.endpoint
         out_headers = upstream_headers(request, rid)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         copy = self._shadow_copy(state, request, route, upstream_target, out_headers)
@@ -353,28 +493,29 @@ class Forwarder:
             return await self._websocket(
                 request, ex, cluster, endpoint, upstream_target, out_headers
             )
-        body = (
-            _ClientBody(request, copy.body if copy is not None else None)
-            if request.body_exists
-            else None
-        )
+        body = ex.body  # already read by the idempotency gate, or None
+        if body is None and request.body_exists:
+            body = _ClientBody(request)
+        if body is not None and copy is not None:
+            body.copy = copy.body
         ex.body = body
         if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        sent = time.monotonic()
-        try:
-            up = await cluster.transport.send(
-                endpoint, request.method, upstream_target, out_headers, body
-            )
-        except errors.ProxyError as exc:
-            if body is not None and body.client_failed:
+        # May this request be sent twice? Then keep its body (bounded) to send it again.
+        repeatable = cluster.retry.enabled and (
+            request.method in IDEMPOTENT_METHODS or IDEMPOTENCY_KEY in request.headers
+        )
+        if repeatable and body is not None:
+            try:
+                await body.buffer(cluster.retry.buffer_bytes)
+            except Exception:
                 ex.flags = "DC"
                 return error_response(400, "client body ended early", rid)
-            ex.flags = exc.flag
-            state.bound.clusters[cluster.name].error(exc.kind)
-            return error_response(exc.status, exc.message, rid, kind=exc.kind)
-        ex.upstream_time = time.monotonic() - sent
-        state.bound.clusters[cluster.name].upstream_response(ex.upstream_time)
+        up = await self._send(
+            state, request, ex, route, cluster, upstream_target, out_headers, key, repeatable
+        )
+        if isinstance(up, web.Response):
+            return up
         state.migration.served(route.name, cluster.name)
         resp = await self._relay(state, request, ex, cluster, up, copy)
         if copy is not None and ex.flags == "-":
@@ -382,6 +523,159 @@ class Forwarder:
             refusal = state.guard.check(route.name, copy.plan.cluster.name, self.clock())
             self.services.shadower.submit(copy, refusal)
         return resp
+
+    async def _send(
+        self,
+        state: State,
+        request: web.BaseRequest,
+        ex: Exchange,
+        route: Route,
+        cluster: ClusterRuntime,
+        target: str,
+        headers: CIMultiDict[str],
+        key: str | None,
+        repeatable: bool,
+    ) -> UpstreamResponse | web.Response:
+        """Send to ``ex.host``, retrying within the cluster as ``cluster.retry`` allows
+        (see ``retry``; ``repeatable``: idempotent or keyed, and retries are on): the
+        response to relay, or the error answer."""
+        policy = cluster.retry
+        cm = state.bound.clusters[cluster.name]
+        send = cluster.transport.send
+        method = request.method
+        body = ex.body
+        tried: tuple[EndpointState, ...] = ()
+        attempt = 1
+        while True:
+            host = ex.host
+            assert host is not None
+            started = time.monotonic()
+            try:
+                if policy.per_try_timeout is None:
+                    up = await send(host.endpoint, method, target, headers, body)
+                else:
+                    async with asyncio.timeout(policy.per_try_timeout):
+                        up = await send(host.endpoint, method, target, headers, body)
+            except (errors.ProxyError, TimeoutError) as caught:
+                ex.host = None
+                cluster.release(host)
+                if body is not None and body.client_failed:
+                    ex.flags = "DC"
+                    return error_response(400, "client body ended early", ex.request_id)
+                exc = (
+                    caught
+                    if isinstance(caught, errors.ProxyError)
+                    else errors.ResponseTimeout(
+                        f"upstream sent no response head within {policy.per_try_timeout:g}s"
+                    )
+                )
+                cm.error(exc.kind)
+                connect = isinstance(exc, errors.ConnectFailed | errors.ConnectTimeout)
+                if isinstance(exc, errors.UpstreamError):
+                    cluster.health.failed(host, connect)
+                why: str | None = ""  # retries off: no retry, nothing to explain
+                if policy.enabled:
+                    replayable = body is None or body.replayable
+                    why = policy.error_verdict(exc, method, repeatable, replayable)
+                if why is None and attempt < policy.attempts:
+                    tried += (host,)
+                    why = self._may_retry(state, ex, route, cluster, tried, connect)
+                    if why is None:
+                        why = await self._retry_on(
+                            state, ex, route, cluster, attempt, tried, key, connect
+                        )
+                    if why is None:
+                        attempt += 1
+                        continue
+                ex.flags = exc.flag
+                message = exc.message
+                if attempt > 1:
+                    message = f"{message} (attempt {attempt})"
+                if why:
+                    message = f"{message}; not retried: {why}"
+                return error_response(exc.status, message, ex.request_id, kind=exc.kind)
+            ex.upstream_time = time.monotonic() - started
+            cm.upstream_response(ex.upstream_time)
+            status = up.status
+            if status < 500:
+                cluster.health.succeeded(host)
+                return up
+            cluster.health.failed(host, False)
+            if (
+                attempt < policy.attempts
+                and policy.status_verdict(status, repeatable, body is None or body.replayable)
+                and self._may_retry(state, ex, route, cluster, (*tried, host), False) is None
+            ):
+                # Dropped unread: the transport closes its connection unless the answer
+                # had already arrived in full (then the connection is reusable).
+                up.close()
+                ex.host = None
+                cluster.release(host)
+                tried += (host,)
+                if await self._retry_on(state, ex, route, cluster, attempt, tried, key, False):
+                    err = errors.NoHealthyUpstream(f"{NO_ENDPOINT} after a {status} answer")
+                    return self._unavailable(ex, cm, err)
+                attempt += 1
+                continue
+            return up
+
+    def _may_retry(
+        self,
+        state: State,
+        ex: Exchange,
+        route: Route,
+        cluster: ClusterRuntime,
+        tried: tuple[EndpointState, ...],
+        elsewhere: bool,
+    ) -> str | None:
+        """None if the request may be sent once more (an endpoint not in ``tried`` is
+        needed when ``elsewhere``), taking a retry-budget slot; else why not."""
+        if elsewhere and not cluster.untried(tried):
+            return NO_OTHER_ENDPOINT
+        # A retry is sent anew: it must pass the compliance guard like the first try did
+        # (a transition deadline may have passed meanwhile).
+        refused = state.guard.check(route.name, cluster.name, self.clock())
+        if refused is not None:
+            state.bound.routes[route.name].blocked(refused)
+            ex.reason = refused
+            return f"cluster {cluster.name} may not serve {route.category} requests now"
+        if not ex.retrying:
+            if not cluster.acquire_retry():
+                return BUDGET
+            ex.retrying = True
+        return None
+
+    @staticmethod
+    async def _retry_on(
+        state: State,
+        ex: Exchange,
+        route: Route,
+        cluster: ClusterRuntime,
+        attempt: int,
+        tried: tuple[EndpointState, ...],
+        key: str | None,
+        elsewhere: bool,
+    ) -> str | None:
+        """Wait the backoff, then take the endpoint for the try after ``attempt`` (one not
+        in ``tried`` when there is one; only such with ``elsewhere``): None once
+        ``ex.host`` holds it."""
+        await asyncio.sleep(cluster.retry.backoff(attempt))
+        host = cluster.choose(key, tried, elsewhere)
+        if host is None:
+            return NO_OTHER_ENDPOINT if elsewhere else NO_ENDPOINT
+        ex.host = host
+        ex.endpoint = host.endpoint
+        state.bound.routes[route.name].retry()
+        return None
+
+    @staticmethod
+    def _unavailable(ex: Exchange, cm: ClusterMetrics, exc: errors.PolicyError) -> web.Response:
+        """503 without sending anything: circuit breaker open (UO) or no healthy endpoint
+        (UH). Never a fallback to another cluster."""
+        ex.flags = exc.flag
+        ex.status = exc.status
+        cm.error(exc.kind)
+        return error_response(exc.status, exc.message, ex.request_id, kind=exc.kind)
 
     @staticmethod
     def _shadow_copy(
@@ -401,6 +695,123 @@ class Forwarder:
         copied[SHADOW_HEADER] = "true"
         digest = hashlib.sha256() if plan.spec.compare_body else None
         return Copy(plan, route.name, request.method, target, copied, bytearray(), digest)
+
+    async def _idempotency_gate(
+        self,
+        state: State,
+        request: web.BaseRequest,
+        ex: Exchange,
+        route: Route,
+        target: paths.Target,
+        policy: IdempotencyPolicy,
+    ) -> web.StreamResponse | None:
+        """None to forward the request (holding a lock when it has a key), or the answer:
+        a replay, 400 missing key, 409 in flight, 413, 422 mismatch, 503 store down."""
+        rm = state.bound.routes[route.name]
+        rid = ex.request_id
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            if not policy.require:
+                return None
+            rm.idempotency("missing")
+            ex.status = 400
+            return error_response(
+                400, "this route requires an Idempotency-Key header on POST/PATCH", rid
+            )
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            ex.status = 400
+            return error_response(400, "Idempotency-Key is too long", rid)
+        body = _ClientBody(request)
+        ex.body = body
+        data = await body.read_all(policy.max_body_bytes)
+        if data is None:
+            ex.status = 413
+            return error_response(413, "request body too large for an idempotent request", rid)
+        upstream_target = f"{target.path}?{target.query}" if target.query else target.path
+        fp = idem.fingerprint(request.method, upstream_target, data)
+        scope = f"{route.name}\x00{self._user(route, request)}\x00{key}"
+        store = self.services.idempotency
+        try:
+            begun = await store.begin(scope, fp, rid)
+            if begun.outcome == "in_flight" and policy.wait_in_flight:
+                done = await idem.wait_done(store, scope, fp, policy.wait_timeout)
+                if done is not None:
+                    begun = idem.Begin("done", done)
+        except idem.StoreError as exc:
+            rm.idempotency("store_error")
+            log.error("idempotency store error on route %s: %s", route.name, exc)
+            if policy.require:
+                ex.status = 503
+                return error_response(503, "idempotency store unavailable", rid)
+            return None
+        if begun.outcome == "new":
+            ex.ticket = Ticket(scope, rid, fp, policy)
+            return None
+        if begun.outcome == "mismatch":
+            rm.idempotency("mismatch")
+            ex.status = 422
+            return error_response(
+                422, "Idempotency-Key was already used with a different request", rid
+            )
+        if begun.outcome == "in_flight":
+            rm.idempotency("conflict")
+            ex.status = 409
+            return error_response(409, "a request with this Idempotency-Key is in flight", rid)
+        stored = begun.stored
+        assert stored is not None
+        rm.idempotency("replayed")
+        if not stored.replayable:
+            ex.status = 409
+            return error_response(
+                409, "the original response was too large to replay; it was not re-sent", rid
+            )
+        ex.status = stored.status
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in stored.headers if k.lower() not in _NOT_REPLAYED
+        )
+        headers[idem.REPLAYED_HEADER] = "true"
+        headers["x-request-id"] = rid
+        return web.Response(status=stored.status, body=stored.body, headers=headers)
+
+    @staticmethod
+    def _user(route: Route, request: web.BaseRequest) -> str:
+        """Who the key belongs to: the route's sticky user key, else a hash of the
+        Authorization header, so two users' equal keys never collide."""
+        if route.sticky_header is not None:
+            return request.headers.get(route.sticky_header, "")
+        if route.sticky_cookie is not None:
+            return request.cookies.get(route.sticky_cookie, "")
+        auth = request.headers.get("Authorization")
+        return hashlib.sha256(auth.encode()).hexdigest()[:32] if auth else ""
+
+    async def _settle(self, state: State, ex: Exchange) -> None:
+        """Store the first attempt's answer (2xx-4xx) or release its lock (5xx, errors)."""
+        ticket = ex.ticket
+        if ticket is None or ticket.settled:
+            return
+        ticket.settled = True
+        store = self.services.idempotency
+        route = ex.route
+        try:
+            if ex.flags == "-" and 0 < ex.status < 500:
+                stored = idem.Stored(
+                    fingerprint=ticket.fingerprint,
+                    status=ex.status,
+                    headers=ticket.headers,
+                    body=b"" if ticket.too_large else bytes(ticket.body),
+                    done=True,
+                    owner=ticket.token,
+                    replayable=not ticket.too_large,
+                )
+                await store.complete(ticket.key, stored, ticket.policy.ttl)
+                if route is not None:
+                    state.bound.routes[route.name].idempotency("stored")
+            else:
+                await store.release(ticket.key, ticket.token)
+        except Exception as exc:  # the client has its answer; never fail the request now
+            log.error("idempotency store error settling %s: %s", ex.request_id, exc)
+            if route is not None:
+                state.bound.routes[route.name].idempotency("store_error")
 
     def _reject(self, ex: Exchange, status: int, message: str, reason: str) -> web.Response:
         """Refused before routing: counted by reason, never under a route label."""
@@ -458,6 +869,9 @@ class Forwarder:
     ) -> web.StreamResponse:
         headers = _response_headers(upr.headers, ex.request_id)
         digest = copy.digest if copy is not None else None
+        ticket = ex.ticket
+        if ticket is not None:
+            ticket.headers = [(str(k), v) for k, v in headers.items()]
         dropped = state.boundary.filter_response(headers, cluster.system)
         if dropped:
             self.services.metrics.stripped(cluster.system, "set_cookie", dropped)
@@ -474,6 +888,11 @@ class Forwarder:
                 ex.bytes_out += len(chunk)
                 if digest is not None:
                     digest.update(chunk)
+                if ticket is not None and not ticket.too_large:
+                    ticket.body += chunk
+                    if len(ticket.body) > ticket.policy.max_response_bytes:
+                        ticket.too_large = True
+                        ticket.body.clear()
                 await resp.write(chunk)
         except errors.ProxyError as exc:
             # The head is out: the only honest signal left is to cut the connection.
@@ -569,6 +988,15 @@ class Forwarder:
                     "reason": ex.reason or None,
                 }
             )
+
+
+def _hash_key(cluster: ClusterRuntime, request: web.BaseRequest) -> str | None:
+    """The request's key for ``lb_policy: hash`` (None: absent, any endpoint will do)."""
+    if cluster.hash_header is not None:
+        return request.headers.get(cluster.hash_header)
+    if cluster.hash_cookie is not None:
+        return request.cookies.get(cluster.hash_cookie)
+    return None
 
 
 def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:

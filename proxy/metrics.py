@@ -121,6 +121,7 @@ class RouteMetrics:
     __slots__ = (
         "_blocked",
         "_durations",
+        "_idempotency",
         "_metrics",
         "_requests",
         "_shadow",
@@ -144,6 +145,7 @@ class RouteMetrics:
         self._durations: dict[str, Histogram] = {}
         self._blocked: dict[str, Counter] = {}
         self._shadow: dict[str, Counter] = {}
+        self._idempotency: dict[str, Counter] = {}
         for cluster in clusters:
             self._duration_child(cluster)
 
@@ -197,6 +199,15 @@ class RouteMetrics:
             )
         child.inc()
 
+    def idempotency(self, outcome: str) -> None:
+        """An idempotency-gate decision for a request of this route (bounded slug)."""
+        child = self._idempotency.get(outcome)
+        if child is None:
+            child = self._idempotency[outcome] = self._metrics.idempotency.labels(
+                self.name, outcome
+            )
+        child.inc()
+
     def shadow(self, outcome: str) -> None:
         """A shadow copy of a request of this route ended (``match``, ``mismatch``,
         ``error``, ``skipped``: the shadow module's bounded slugs)."""
@@ -232,6 +243,8 @@ class RouteMetrics:
             _remove(m.compliance_blocked, name, reason)
         for outcome in self._shadow:
             _remove(m.shadow, name, outcome)
+        for outcome in self._idempotency:
+            _remove(m.idempotency, name, outcome)
         for collector in (m.requests_in_flight, m.request_body_bytes, m.response_body_bytes):
             _remove(collector, name)
         _remove(m.retries, name)
@@ -431,6 +444,13 @@ class Metrics:
         self.shadow = Counter(
             "jalur_shadow_total",
             "Shadow copies of requests, by route and outcome.",
+            ["route", "outcome"],
+            registry=reg,
+        )
+        self.idempotency = Counter(
+            "jalur_idempotency_total",
+            "Idempotency gate decisions, by route and outcome (stored, replayed, conflict, "
+            "mismatch, missing, store_error).",
             ["route", "outcome"],
             registry=reg,
         )

@@ -24,6 +24,7 @@ from . import config as cfg
 from .accesslog import AccessLog
 from .compliance import AuditLog
 from .forward import Forwarder, Services, State, build_state, error_response, new_request_id
+from .idempotency import make_store
 from .metrics import Metrics
 from .shadow import Shadower
 
@@ -46,23 +47,43 @@ TIMEOUT_408: Final = _408()
 
 
 class _Protocol(RequestHandler):
-    """aiohttp's HTTP/1.1 protocol plus a deadline for receiving a complete request head."""
+    """aiohttp's HTTP/1.1 protocol plus the listener limits aiohttp does not have: a
+    deadline for a complete request head, a connection cap, requests per connection and a
+    bound on pipelined requests parsed ahead."""
 
-    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, manager: _Server, *, limits: cfg.Listen, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._header_timeout = header_timeout
+        self._limits = limits
+        self._jalur = manager
+        self._header_timeout = limits.header_read_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
+        # aiohttp pauses reading when this many parsed requests wait (pipelining depth).
+        self._max_msg_queue_size = limits.max_pipelined
+        self._msg_queue_resume_size = max(1, limits.max_pipelined // 2)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._jalur
+        if server.open_connections >= self._limits.max_connections:
+            server.on_error("max_connections")
+            transport.close()  # refused before any byte is read
+            self._refused = True
+            return
+        self._refused = False
+        server.open_connections += 1
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if getattr(self, "_refused", True):
+            return
+        self._jalur.open_connections -= 1
         self._disarm()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._request_count >= self._limits.max_requests_per_connection and not self._close:
+            self.close()  # answer what was read, then close; the client reconnects
         if self._messages or self._request_in_progress:
             self._disarm()  # a whole head arrived (or a handler owns the connection)
         elif self._header_deadline is None:
@@ -94,6 +115,7 @@ class _Protocol(RequestHandler):
         """Requests aiohttp refuses itself (malformed request line or headers) and handler
         crashes: a JSON error like every other, counted, never a traceback per bad client."""
         if request.writer.output_size > 0:
+            log.error("error after the response started: %r", exc, exc_info=exc)
             raise ConnectionError("response already started; closing the connection")
         request_id = new_request_id(None)
         if status >= 500:
@@ -117,16 +139,17 @@ class _Server(web.Server):
         self,
         handler: Any,
         *,
-        header_timeout: float,
+        limits: cfg.Listen,
         on_error: Callable[[str], None] = lambda reason: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
-        self._header_timeout = header_timeout
+        self.limits = limits
         self.on_error = on_error
+        self.open_connections = 0
 
     def __call__(self) -> RequestHandler:
-        return _Protocol(self, loop=self._loop, header_timeout=self._header_timeout, **self._kwargs)
+        return _Protocol(self, loop=self._loop, limits=self.limits, **self._kwargs)
 
 
 class ProxyServer:
@@ -152,6 +175,12 @@ class ProxyServer:
             access=AccessLog.from_config(config.access_log),
             audit=AuditLog(config.compliance.audit),
             shadower=Shadower(config.migration.max_shadow_in_flight, self._count_shadow),
+            idempotency=make_store(
+                config.idempotency.store,
+                config.idempotency.redis_url,
+                config.idempotency.max_entries,
+                config.idempotency.max_bytes,
+            ),
         )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
@@ -171,10 +200,11 @@ class ProxyServer:
         listen = config.listen
         server = _Server(
             self.forwarder.handle,
-            header_timeout=listen.header_read_timeout,
+            limits=listen,
             keepalive_timeout=listen.keepalive_timeout,
             max_line_size=listen.max_line_size,
             max_field_size=listen.max_field_size,
+            max_headers=listen.max_headers,
             access_log=None,
             auto_decompress=False,
             on_error=self.services.metrics.rejected,
@@ -282,6 +312,7 @@ class ProxyServer:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.services.shadower.close()
+        await self.services.idempotency.close()
         if self.forwarder is not None:
             await self.forwarder.state.close()
         if self._admin_runner is not None:

@@ -100,8 +100,9 @@ async def test_sticky_choice_is_the_same_on_two_proxy_processes(
         )  # fmt: skip
         assert proc.stderr is not None
         async with asyncio.timeout(20):
-            while not (m := SERVING.search((await proc.stderr.readline()).decode())):
-                pass
+            while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
+                if not line:
+                    raise AssertionError("jalur exited before serving")
         procs.append(proc)
         bases.append(f"http://127.0.0.1:{m.group(1)}")
     try:

@@ -122,8 +122,9 @@ async def start(path: Path, cwd: Path) -> tuple[asyncio.subprocess.Process, str,
     )  # fmt: skip
     assert proc.stderr is not None
     async with asyncio.timeout(20):
-        while not (m := SERVING.search((await proc.stderr.readline()).decode())):
-            pass
+        while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
+            if not line:
+                raise AssertionError("jalur exited before serving")
     return proc, f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
 
 

@@ -59,8 +59,9 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
     assert proc.stderr is not None
     try:
         async with asyncio.timeout(30):
-            while not (m := SERVING.search((await proc.stderr.readline()).decode())):
-                pass
+            while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
+                if not line:
+                    raise AssertionError("jalur exited before serving")
         base, admin = f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
         workers = children(proc.pid)
         assert len(workers) == 2
