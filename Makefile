@@ -34,8 +34,8 @@ install-prometheus:
 		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests
-	$(BIN)/ruff format --check proxy tests
+	$(BIN)/ruff check proxy tests loadtests
+	$(BIN)/ruff format --check proxy tests loadtests
 	$(BIN)/mypy
 
 test: lint test-tools

@@ -218,6 +218,26 @@ class Shopper(FastHttpUser):
         self.orders.append(order_id)
         del self.orders[:-20]
 
+    @tag("transaction", "payment", "retry")
+    @task(3)
+    def pay_and_retry(self) -> None:
+        """The phone lost the answer: the same payment is sent again with the same key. The
+        repeat must be a replay (``Idempotent-Replayed: true``), and the back end must have
+        executed the payment once (``x-sim-executions: 1`` from the demo back end)."""
+        key = str(uuid.uuid4())
+        body = {"order_id": f"o-{uuid.uuid4().hex[:10]}", "amount": 5000, "currency": "IDR"}
+        headers = {**self.headers, "Idempotency-Key": key}
+        for attempt in ("payment", "payment-retry"):
+            with self.client.post(
+                "/api/payment/charge", name=attempt, json=body, headers=headers,
+                catch_response=True,
+            ) as r:  # fmt: skip
+                check(r, "payment")
+                if r.headers.get("x-sim-executions", "1") != "1":
+                    r.failure(f"payment {key} executed {r.headers['x-sim-executions']} times")
+                elif attempt == "payment-retry" and r.headers.get("Idempotent-Replayed") != "true":
+                    r.failure("a retried payment was not replayed")
+
     @tag("transaction", "orders")
     @task(5)
     def order(self) -> None:

@@ -258,8 +258,10 @@ def run_locust(
     return rc if rc is not None else 1
 
 
-def jalur_counts(admin: str) -> dict[str, float]:
-    """``sum by (route) (jalur_requests_total)`` from the admin listener."""
+def jalur_counts(
+    admin: str, metric: str = "jalur_requests_total", label: str = "route"
+) -> dict[str, float]:
+    """``sum by (label) (metric)`` from the admin listener (``{}`` when it cannot be read)."""
     counts: dict[str, float] = {}
     try:
         status, body = http_get(admin + "/metrics")
@@ -268,11 +270,38 @@ def jalur_counts(admin: str) -> dict[str, float]:
     if status != 200:
         return counts
     for line in body.decode().splitlines():
-        if line.startswith("jalur_requests_total{"):
-            m = re.search(r'route="([^"]*)"', line)
+        if line.startswith(metric + "{"):
+            m = re.search(label + r'="([^"]*)"', line)
             if m:
                 counts[m.group(1)] = counts.get(m.group(1), 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def commerce_executions(conf: dict[str, Any]) -> tuple[int, int, list[str]]:
+    """Keyed POST/PATCH executions and duplicates, summed over the demo's commerce back ends.
+
+    Asks each simulated back end (``/_sim/executions``): a duplicate is a request with an
+    ``Idempotency-Key`` that back end had already executed, i.e. a payment charged twice.
+    Returns ``(keyed, duplicates, unreachable endpoints)``.
+    """
+    kinds = {name: (s or {}).get("kind") for name, s in (conf.get("systems") or {}).items()}
+    keyed = duplicates = 0
+    missed: list[str] = []
+    for cluster in (conf.get("clusters") or {}).values():
+        if kinds.get(cluster.get("system")) != "commerce":
+            continue
+        for url in cluster.get("endpoints", []):
+            try:
+                status, body = http_get(url.rstrip("/") + "/_sim/executions")
+                counts = json.loads(body) if status == 200 else None
+            except (OSError, ValueError):
+                counts = None
+            if not isinstance(counts, dict):
+                missed.append(url)
+                continue
+            keyed += int(counts.get("keyed", 0))
+            duplicates += int(counts.get("duplicates", 0))
+    return keyed, duplicates, missed
 
 
 def summarise(
@@ -381,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         demo, base, admin = start_demo(procs, config, reports, demo_env)
         rc = run_locust(procs, args, base, admin, token)
         jalur = jalur_counts(admin)
+        idem = jalur_counts(admin, "jalur_idempotency_total", "outcome")
+        keyed, duplicates, missed = commerce_executions(conf)
         migration = None
         with contextlib.suppress(OSError, ValueError):
             status, body = http_get(admin + "/migration", token=token)
@@ -389,10 +420,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
     text, total, failures = summarise(reports, jalur, migration, rc)
+    outcomes = ", ".join(f"{k} {int(v)}" for k, v in sorted(idem.items())) or "none"
+    text += (
+        f"\nidempotency gate (jalur_idempotency_total by outcome): {outcomes}"
+        f"\ncommerce back ends: {keyed} executions with an Idempotency-Key, "
+        f"{duplicates} executed twice (must be 0)"
+        + (f"; not asked (unreachable): {', '.join(missed)}" if missed else "")
+    )
     (reports / "summary.txt").write_text(text + "\n")
     print("\n" + text, flush=True)
-    if rc != 0 or failures or not total:
-        log(f"FAILED (locust exit {rc}, {failures} failures, {total} requests)")
+    if rc != 0 or failures or not total or duplicates:
+        log(
+            f"FAILED (locust exit {rc}, {failures} failures, {total} requests, "
+            f"{duplicates} duplicate executions)"
+        )
         return 1
     log("passed: no failures")
     return 0

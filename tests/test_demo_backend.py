@@ -459,3 +459,21 @@ async def test_concurrent_requests_are_all_answered(
     results = await asyncio.gather(*(one(i) for i in range(50)))
     assert sorted(results) == list(range(50))
     assert len(runner.app[RECEIVED]) == 50
+
+
+async def test_keyed_executions_are_counted_and_a_duplicate_shows(
+    feed: Started, session: aiohttp.ClientSession
+) -> None:
+    _, base = feed
+    seen = []
+    for key in ("k-1", "k-1", "k-2"):
+        async with session.post(
+            base + "/api/payment/charge", data=b"{}", headers={"Idempotency-Key": key}
+        ) as resp:
+            seen.append(resp.headers["x-sim-executions"])
+    async with session.get(base + "/api/payment/charge") as resp:
+        assert "x-sim-executions" not in resp.headers  # no key, no count
+    async with session.get(base + "/_sim/executions") as resp:
+        counts = await resp.json()
+    assert seen == ["1", "2", "1"]
+    assert counts == {"keyed": 3, "duplicates": 1}

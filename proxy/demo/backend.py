@@ -27,12 +27,14 @@ from aiohttp import WSMsgType, web
 
 __all__ = [
     "CHUNK_SIZE",
+    "EXECUTIONS",
     "MAX_BYTES",
     "MAX_DELAY_MS",
     "MAX_RECEIVED",
     "RECEIVED",
     "SPEC",
     "BackendSpec",
+    "Executions",
     "Received",
     "main",
     "make_app",
@@ -130,8 +132,8 @@ def _sim_route(path: str) -> tuple[str, list[str]] | None:
     route prefix in front) works exactly like ``/_sim/bytes/10``.
     """
     segments = path.split("/")
-    if len(segments) >= 2 and segments[-2] == "_sim" and segments[-1] == "ws":
-        return "ws", []
+    if len(segments) >= 2 and segments[-2] == "_sim" and segments[-1] in ("ws", "executions"):
+        return segments[-1], []
     if (
         len(segments) >= 3
         and segments[-3] == "_sim"
@@ -164,18 +166,35 @@ def _bad_request(message: str) -> web.Response:
     return _json_response({"error": message}, status=400)
 
 
+@dataclass
+class Executions:
+    """POST/PATCH requests carrying an ``Idempotency-Key`` that this back end executed."""
+
+    by_key: dict[str, int]  # key -> executions (the newest MAX_RECEIVED keys)
+    keyed: int = 0  # executions with a key, in total
+    duplicates: int = 0  # executions whose key had been executed before (a double charge)
+
+
+EXECUTIONS: Final = web.AppKey("executions", Executions)
+KEY_COUNT: Final = web.RequestKey("sim_key_count", int)
+
+
 def make_app(spec: BackendSpec) -> web.Application:
     """An aiohttp app simulating the back-end cluster described by ``spec``."""
     rng = random.Random(spec.seed)
     app = web.Application()
     app[SPEC] = spec
     app[RECEIVED] = []
+    app[EXECUTIONS] = Executions(by_key={})
 
-    async def add_backend_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    async def add_backend_headers(request: web.Request, response: web.StreamResponse) -> None:
         # A signal rather than per-response code: covers echoes, errors, streamed downloads and
         # the WebSocket handshake alike.
         response.headers["x-backend-cluster"] = spec.cluster
         response.headers["x-backend-system"] = spec.system
+        count = request.get(KEY_COUNT)
+        if count is not None:
+            response.headers["x-sim-executions"] = str(count)
 
     app.on_response_prepare.append(add_backend_headers)
 
@@ -197,6 +216,20 @@ def make_app(spec: BackendSpec) -> web.Application:
         async for chunk in request.content.iter_chunked(CHUNK_SIZE):
             digest.update(chunk)
             body_bytes += len(chunk)
+
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and request.method in ("POST", "PATCH"):
+            # How often this back end executed a request with this key: a payment charged
+            # twice shows as 2 (the load test fails on it).
+            executions = request.app[EXECUTIONS]
+            seen = executions.by_key
+            count = seen.get(key, 0) + 1
+            seen[key] = count
+            executions.keyed += 1
+            executions.duplicates += count > 1
+            if len(seen) > MAX_RECEIVED:
+                del seen[next(iter(seen))]
+            request[KEY_COUNT] = count
 
         received = request.app[RECEIVED]
         received.append(Received(request.method, path, query, headers, body_bytes))
@@ -252,6 +285,10 @@ def make_app(spec: BackendSpec) -> web.Application:
             response = _json_response(echo)
             response.headers.add("Set-Cookie", f"{cookie_name}={cookie_value}; Path=/")
             return response
+
+        if name == "executions":
+            executions = request.app[EXECUTIONS]
+            return _json_response({"keyed": executions.keyed, "duplicates": executions.duplicates})
 
         # name == "ws"
         return await _websocket_echo(request)
