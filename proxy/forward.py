@@ -37,6 +37,7 @@ from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
 from .compliance import AuditLog, Guard, VariantCheck
 from .config import Config, IdempotencyPolicy
+from .h1transport import H1Transport
 from .health import EndpointState
 from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
 from .migration import Migration
@@ -102,6 +103,9 @@ class State:
     idempotency: dict[str, IdempotencyPolicy]
     transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
+    # WebSocket upgrades go through aiohttp's client (H1Transport does not upgrade); one
+    # session per cluster, made on the first upgrade and closed with this state.
+    ws_transports: dict[str, AiohttpTransport] = field(default_factory=dict)
     active: int = 0  # requests currently using this state
     _idle: asyncio.Event | None = None  # set when retired and the last request is done
 
@@ -125,7 +129,15 @@ class State:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clusters.values()))
-        await asyncio.gather(*(t.close() for t in self.transports), return_exceptions=True)
+        closing = [*self.transports, *self.ws_transports.values()]
+        await asyncio.gather(*(t.close() for t in closing), return_exceptions=True)
+
+    def websocket_transport(self, cluster: ClusterRuntime) -> AiohttpTransport:
+        transport = self.ws_transports.get(cluster.name)
+        if transport is None:
+            transport = AiohttpTransport(cluster.spec, self.config.listen)
+            self.ws_transports[cluster.name] = transport
+        return transport
 
 
 def build_state(config: Config, metrics: Metrics) -> State:
@@ -135,7 +147,7 @@ def build_state(config: Config, metrics: Metrics) -> State:
     clusters: dict[str, ClusterRuntime] = {}
     transports: list[Transport] = []
     for name, spec in config.clusters.items():
-        transport = AiohttpTransport(spec, config.listen)
+        transport = H1Transport(spec, config.listen, pool_idle_timeout=spec.keepalive_idle_timeout)
         transports.append(transport)
         clusters[name] = ClusterRuntime(
             name, spec, config.systems[spec.system], transport, bound.clusters[name]
@@ -606,9 +618,9 @@ class Forwarder:
                 and policy.status_verdict(status, repeatable, body is None or body.replayable)
                 and self._may_retry(state, ex, route, cluster, (*tried, host), False) is None
             ):
-                # Dropped unread: the transport closes its connection unless the answer
-                # had already arrived in full (then the connection is reusable).
-                up.close()
+                # Dropped unread: release() keeps the connection only if the answer had
+                # already arrived in full (then it is reusable), else closes it.
+                up.release()
                 ex.host = None
                 cluster.release(host)
                 tried += (host,)
@@ -918,9 +930,7 @@ class Forwarder:
         headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         request_id = ex.request_id
-        transport = cluster.transport
-        if not isinstance(transport, AiohttpTransport):
-            return error_response(501, "websocket not supported by this transport", request_id)
+        transport = self.state.websocket_transport(cluster)
         for name in _WS_HANDSHAKE:
             headers.popall(name, None)
         offered = headers.popall("Sec-WebSocket-Protocol", [])
