@@ -25,6 +25,13 @@ transaction routes), the measured route being the social ``feed`` route, access 
 at 1 % to a file, metrics, compliance guard (with its crafted-path check for social routes),
 boundary rules and the migration counters on, as in production.
 
+``--profile`` measures nothing against anything: it starts the upstream and ``jalur-1`` only,
+drives each (concurrency, size) cell with wrk for ``--duration`` seconds while ``py-spy record``
+(the ``load`` extra installs it) samples the proxy, and writes per cell the collapsed stacks
+(``loadtests/reports/profile-*.txt``: open them in https://www.speedscope.app or feed them to
+``flamegraph.pl``) and a summary (``profile-*.md``: top self-time frames, share of samples by
+area, top inclusive frames of Jalur's own code), printed as well. ``--native`` adds C frames.
+
 Everything started here runs on loopback and is stopped by PID, whatever happens.
 """
 
@@ -312,8 +319,15 @@ def start_nginx(
 
 
 def start_jalur(
-    procs: Processes, name: str, config: Path, workers: int, cpu: int | None, work: Path
+    procs: Processes,
+    name: str,
+    config: Path,
+    workers: int,
+    cpu: int | None,
+    work: Path,
+    source: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    """``jalur run``; with ``source``, the ``proxy`` package found there (``--baseline``)."""
     jalur = Path(sys.executable).parent / "jalur"
     cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
     cmd += ["--log-level", "WARNING" if workers == 1 else "INFO", "run", "-c", str(config)]
@@ -322,6 +336,8 @@ def start_jalur(
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     if workers > 1:  # multiprocess metrics files live (and are removed) with the work dir
         env["PROMETHEUS_MULTIPROC_DIR"] = str(work / f"{name}-metrics")
+    if source is not None:  # found before the editable install's finder
+        env["PYTHONPATH"] = str(source)
     return procs.start(
         name,
         pinned(cpu, cmd),
@@ -443,6 +459,188 @@ def measure(
         sample.cpu_us = 1e6 * used / n
         sample.busy = used / (time.monotonic() - wall)
     return sample
+
+
+# -- profiling ---------------------------------------------------------------------------------
+
+# Where a sample's time goes: the innermost frame whose file matches one of these (in order
+# of the stack, innermost first) names the area. Standard-library frames (uuid, logging,
+# asyncio.timeouts, ...) are charged to the Jalur or aiohttp frame that called them.
+AREAS: list[tuple[str, tuple[str, ...]]] = [
+    ("metrics (proxy/metrics.py + prometheus_client)", ("proxy/metrics.py", "prometheus_client/")),
+    ("access log (proxy/accesslog.py)", ("proxy/accesslog.py",)),
+    ("audit (compliance.AuditLog)", ("AuditLog",)),
+    ("h1transport (upstream client)", ("proxy/h1transport.py", "proxy/upstream.py")),
+    ("forward.py (handler, headers, relay)", ("proxy/forward.py",)),
+    (
+        "policies (paths, router, boundary, compliance, split, health, retry)",
+        (
+            "proxy/paths.py",
+            "proxy/router.py",
+            "proxy/boundary.py",
+            "proxy/compliance.py",
+            "proxy/split.py",
+            "proxy/health.py",
+            "proxy/retry.py",
+            "proxy/migration.py",
+            "proxy/balancer.py",
+            "proxy/idempotency.py",
+            "proxy/shadow.py",
+        ),
+    ),
+    ("listener (proxy/server.py)", ("proxy/server.py",)),
+    (
+        "aiohttp response writing",
+        (
+            "aiohttp/web_response.py",
+            "aiohttp/http_writer.py",
+            "aiohttp/helpers.py",
+            "aiohttp/abc.py",
+        ),
+    ),
+    (
+        "aiohttp request/parsing",
+        (
+            "aiohttp/web_request.py",
+            "aiohttp/http_parser.py",
+            "aiohttp/_http_parser",
+            "aiohttp/streams.py",
+            "aiohttp/web_protocol.py",
+            "aiohttp/",
+        ),
+    ),
+    ("multidict", ("multidict/",)),
+    ("event loop (asyncio/uvloop)", ("asyncio/", "uvloop/")),
+]
+
+
+def frame_area(frame: str) -> str | None:
+    for area, needles in AREAS:
+        if any(n in frame for n in needles):
+            return area
+    return None
+
+
+def _function(frame: str) -> str:
+    """``name (file:line)`` -> ``name (file)``: one entry per function."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rpartition(':')[0]})" if ":" in where else frame
+
+
+def summarize_profile(raw: Path, title: str, top: int = 25) -> str:
+    """Markdown summary of py-spy's collapsed stacks (``frame;frame;... count`` lines) of
+    the event-loop thread; other threads (the access and audit log writers, mostly waiting
+    on a condition) are counted apart."""
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    areas: dict[str, int] = {}
+    total = other_threads = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if "_bootstrap (threading.py" in frames[0]:
+            other_threads += n
+            continue
+        total += n
+        leaf = frames[-1]
+        self_time[leaf] = self_time.get(leaf, 0) + n
+        for f in {_function(f) for f in frames}:
+            inclusive[f] = inclusive.get(f, 0) + n
+        area = next((a for f in reversed(frames) if (a := frame_area(f))), "other")
+        areas[area] = areas.get(area, 0) + n
+    if not total:
+        return f"### {title}\n\nno samples (is py-spy allowed to ptrace?)\n"
+
+    def pct(n: int) -> str:
+        return f"{100 * n / total:.1f} %"
+
+    out = [
+        f"### {title}",
+        "",
+        f"{total} samples of the event-loop thread ({other_threads} of other threads, "
+        "not counted below). Self time of a Python line includes the C it calls "
+        "(``--native`` to split it).",
+        "",
+        "Share of samples by area (the innermost frame of a known area):",
+        "",
+    ]
+    out += ["| area | samples |", "|---|---:|"]
+    out += [f"| {a} | {pct(n)} |" for a, n in sorted(areas.items(), key=lambda kv: -kv[1])]
+    out += ["", f"Top {top} lines by self time:", "", "| frame | self |", "|---|---:|"]
+    ranked = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
+    out += [f"| `{f}` | {pct(n)} |" for f, n in ranked]
+    out += ["", f"Top {top} functions by inclusive time:", "", "| function | incl. |"]
+    out += ["|---|---:|"]
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    out += [f"| `{f}` | {pct(n)} |" for f, n in ranked]
+    return "\n".join(out) + "\n"
+
+
+def profile(
+    c: Contender,
+    args: argparse.Namespace,
+    load_cpu: int | None,
+    stamp: str,
+) -> list[Path]:
+    """py-spy on ``c`` while wrk drives each cell; returns the summary files written."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise SystemExit("bench: py-spy not found: pip install -e '.[load]'")
+    assert c.pid is not None
+    reports = HERE / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    written = []
+    for conns in args.conns:
+        for size in args.sizes:
+            if args.warmup > 0:
+                wrk(c.url(size), conns, args.warmup, load_cpu)
+            name = f"profile-{stamp}-c{conns}-{size}"
+            raw = reports / f"{name}.txt"
+            seconds = max(1, round(args.duration))
+            cmd = [spy, "record", "--pid", str(c.pid), "--format", "raw", "-o", str(raw)]
+            cmd += ["--rate", str(args.rate), "--duration", str(seconds + 1)]
+            if args.native:
+                cmd.append("--native")
+            spy_proc = subprocess.Popen(
+                pinned(load_cpu, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            try:
+                time.sleep(0.5)  # py-spy attaches before wrk starts
+                sample = parse_wrk(wrk(c.url(size), conns, seconds, load_cpu))
+                _, err = spy_proc.communicate(timeout=seconds + 60)
+            finally:
+                if spy_proc.poll() is None:
+                    spy_proc.kill()
+                    spy_proc.wait()
+            if spy_proc.returncode != 0 or not raw.exists():
+                raise SystemExit(f"bench: py-spy failed: {err.decode(errors='replace')}")
+            title = (
+                f"c={conns} {size}: {sample.rps:,.0f} req/s under py-spy "
+                f"({args.rate} Hz{', native' if args.native else ''})"
+            )
+            summary = reports / f"{name}.md"
+            summary.write_text(summarize_profile(raw, title))
+            print(summary.read_text())
+            log(f"profile: {raw} (collapsed stacks), {summary}")
+            written.append(summary)
+    return written
+
+
+def baseline_source(ref: str, work: Path) -> Path:
+    """The ``proxy`` package as of git ``ref``, extracted under ``work`` (read-only use of
+    the repository: ``git archive``, no worktree)."""
+    dest = work / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "proxy"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise SystemExit(f"bench: git archive {ref}: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
 
 
 # -- idle connections --------------------------------------------------------------------------
@@ -604,6 +802,23 @@ def report(
                 f"| {_ratio(m('jalur-1', 'p99_ms'), m('nginx', 'p99_ms'))} "
                 f"| {_ratio(m('jalur-1', 'cpu_us'), m('nginx', 'cpu_us'))} |"
             )
+    if any(name == "jalur-base" for name, _, _ in res.samples):
+        lines += ["", f"A/B against `--baseline {args.baseline}` (jalur-base, one worker):", ""]
+        lines += ["| conns | size | req/s jalur-1 / jalur-base | req/s jalur-base / nginx "]
+        lines[-1] += "| p99 jalur-1 / jalur-base | CPU/req jalur-1 / jalur-base |"
+        lines += ["|---:|---|---:|---:|---:|---:|"]
+        for conns in args.conns:
+            for size in args.sizes:
+
+                def b(name: str, attr: str, size: str = size, conns: int = conns) -> float | None:
+                    return res.med(name, size, conns, attr)
+
+                lines.append(
+                    f"| {conns} | {size} | {_ratio(b('jalur-1', 'rps'), b('jalur-base', 'rps'))} "
+                    f"| {_ratio(b('jalur-base', 'rps'), b('nginx', 'rps'))} "
+                    f"| {_ratio(b('jalur-1', 'p99_ms'), b('jalur-base', 'p99_ms'))} "
+                    f"| {_ratio(b('jalur-1', 'cpu_us'), b('jalur-base', 'cpu_us'))} |"
+                )
     if res.idle:
         lines += ["", f"Resident memory with {args.idle_conns} idle keep-alive connections:", ""]
         lines += ["| proxy | RSS before | RSS with idle conns | per connection |"]
@@ -649,6 +864,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-conns", type=int, default=1000)
     p.add_argument("--no-nginx", action="store_true", help="as if nginx were not installed")
     p.add_argument("--out", help="results file (default loadtests/RESULTS.md; smoke: reports/)")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy jalur-1 under wrk (see the docstring)"
+    )
+    p.add_argument("--rate", type=int, default=250, help="--profile: py-spy samples per second")
+    p.add_argument("--native", action="store_true", help="--profile: include C frames")
+    p.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also run jalur-base: one worker of the proxy/ package as of GIT_REF (A/B runs)",
+    )
+    p.add_argument(
+        "--contenders", help="comma-separated subset of direct,jalur-1,jalur-2,nginx (A/B runs)"
+    )
     p.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_upstream:
@@ -720,13 +948,13 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{up_port}{SIZES['small'][0]}", deadline, up)
         contenders = [Contender("direct", up_port, None, "no proxy")]
 
-        def launch_jalur(name: str, workers: int) -> Contender:
+        def launch_jalur(name: str, workers: int, source: Path | None = None) -> Contender:
             port = free_port()
             conf_path = work / f"{name}.yaml"
             conf_path.write_text(
                 yaml.safe_dump(jalur_config(port, f"http://127.0.0.1:{up_port}", work))
             )
-            proc = start_jalur(procs, name, conf_path, workers, proxy_cpu, work)
+            proc = start_jalur(procs, name, conf_path, workers, proxy_cpu, work, source)
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(name, port, proc.pid, f"{workers} proc")
 
@@ -738,9 +966,18 @@ def main(argv: list[str] | None = None) -> int:
             return Contender(name, port, proc.pid, "worker_processes 1")
 
         contenders.append(launch_jalur("jalur-1", 1))
-        contenders.append(launch_jalur("jalur-2", 2))
-        if nginx:
+        if args.profile:
+            profile(contenders[-1], args, load_cpu, started.strftime("%Y%m%dT%H%M%S"))
+            return 0
+        if args.baseline:
+            contenders.append(launch_jalur("jalur-base", 1, baseline_source(args.baseline, work)))
+        wanted = set(args.contenders.split(",")) if args.contenders else None
+        if wanted is None or "jalur-2" in wanted:
+            contenders.append(launch_jalur("jalur-2", 2))
+        if nginx and (wanted is None or "nginx" in wanted):
             contenders.append(launch_nginx("nginx", nginx))
+        if wanted is not None:  # direct and jalur-1 start anyway: the checks below use them
+            contenders = [c for c in contenders if c.name in wanted | {"jalur-base"}]
 
         # Same bytes from every contender, or the comparison means nothing.
         for c in contenders:
@@ -774,8 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
         # Memory per idle connection, on fresh processes (after a load test a process holds
         # memory it may hand back at any time, which would blur a before/after difference).
         deadline = time.monotonic() + 30
-        fresh = [launch_jalur("jalur-1-idle", 1)]
-        if nginx:
+        fresh = [launch_jalur("jalur-1-idle", 1)] if args.idle_conns > 0 else []
+        if nginx and args.idle_conns > 0:
             fresh.append(launch_nginx("nginx-idle", nginx))
         for c in fresh:
             name = c.name.removesuffix("-idle")
