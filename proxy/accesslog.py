@@ -34,7 +34,8 @@ everything accepted so far is written: call it at shutdown, off the loop
 Sampling: with ``sample < 1`` each request is kept with that probability (a seedable
 ``random.Random``, so tests are deterministic); a response with status >= 500 is always
 logged. Sampling is decided before anything is formatted, so a sampled-out request costs
-one comparison and one random draw.
+one comparison and one random draw. The request path asks ``keep(status)`` first and only
+then gathers the fields for ``write``; ``log`` does both.
 
 ``log`` and the hand-off run in the event loop's thread only. The writer thread starts with
 the first hand-off, so an ``AccessLog`` created before worker processes fork is usable in
@@ -52,7 +53,7 @@ import random
 import sys
 import threading
 import time
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import orjson
 
@@ -136,7 +137,18 @@ class AccessLog:
         """Lines accepted but not yet written."""
         return self._accepted - self._done
 
-    def log(
+    def keep(self, response_code: int) -> bool:
+        """Whether a request with this status is to be logged (the sampling decision)."""
+        if not self.enabled:
+            return False
+        return response_code >= 500 or self.sample >= 1.0 or self._random() < self.sample
+
+    def log(self, *, response_code: int, **fields: Any) -> None:
+        """``keep`` then ``write``: log one finished request if it is sampled in."""
+        if self.keep(response_code):
+            self.write(response_code=response_code, **fields)
+
+    def write(
         self,
         *,
         method: str,
@@ -159,11 +171,10 @@ class AccessLog:
         cluster: str | None = None,
         system: str | None = None,
     ) -> None:
-        """Log one finished request. Times are in seconds: ``start_time`` Unix time (default:
-        now minus ``duration``), ``duration`` and ``upstream_service_time`` elapsed."""
+        """Log one finished request that ``keep`` accepted. Times are in seconds:
+        ``start_time`` Unix time (default: now minus ``duration``), ``duration`` and
+        ``upstream_service_time`` elapsed."""
         if not self.enabled:
-            return
-        if response_code < 500 and self.sample < 1.0 and self._random() >= self.sample:
             return
         if self._closed or self._accepted - self._done >= self.max_pending:
             self.dropped += 1

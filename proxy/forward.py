@@ -21,7 +21,6 @@ import hashlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -41,6 +40,7 @@ from .h1transport import H1Transport
 from .health import EndpointState
 from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
 from .migration import Migration
+from .requestid import new_id
 from .retry import BUDGET, IDEMPOTENCY_KEY, IDEMPOTENT_METHODS, NO_ENDPOINT, NO_OTHER_ENDPOINT
 from .router import Route, Router
 from .shadow import SHADOW_HEADER, Copy, Plan, Shadower
@@ -209,7 +209,7 @@ def idempotency_policies(router: Router) -> dict[str, IdempotencyPolicy]:
 def new_request_id(incoming: str | None) -> str:
     if incoming is not None and _REQUEST_ID_OK(incoming):
         return incoming
-    return str(uuid.uuid4())
+    return new_id()
 
 
 def error_response(status: int, message: str, request_id: str, **extra: str) -> web.Response:
@@ -963,8 +963,31 @@ class Forwarder:
             state.bound.routes[route.name].observe(
                 cluster_name, request.method, ex.status, duration, bytes_in, ex.bytes_out
             )
+        access = self.services.access
+        if access.keep(ex.status):  # sampled before anything is formatted
+            self._access_log(access, request, ex, duration, bytes_in)
+        if route is not None and (ex.reason or route.category in state.transaction_categories):
+            self.services.audit.record(
+                {
+                    "request_id": ex.request_id,
+                    "route": route.name,
+                    "category": route.category,
+                    "cluster": cluster_name,
+                    "system": cluster.system if cluster else None,
+                    "status": ex.status,
+                    "duration": round(duration, 6),
+                    "decision": "blocked" if ex.reason else "allowed",
+                    "reason": ex.reason or None,
+                }
+            )
+
+    @staticmethod
+    def _access_log(
+        access: AccessLog, request: web.BaseRequest, ex: Exchange, duration: float, bytes_in: int
+    ) -> None:
+        route, cluster = ex.route, ex.cluster
         headers = request.headers
-        self.services.access.log(
+        access.write(
             method=request.method,
             path=request.raw_path,
             protocol=f"HTTP/{request.version.major}.{request.version.minor}",
@@ -984,20 +1007,6 @@ class Forwarder:
             cluster=cluster.name if cluster else None,
             system=cluster.system if cluster else None,
         )
-        if route is not None and (ex.reason or route.category in state.transaction_categories):
-            self.services.audit.record(
-                {
-                    "request_id": ex.request_id,
-                    "route": route.name,
-                    "category": route.category,
-                    "cluster": cluster_name,
-                    "system": cluster.system if cluster else None,
-                    "status": ex.status,
-                    "duration": round(duration, 6),
-                    "decision": "blocked" if ex.reason else "allowed",
-                    "reason": ex.reason or None,
-                }
-            )
 
 
 def _hash_key(cluster: ClusterRuntime, request: web.BaseRequest) -> str | None:
