@@ -284,6 +284,7 @@ class _Conn(asyncio.Protocol):
         "_deadline",
         "_drain_waiter",
         "_error",
+        "_field_bytes",
         "_framed",
         "_head_bytes",
         "_head_done",
@@ -354,7 +355,8 @@ class _Conn(asyncio.Protocol):
         self._framed = False
         self._reason = b""
         self._items: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # raw bytes read while the head was incomplete
+        self._field_bytes = 0  # header field bytes of the head being parsed
         self._trailer_bytes = 0
         self._buf: deque[bytes] = deque()
         self._buffered = 0
@@ -453,6 +455,7 @@ class _Conn(asyncio.Protocol):
         self._items = []
         self._reason = b""
         self._framed = False
+        self._field_bytes = 0
         self._trailer_bytes = 0
 
     def on_status(self, status: bytes) -> None:
@@ -474,6 +477,12 @@ class _Conn(asyncio.Protocol):
             raise errors.UpstreamProtocolError(
                 f"upstream header field longer than {owner._max_field} bytes"
             )
+        # Reads that complete the head are not counted in data_received: count the fields.
+        self._field_bytes += len(name) + len(value) + 4
+        if self._field_bytes > owner._max_head:
+            raise errors.UpstreamProtocolError(
+                f"upstream response head larger than {owner._max_head} bytes"
+            )
         items = self._items
         if len(items) >= MAX_HEADERS:
             raise errors.UpstreamProtocolError(f"upstream sent more than {MAX_HEADERS} headers")
@@ -489,6 +498,8 @@ class _Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if not 100 <= status <= 599:  # RFC 9110 §15: three digits, classes 1xx to 5xx
+            raise errors.UpstreamProtocolError(f"upstream status {status} is not 100-599")
         if status < 200:
             if status == 101:
                 raise errors.UpstreamProtocolError("upstream switched protocols unasked")
