@@ -84,6 +84,16 @@ loadtest: $(STAMP)
 loadtest-distributed: $(STAMP)
 	$(BIN)/python loadtests/run.py --distributed --workers 2 $(LOADTEST_ARGS)
 
+# Soak: the same shoppers against `jalur run` for SOAK_TIME (10m) with faults injected: 1 % of
+# upstream requests reset, one back-end process restarted every minute (loadtests/soak.py).
+# Prints and writes loadtests/reports/soak.txt; fails on a failure beyond the injected faults,
+# a payment executed twice or served by social, or RSS / open fds growing 10 % or more.
+.PHONY: soak
+SOAK_TIME ?= 10m
+
+soak: $(STAMP)
+	$(BIN)/python loadtests/soak.py --time $(SOAK_TIME)
+
 # Jalur (1 and 2 workers) vs NGINX vs direct with wrk; writes loadtests/RESULTS.md (~9 min).
 bench: $(STAMP) install-bench-tools
 	$(BIN)/python loadtests/bench.py

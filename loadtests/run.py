@@ -139,12 +139,25 @@ def start_demo(
     procs: Processes, config: Path, reports: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     """Start ``jalur demo``; return it, the data base URL and the admin base URL once ready."""
+    return start_jalur(procs, ["demo", "-c", str(config)], reports, env, "jalur demo", "demo.log")
+
+
+def start_jalur(
+    procs: Processes,
+    jalur_args: list[str],
+    reports: Path,
+    env: dict[str, str],
+    name: str = "jalur",
+    logname: str = "jalur.log",
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start ``jalur <jalur_args>`` (``demo -c ...`` or ``run -c ...``) with stdout and stderr
+    in ``reports/logname``; return it, the data and admin base URLs once ``/readyz`` is 200."""
     jalur = Path(sys.executable).parent / "jalur"
     cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
-    logfile = (reports / "demo.log").open("wb")
+    logfile = (reports / logname).open("wb")
     proc = procs.start(
-        "jalur demo",
-        [*cmd, "demo", "-c", str(config)],
+        name,
+        [*cmd, *jalur_args],
         stdout=logfile,  # the access log (JSON lines) and the banner
         stderr=subprocess.PIPE,
         cwd=str(reports),  # the compliance audit log lands here
@@ -154,7 +167,7 @@ def start_demo(
     seen = threading.Event()
 
     def drain(stream: IO[bytes]) -> None:
-        # Keep reading stderr for the whole run: a full pipe would stall the demo.
+        # Keep reading stderr for the whole run: a full pipe would stall the proxy.
         for raw in stream:
             logfile.write(raw)
             logfile.flush()
@@ -166,7 +179,7 @@ def start_demo(
     assert proc.stderr is not None
     threading.Thread(target=drain, args=(proc.stderr,), daemon=True).start()
     if not seen.wait(STARTUP_DEADLINE) or not found:
-        raise SystemExit(f"loadtest: jalur demo did not start (see {reports / 'demo.log'})")
+        raise SystemExit(f"loadtest: {name} did not start (see {reports / logname})")
     m = found[0]
     host = "127.0.0.1" if m.group(1) in ("0.0.0.0", "::") else m.group(1)
     admin_host = "127.0.0.1" if m.group(3) in ("0.0.0.0", "::") else m.group(3)
@@ -179,7 +192,7 @@ def start_demo(
         if time.monotonic() > deadline or proc.poll() is not None:
             raise SystemExit(f"loadtest: {admin}/readyz never answered 200")
         time.sleep(0.2)
-    log(f"demo ready: proxy {base}, admin {admin}")
+    log(f"{name} ready: proxy {base}, admin {admin}")
     return proc, base, admin
 
 
@@ -287,21 +300,31 @@ def commerce_executions(conf: dict[str, Any]) -> tuple[int, int, list[str]]:
     kinds = {name: (s or {}).get("kind") for name, s in (conf.get("systems") or {}).items()}
     keyed = duplicates = 0
     missed: list[str] = []
+    asked: set[str] = set()  # an endpoint shared by two clusters is one back end
     for cluster in (conf.get("clusters") or {}).values():
         if kinds.get(cluster.get("system")) != "commerce":
             continue
         for url in cluster.get("endpoints", []):
-            try:
-                status, body = http_get(url.rstrip("/") + "/_sim/executions")
-                counts = json.loads(body) if status == 200 else None
-            except (OSError, ValueError):
-                counts = None
-            if not isinstance(counts, dict):
+            if url in asked:
+                continue
+            asked.add(url)
+            counts = sim_counters(url, "executions")
+            if counts is None:
                 missed.append(url)
                 continue
             keyed += int(counts.get("keyed", 0))
             duplicates += int(counts.get("duplicates", 0))
     return keyed, duplicates, missed
+
+
+def sim_counters(url: str, what: str = "executions") -> dict[str, Any] | None:
+    """A simulated back end's ``/_sim/executions`` or ``/_sim/faults`` (None: unreachable)."""
+    try:
+        status, body = http_get(url.rstrip("/") + "/_sim/" + what)
+        counts = json.loads(body) if status == 200 else None
+    except (OSError, ValueError):
+        return None
+    return counts if isinstance(counts, dict) else None
 
 
 def summarise(

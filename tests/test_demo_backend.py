@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from yarl import URL
@@ -438,11 +441,13 @@ def test_make_app_records_spec_and_empty_received() -> None:
         {"latency": float("nan")},
         {"failure_rate": 1.5},
         {"failure_rate": -0.1},
+        {"reset_rate": 1.01},
+        {"reset_rate": -0.5},
     ],
 )
 def test_spec_rejects_invalid_values(kwargs: dict[str, Any]) -> None:
     values: dict[str, Any] = {"cluster": "feed", "system": "tiktok", **kwargs}
-    with pytest.raises(ValueError, match=r"cluster|system|latency|failure_rate"):
+    with pytest.raises(ValueError, match=r"cluster|system|latency|failure_rate|reset_rate"):
         BackendSpec(**values)
 
 
@@ -477,3 +482,75 @@ async def test_keyed_executions_are_counted_and_a_duplicate_shows(
         counts = await resp.json()
     assert seen == ["1", "2", "1"]
     assert counts == {"keyed": 3, "duplicates": 1}
+
+
+async def test_reset_rate_resets_before_executing_and_is_counted(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    journal_path = tmp_path / "journal.jsonl"
+    with journal_path.open("ab") as journal:
+        app = make_app(BackendSpec(cluster="pay", system="commerce", reset_rate=1.0), journal)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            # A raw socket sees no response byte at all: the connection is reset (or closed).
+            reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+            writer.write(b"GET /api/feed HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-1\r\n\r\n")
+            await writer.drain()
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read() == b""
+            writer.close()
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.post(
+                    base + "/api/payment/charge", data=b"{}", headers={"Idempotency-Key": "k-1"}
+                ) as resp:
+                    await resp.read()
+            # The counters are never reset, so a soak can always read them.
+            async with session.get(base + "/_sim/faults") as resp:
+                assert await resp.json() == {"resets": 2, "failures": 0}
+            async with session.get(base + "/_sim/executions") as resp:
+                assert await resp.json() == {"keyed": 0, "duplicates": 0}  # reset: not executed
+        finally:
+            await runner.cleanup()
+    lines = [orjson.loads(line) for line in journal_path.read_bytes().splitlines()]
+    assert [(e["event"], e["method"], e["request_id"]) for e in lines] == [
+        ("reset", "GET", "r-1"),
+        ("reset", "POST", None),
+    ]
+
+
+async def test_reset_rate_is_deterministic_with_seed_and_journals_executions(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    spec = BackendSpec(cluster="pay", system="commerce", reset_rate=0.3, seed=11)
+    outcomes: list[list[str]] = []
+    for run in range(2):
+        journal_path = tmp_path / f"journal-{run}.jsonl"
+        with journal_path.open("ab") as journal:
+            runner = web.AppRunner(make_app(spec, journal), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            seen = []
+            try:
+                for i in range(30):
+                    try:
+                        async with session.post(
+                            base + "/pay", data=b"{}", headers={"Idempotency-Key": f"k-{i}"}
+                        ) as resp:
+                            await resp.read()
+                            seen.append(str(resp.status))
+                    except aiohttp.ClientConnectionError:
+                        seen.append("reset")
+            finally:
+                await runner.cleanup()
+        outcomes.append(seen)
+        events = [orjson.loads(line) for line in journal_path.read_bytes().splitlines()]
+        executed = [e["key"] for e in events if e["event"] == "executed"]
+        assert executed == [f"k-{i}" for i, o in enumerate(seen) if o == "200"]
+    assert outcomes[0] == outcomes[1]
+    assert set(outcomes[0]) == {"200", "reset"}

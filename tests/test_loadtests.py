@@ -5,6 +5,8 @@
   route is exercised, nothing fails, the ramp reached 100 %.
 * The locustfile's rule that a transaction answered by a social system is a failure: Locust
   aimed straight at a social back end (no proxy) must report those failures.
+* ``loadtests/soak.py`` (what ``make soak`` runs) for 6 s with one back-end restart and 5 %
+  resets: it attributes every failure to an injected fault and reports its figures.
 * ``loadtests/bench.py --smoke`` (what ``make bench`` runs, 1 s per cell): it produces the
   results table. It needs ``wrk`` (skipped without it); without ``nginx`` the NGINX contender
   is skipped and the report says so. ``make test`` installs both (Debian packages).
@@ -16,6 +18,7 @@ import asyncio
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -86,6 +89,34 @@ async def test_loadtest_smoke_with_migration_ramp_has_no_failures(tmp_path: Path
     assert migration["samples"][0]["weight_percent"] == 10, migration
     assert "total:" in (tmp_path / "summary.txt").read_text()
     assert (tmp_path / "loadtest.html").stat().st_size > 0
+
+
+async def test_soak_smoke_with_a_restart_and_resets(tmp_path: Path) -> None:
+    summary = tmp_path / "soak.txt"
+    code, out = await run(
+        sys.executable, str(LOADTESTS / "soak.py"), "--time", "6s", "--restart-every", "3",
+        "--users", "5", "--spawn-rate", "5", "--reset-rate", "0.05",
+        "--reports", str(tmp_path / "soak"), "--summary", str(summary),
+        limit=90,
+    )  # fmt: skip
+    assert code == 0, out
+    text = summary.read_text()
+    assert ", 1 restarts (" in text, text
+    assert "NOT BACK" not in text, text
+    assert "MISS" not in text, text
+    injected = re.search(r"injected: (\d+) connection resets at the back ends", text)
+    assert injected, text
+    journals = list((tmp_path / "soak").glob("journal-*.jsonl"))
+    resets = sum(
+        b'"event":"reset"' in line for j in journals for line in j.read_bytes().splitlines()
+    )
+    # /_sim/faults (accumulated before each stop) sees every reset the journals have, but
+    # for a health check reset between the last read and the end.
+    assert 0 < int(injected.group(1)) <= resets
+    for figure in ("requests:", "payments executed twice: 0 per back end",
+                   "payments served by a social system: 0", "jalur RSS: start",
+                   "jalur_retries_total by route:"):  # fmt: skip
+        assert figure in text, text
 
 
 async def test_transaction_answered_by_social_system_is_a_locust_failure(

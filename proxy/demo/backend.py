@@ -6,6 +6,14 @@ as it arrived, so tests can assert exactly what the proxy forwarded. A few speci
 *ending* in ``/_sim/...`` so that a proxy route prefix in front of them still matches) give tests
 large downloads, chosen status codes, delays, a WebSocket echo and cookies.
 
+Faults for soak runs: ``failure_rate`` answers a share of requests 503; ``reset_rate`` resets
+the connection (TCP RST, no response) on a share of requests after reading them and *before*
+executing them (no keyed execution is recorded for a reset request), so a proxy that sends the
+request again cannot cause a double execution that the back end would not have caused itself.
+Injected resets are counted in ``/_sim/faults``. With ``journal`` (``--journal FILE``) every
+keyed execution and every injected reset is also appended to a JSON-lines file, which outlives a
+restart of the process (the soak run reads it to attribute failures and find duplicates).
+
 Run one standalone::
 
     python -m proxy.demo.backend --cluster feed --system tiktok --port 9001
@@ -18,9 +26,12 @@ import asyncio
 import hashlib
 import random
 import re
+import socket
+import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -28,6 +39,7 @@ from aiohttp import WSMsgType, web
 __all__ = [
     "CHUNK_SIZE",
     "EXECUTIONS",
+    "FAULTS",
     "MAX_BYTES",
     "MAX_DELAY_MS",
     "MAX_RECEIVED",
@@ -35,6 +47,7 @@ __all__ = [
     "SPEC",
     "BackendSpec",
     "Executions",
+    "Faults",
     "Received",
     "main",
     "make_app",
@@ -68,6 +81,15 @@ _COOKIE_VALUE_RE: Final = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e
 
 _HEADER_UNSAFE_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
+CONTROL: Final = ("executions", "faults")
+"""``/_sim/...`` paths that report counters: never failed or reset by the fault injection."""
+
+_BARE: Final = frozenset({*CONTROL, "ws"})
+"""``/_sim/...`` paths without arguments."""
+
+_LINGER_RST: Final = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on with a zero timeout: ``close()`` sends a TCP RST instead of a FIN."""
+
 
 @dataclass(frozen=True, slots=True)
 class BackendSpec:
@@ -81,8 +103,12 @@ class BackendSpec:
     """Seconds added before answering each request."""
     failure_rate: float = 0.0
     """Share (0..1) of requests answered ``503 {"error": "simulated failure"}``."""
+    reset_rate: float = 0.0
+    """Share (0..1) of requests whose connection is reset (RST, no response) after the request
+    was read and before it is executed; control paths (``/_sim/executions``, ``/_sim/faults``)
+    are never reset."""
     seed: int | None = None
-    """Seed of the ``random.Random`` deciding failures; ``None`` for a non-deterministic one."""
+    """Seed of the ``random.Random`` deciding failures and resets; ``None``: non-deterministic."""
 
     def __post_init__(self) -> None:
         for name in ("cluster", "system"):
@@ -91,8 +117,10 @@ class BackendSpec:
                 raise ValueError(f"{name} must be non-empty and free of control characters")
         if not self.latency >= 0.0:  # also rejects NaN
             raise ValueError(f"latency must be >= 0, got {self.latency!r}")
-        if not 0.0 <= self.failure_rate <= 1.0:
-            raise ValueError(f"failure_rate must be within 0..1, got {self.failure_rate!r}")
+        for name in ("failure_rate", "reset_rate"):
+            rate: float = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {rate!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +160,7 @@ def _sim_route(path: str) -> tuple[str, list[str]] | None:
     route prefix in front) works exactly like ``/_sim/bytes/10``.
     """
     segments = path.split("/")
-    if len(segments) >= 2 and segments[-2] == "_sim" and segments[-1] in ("ws", "executions"):
+    if len(segments) >= 2 and segments[-2] == "_sim" and segments[-1] in _BARE:
         return segments[-1], []
     if (
         len(segments) >= 3
@@ -179,13 +207,57 @@ EXECUTIONS: Final = web.AppKey("executions", Executions)
 KEY_COUNT: Final = web.RequestKey("sim_key_count", int)
 
 
-def make_app(spec: BackendSpec) -> web.Application:
-    """An aiohttp app simulating the back-end cluster described by ``spec``."""
+@dataclass
+class Faults:
+    """Faults this back end injected (``/_sim/faults``)."""
+
+    resets: int = 0  # connections reset instead of answering (``reset_rate``)
+    failures: int = 0  # requests answered 503 (``failure_rate``)
+
+
+FAULTS: Final = web.AppKey("faults", Faults)
+
+
+def _reset(request: web.Request) -> None:
+    """Drop the client's connection with a TCP RST, without a byte of response."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    transport.abort()
+
+
+def make_app(spec: BackendSpec, journal: IO[bytes] | None = None) -> web.Application:
+    """An aiohttp app simulating the back-end cluster described by ``spec``.
+
+    ``journal``: a binary file that gets one JSON line per keyed execution and per injected
+    reset (flushed at once), e.g. ``{"event": "reset", "request_id": ..., ...}``.
+    """
     rng = random.Random(spec.seed)
+    # A stream of its own, so turning resets on does not change which requests fail.
+    reset_rng = random.Random(None if spec.seed is None else f"reset-{spec.seed}")
     app = web.Application()
     app[SPEC] = spec
     app[RECEIVED] = []
     app[EXECUTIONS] = Executions(by_key={})
+    app[FAULTS] = Faults()
+
+    def record(event: str, request: web.Request, **extra: Any) -> None:
+        if journal is None:
+            return
+        line = {
+            "t": round(time.time(), 3),
+            "event": event,
+            "cluster": spec.cluster,
+            "method": request.method,
+            "path": request.path,
+            "request_id": request.headers.get("X-Request-Id"),
+            **extra,
+        }
+        journal.write(orjson.dumps(line) + b"\n")
+        journal.flush()
 
     async def add_backend_headers(request: web.Request, response: web.StreamResponse) -> None:
         # A signal rather than per-response code: covers echoes, errors, streamed downloads and
@@ -217,6 +289,15 @@ def make_app(spec: BackendSpec) -> web.Application:
             digest.update(chunk)
             body_bytes += len(chunk)
 
+        route = _sim_route(path)
+        control = route is not None and route[0] in CONTROL
+        if spec.reset_rate > 0.0 and not control and reset_rng.random() < spec.reset_rate:
+            # Read, not executed, never answered: the client sees a reset after its request.
+            request.app[FAULTS].resets += 1
+            record("reset", request)
+            _reset(request)
+            return web.Response()  # never written: aiohttp drops it on the closed transport
+
         key = request.headers.get("Idempotency-Key")
         if key is not None and request.method in ("POST", "PATCH"):
             # How often this back end executed a request with this key: a payment charged
@@ -230,6 +311,7 @@ def make_app(spec: BackendSpec) -> web.Application:
             if len(seen) > MAX_RECEIVED:
                 del seen[next(iter(seen))]
             request[KEY_COUNT] = count
+            record("executed", request, key=key, count=count)
 
         received = request.app[RECEIVED]
         received.append(Received(request.method, path, query, headers, body_bytes))
@@ -249,10 +331,10 @@ def make_app(spec: BackendSpec) -> web.Application:
 
         if spec.latency > 0.0:
             await asyncio.sleep(spec.latency)
-        if spec.failure_rate > 0.0 and rng.random() < spec.failure_rate:
+        if spec.failure_rate > 0.0 and not control and rng.random() < spec.failure_rate:
+            request.app[FAULTS].failures += 1
             return _json_response({"error": "simulated failure"}, status=503)
 
-        route = _sim_route(path)
         if route is None:
             return _json_response(echo)
         name, args = route
@@ -289,6 +371,10 @@ def make_app(spec: BackendSpec) -> web.Application:
         if name == "executions":
             executions = request.app[EXECUTIONS]
             return _json_response({"keyed": executions.keyed, "duplicates": executions.duplicates})
+
+        if name == "faults":
+            faults = request.app[FAULTS]
+            return _json_response({"resets": faults.resets, "failures": faults.failures})
 
         # name == "ws"
         return await _websocket_echo(request)
@@ -368,7 +454,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--failure-rate", type=float, default=0.0, help="share (0..1) of requests answered 503"
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed for simulated failures")
+    parser.add_argument(
+        "--reset-rate",
+        type=float,
+        default=0.0,
+        help="share (0..1) of requests whose connection is reset before they are executed",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed for simulated faults")
+    parser.add_argument(
+        "--journal", default=None, help="append keyed executions and resets to this JSON-lines file"
+    )
     return parser.parse_args(argv)
 
 
@@ -381,10 +476,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             system=args.system,
             latency=args.latency,
             failure_rate=args.failure_rate,
+            reset_rate=args.reset_rate,
             seed=args.seed,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
+    journal = open(args.journal, "ab") if args.journal else None  # noqa: SIM115 (process-long)
 
     loop: asyncio.AbstractEventLoop | None = None
     try:
@@ -395,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop = uvloop.new_event_loop()
 
     web.run_app(
-        make_app(spec),
+        make_app(spec, journal),
         host=args.host,
         port=args.port,
         print=None,

@@ -1,0 +1,506 @@
+"""Soak: ``make soak`` -- the Locust shoppers against Jalur for a long run with faults injected.
+
+What it runs (every process started here is stopped by PID, whatever happens):
+
+* every simulated back end of ``config/demo.yaml`` as its own process
+  (``python -m proxy.demo.backend``), each demo endpoint **twice** (the URL and a twin on
+  another free loopback port), so every cluster has at least two endpoints and a restart is
+  survivable; each back end resets ``--reset-rate`` (1 %) of the requests it reads, before
+  executing them, and journals its keyed executions and resets to
+  ``<reports>/journal-<port>.jsonl``;
+* ``jalur run -c <reports>/soak-config.yaml``: the demo config on those endpoints, plus for
+  every cluster retries (3 attempts, ``reset`` retried too: an idempotent or keyed request is
+  sent again after a reset), an active health check every second and outlier ejection on the
+  first refused connect -- what an operator would configure for a restartable back end;
+* the Locust journeys of ``locustfile.py`` (``run.run_locust``, as ``make loadtest`` does);
+* every ``--restart-every`` seconds (60) one back-end process, in rotation, is stopped
+  (SIGTERM by PID) and started again on the same port; its ``/_sim/executions`` and
+  ``/_sim/faults`` counters are read before the stop and accumulated (a restart loses them);
+* every 5 s Jalur's RSS (``/proc/PID/status``) and open descriptors (``/proc/PID/fd``).
+
+How failures are attributed: every request Jalur answered is a line of its access log with
+its ``request_id``, which Jalur also sends upstream as ``X-Request-Id`` (the same on every
+attempt). A non-2xx answer is **injected (reset)** when a back end journalled a reset of that
+request id (it could not be retried: a POST without ``Idempotency-Key``, or every attempt
+was reset), **injected (restart)** when it is a 502/503 of a cluster whose endpoint was
+being restarted at that moment (SIGTERM sent - 1 s .. back up + 3 s), and **unexplained**
+otherwise. Locust failures that Jalur did not answer as non-2xx (a transaction served by a
+social system, a payment executed twice, a retried payment not replayed, a dropped
+connection) are unexplained too.
+
+Bars (exit 1 when one is missed): no unexplained failure; no payment executed twice (per
+back end from ``/_sim/executions``, accumulated across restarts, and across all commerce
+back ends from the journals); no payment served by a social system; Jalur's RSS and open
+descriptors grow less than 10 % from the start (after warm-up) to the end (each the median
+of the samples in a window, so one momentary spike does not decide); every restart came back.
+
+    .venv/bin/python loadtests/soak.py [--time 10m] [--users 50] [--restart-every 60]
+        [--reset-rate 0.01] [--reports DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from run import (
+    ROOT,
+    Processes,
+    free_port,
+    http_get,
+    jalur_counts,
+    run_locust,
+    seconds,
+    sim_counters,
+    start_jalur,
+    summarise,
+)
+
+HERE = Path(__file__).resolve().parent
+DEMO = ROOT / "config" / "demo.yaml"
+READY_DEADLINE = 15.0  # seconds a (re)started back end may take to answer
+SAMPLE_EVERY = 5.0  # seconds between two RSS / descriptor samples
+GROWTH_BAR = 0.10  # RSS and descriptors may grow less than this from start to end
+IDEMPOTENCY_ENTRIES = 500  # stored payment responses (~40 s of soak payments; see soak_config)
+RESTART_WINDOW = (1.0, 3.0)  # seconds before the stop / after the restart a failure is blamed on
+# What every soak cluster gets on top of the demo config (see the module docstring).
+RESILIENCE: dict[str, Any] = {
+    "retry": {
+        "attempts": 3,
+        "retry_on": ["connect-failure", "refused", "reset-before-request", "reset"],
+    },
+    "health_check": {
+        "path": "/healthz",
+        "interval": 1.0,
+        "timeout": 0.5,
+        "healthy_threshold": 1,
+        "unhealthy_threshold": 2,
+    },
+    "outlier_detection": {
+        "consecutive_connect_failures": 1,
+        "base_ejection_time": 2.0,
+        "max_ejection_time": 10.0,
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"soak: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Endpoint:
+    """One simulated back-end process (and its restarts)."""
+
+    url: str
+    port: int
+    cluster: str
+    system: str
+    kind: str
+    clusters: list[str]  # every cluster this endpoint serves
+    journal: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    counters: Counter[str] = field(default_factory=Counter)  # accumulated /_sim counters
+
+    def collect(self) -> bool:
+        """Add the live process's counters to ``counters`` (it is about to stop)."""
+        ok = True
+        for what in ("executions", "faults"):
+            counts = sim_counters(self.url, what)
+            if counts is None:
+                ok = False
+                continue
+            for k, v in counts.items():
+                self.counters[f"{what}.{k}"] += int(v)
+        return ok
+
+
+def soak_config(reports: Path) -> tuple[Path, dict[str, Any], list[Endpoint]]:
+    """The demo config on free loopback ports, every endpoint doubled, resilience added."""
+    conf: dict[str, Any] = yaml.safe_load(DEMO.read_text())
+    kinds = {name: s["kind"] for name, s in conf["systems"].items()}
+    taken: set[int] = set()
+
+    def port() -> int:
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    twins: dict[str, list[str]] = {}  # demo URL -> its two soak URLs
+    endpoints: dict[str, Endpoint] = {}
+    for name, cluster in conf["clusters"].items():
+        urls: list[str] = []
+        for demo_url in cluster["endpoints"]:
+            if demo_url not in twins:
+                twins[demo_url] = []
+                for _ in range(2):
+                    p = port()
+                    url = f"http://127.0.0.1:{p}"
+                    twins[demo_url].append(url)
+                    endpoints[url] = Endpoint(
+                        url, p, name, cluster["system"], kinds[cluster["system"]], [],
+                        reports / f"journal-{p}.jsonl",
+                    )  # fmt: skip
+            urls += twins[demo_url]
+        for url in urls:
+            endpoints[url].clusters.append(name)
+        cluster["endpoints"] = urls
+        cluster.update(RESILIENCE)
+    conf["listen"] = {**conf["listen"], "host": "127.0.0.1", "port": 0}
+    conf["admin"] = {**conf["admin"], "host": "127.0.0.1", "port": 0}
+    conf["reload"] = {"watch": False}
+    conf["access_log"] = {"path": str(reports / "access.jsonl")}
+    conf.setdefault("compliance", {})["audit"] = {"path": str(reports / "audit.log")}
+    # The idempotency store is an LRU (default 100,000 responses, 64 MiB): bounded, but it
+    # would fill for hours at soak rates. A small bound fills it within the warm-up, so the
+    # RSS bar measures leaks, not a cache filling up as designed.
+    conf["idempotency"] = {**conf.get("idempotency", {}), "max_entries": IDEMPOTENCY_ENTRIES}
+    path = reports / "soak-config.yaml"
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    # Restart order: commerce and social endpoints alternate.
+    commerce = [e for e in endpoints.values() if e.kind == "commerce"]
+    social = [e for e in endpoints.values() if e.kind != "commerce"]
+    order = [e for pair in zip(commerce, social, strict=False) for e in pair]
+    order += commerce[len(social) :] + social[len(commerce) :]
+    return path, conf, order
+
+
+def start_backend(procs: Processes, ep: Endpoint, reset_rate: float, seed: int) -> None:
+    ep.proc = procs.start(
+        f"back end {ep.cluster} :{ep.port}",
+        [
+            sys.executable, "-m", "proxy.demo.backend", "--cluster", ep.cluster,
+            "--system", ep.system, "--port", str(ep.port), "--reset-rate", str(reset_rate),
+            "--seed", str(seed + ep.port + 7919 * ep.restarts), "--journal", str(ep.journal),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=str(ROOT),
+    )  # fmt: skip
+
+
+def wait_ready(eps: list[Endpoint]) -> None:
+    deadline = time.monotonic() + READY_DEADLINE
+    for ep in eps:
+        while sim_counters(ep.url, "faults") is None:
+            if time.monotonic() > deadline or (ep.proc is not None and ep.proc.poll() is not None):
+                raise SystemExit(f"soak: back end {ep.url} did not come up")
+            time.sleep(0.05)
+
+
+def proc_sample(pid: int) -> tuple[int, int] | None:
+    """(RSS in KiB, open descriptors) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return rss, fds
+
+
+def window_median(samples: list[tuple[float, int, int]], lo: float, hi: float) -> tuple[int, int]:
+    chosen = [s for s in samples if lo <= s[0] <= hi] or samples[-1:]
+    return (
+        int(statistics.median(s[1] for s in chosen)),
+        int(statistics.median(s[2] for s in chosen)),
+    )
+
+
+def read_journals(eps: list[Endpoint]) -> tuple[dict[str, int], Counter[str]]:
+    """Resets per request id (health checks carry none: ``"None"``), and executions per
+    Idempotency-Key on the commerce back ends, from every journal."""
+    resets: Counter[str] = Counter()
+    executed: Counter[str] = Counter()
+    for ep in eps:
+        if not ep.journal.exists():
+            continue
+        for line in ep.journal.read_bytes().splitlines():
+            event = json.loads(line)
+            if event["event"] == "reset":
+                resets[str(event.get("request_id"))] += 1
+            elif event["event"] == "executed" and ep.kind == "commerce":
+                executed[event["key"]] += 1
+    return resets, executed
+
+
+@dataclass
+class Restart:
+    endpoint: Endpoint
+    stopped: float  # wall clock, SIGTERM sent
+    ready: float = 0.0  # wall clock, answering again (0: never)
+
+
+def attribute(
+    access: Path, resets: dict[str, int], restarts: list[Restart]
+) -> tuple[int, Counter[str], list[dict[str, Any]]]:
+    """Jalur's non-2xx answers: (count, count by cause, the unexplained ones)."""
+    causes: Counter[str] = Counter()
+    unexplained: list[dict[str, Any]] = []
+    before, after = RESTART_WINDOW
+    total = 0
+    if not access.exists():
+        return 0, causes, unexplained
+    for raw in access.read_bytes().splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        code = int(line.get("response_code") or 0)
+        if 200 <= code < 300:
+            continue
+        total += 1
+        if line.get("request_id") in resets:
+            causes["injected reset"] += 1
+            continue
+        t = datetime.fromisoformat(line["start_time"]).timestamp()
+        if code in (502, 503) and any(
+            line.get("cluster") in r.endpoint.clusters
+            and r.stopped - before <= t <= (r.ready or float("inf")) + after
+            for r in restarts
+        ):
+            causes["injected restart"] += 1
+            continue
+        causes["unexplained"] += 1
+        unexplained.append(line)
+    return total, causes, unexplained
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--time", default=os.environ.get("SOAK_TIME") or "10m")
+    p.add_argument("--users", type=int, default=50)
+    p.add_argument("--spawn-rate", type=float, default=10)
+    p.add_argument("--restart-every", type=float, default=60.0, help="seconds between restarts")
+    p.add_argument("--reset-rate", type=float, default=0.01, help="share of upstream resets")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--reports", default=str(HERE / "reports" / "soak"))
+    p.add_argument("--summary", default=str(HERE / "reports" / "soak.txt"))
+    args = p.parse_args(argv)
+    duration = seconds(args.time)
+    # run_locust's knobs: a fixed number of users, no shape, one local Locust.
+    args.shape, args.distributed, args.workers = "none", False, 0
+    reports = Path(args.reports).resolve()
+    reports.mkdir(parents=True, exist_ok=True)
+    args.reports = str(reports)
+    for old in [*reports.glob("loadtest*"), *reports.glob("journal-*"), reports / "access.jsonl"]:
+        old.unlink(missing_ok=True)
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    procs = Processes()
+    restarts: list[Restart] = []
+    samples: list[tuple[float, int, int]] = []  # (seconds since locust start, RSS KiB, fds)
+    try:
+        config, conf, endpoints = soak_config(reports)
+        for ep in endpoints:
+            start_backend(procs, ep, args.reset_rate, args.seed)
+        wait_ready(endpoints)
+        log(f"{len(endpoints)} back ends up")
+        jalur, base, admin = start_jalur(
+            procs, ["run", "-c", str(config)], reports, {}, "jalur run", "jalur.log"
+        )
+        token = conf["admin"].get("token")
+        outcome: list[int] = []
+        locust = threading.Thread(
+            target=lambda: outcome.append(run_locust(procs, args, base, admin, token)),
+            daemon=True,
+        )
+        t0 = time.monotonic()
+        locust.start()
+        next_restart, next_sample, turn = t0 + args.restart_every, t0, 0
+        while locust.is_alive():
+            now = time.monotonic()
+            if now >= next_sample:
+                sample = proc_sample(jalur.pid)
+                if sample is not None:
+                    samples.append((now - t0, *sample))
+                next_sample += SAMPLE_EVERY
+            if now >= next_restart and now - t0 < duration - min(5.0, duration / 4):
+                ep = endpoints[turn % len(endpoints)]
+                turn += 1
+                if not ep.collect():
+                    log(f"could not read the counters of {ep.url} before its restart")
+                restart = Restart(ep, time.time())
+                restarts.append(restart)
+                assert ep.proc is not None
+                procs.stop(ep.proc, f"back end {ep.cluster} :{ep.port}")
+                ep.restarts += 1
+                start_backend(procs, ep, args.reset_rate, args.seed)
+                with contextlib.suppress(SystemExit):
+                    wait_ready([ep])
+                    restart.ready = time.time()
+                log(
+                    f"restarted {ep.url} ({ep.cluster}) in {restart.ready - restart.stopped:.2f} s"
+                    if restart.ready
+                    else f"{ep.url} did not come back"
+                )
+                next_restart += args.restart_every
+            locust.join(0.2)
+        rc = outcome[0] if outcome else 1
+        for ep in endpoints:
+            if not ep.collect():
+                log(f"could not read the final counters of {ep.url}")
+        series = {
+            "routes": jalur_counts(admin),
+            "codes": jalur_counts(admin, "jalur_requests_total", "code"),
+            "upstream_errors": jalur_counts(admin, "jalur_upstream_errors_total", "kind"),
+            "retries": jalur_counts(admin, "jalur_retries_total", "route"),
+            "idempotency": jalur_counts(admin, "jalur_idempotency_total", "outcome"),
+            "rejected": jalur_counts(admin, "jalur_requests_rejected_total", "reason"),
+            "unhealthy": {
+                k: v
+                for k, v in jalur_counts(admin, "jalur_endpoint_healthy", "endpoint").items()
+                if v == 0
+            },
+        }
+        _status, metrics_body = http_get(admin + "/metrics")
+        (reports / "metrics.txt").write_bytes(metrics_body)
+        procs.stop(jalur, "jalur run")  # flushes the access log
+    finally:
+        procs.stop_all()
+
+    text, failed = report(args, reports, endpoints, restarts, samples, series, rc, duration)
+    text_bars = "\n".join(f"  {'ok  ' if ok else 'MISS'} {what}" for what, ok in failed)
+    text += "\nbars:\n" + text_bars
+    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.summary).write_text(text + "\n")
+    print("\n" + text, flush=True)
+    if not all(ok for _, ok in failed):
+        log(f"FAILED (see {args.summary})")
+        return 1
+    log(f"passed (see {args.summary})")
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    reports: Path,
+    endpoints: list[Endpoint],
+    restarts: list[Restart],
+    samples: list[tuple[float, int, int]],
+    series: dict[str, dict[str, float]],
+    locust_rc: int,
+    duration: float,
+) -> tuple[str, list[tuple[str, bool]]]:
+    table, total, failures = summarise(reports, series["routes"], None, locust_rc)
+    resets, executed = read_journals(endpoints)
+    answered_non2xx, causes, unexplained = attribute(reports / "access.jsonl", resets, restarts)
+    social = duplicate_failures = 0
+    fail_path = reports / "loadtest_failures.csv"
+    if fail_path.exists():
+        with fail_path.open() as f:
+            for row in csv.DictReader(f):
+                if "transaction served by social system" in row["Error"]:
+                    social += int(row["Occurrences"])
+                if "executed" in row["Error"] and "times" in row["Error"]:
+                    duplicate_failures += int(row["Occurrences"])
+    # Locust failures Jalur did not answer as non-2xx cannot be blamed on an injected fault.
+    hidden = max(0, failures - answered_non2xx)
+    explained = causes["injected reset"] + causes["injected restart"]
+    not_explained = failures - min(failures, explained)
+    injected_resets = sum(ep.counters["faults.resets"] for ep in endpoints)
+    per_backend_dupes = sum(
+        ep.counters["executions.duplicates"] for ep in endpoints if ep.kind == "commerce"
+    )
+    keyed = sum(ep.counters["executions.keyed"] for ep in endpoints if ep.kind == "commerce")
+    cross_dupes = sum(1 for n in executed.values() if n > 1)
+    warmup = min(60.0, 0.2 * duration)
+    window = max(SAMPLE_EVERY, min(30.0, 0.1 * duration))
+    end_t = samples[-1][0] if samples else 0.0
+    start_rss, start_fds = window_median(samples, warmup, warmup + window) if samples else (0, 0)
+    end_rss, end_fds = window_median(samples, end_t - window, end_t) if samples else (0, 0)
+    rss_growth = (end_rss - start_rss) / start_rss if start_rss else 1.0
+    fd_growth = (end_fds - start_fds) / start_fds if start_fds else 1.0
+    peak_rss = max((s[1] for s in samples), default=0)
+    peak_fds = max((s[2] for s in samples), default=0)
+    came_back = all(r.ready for r in restarts)
+
+    def fmt(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {int(v)}" for k, v in sorted(d.items())) or "none"
+
+    lines = [
+        f"soak: {args.time} ({duration:.0f} s), {args.users} users, "
+        f"{len(endpoints)} back-end processes, reset rate {args.reset_rate:.2%}, "
+        f"a restart every {args.restart_every:.0f} s",
+        "",
+        table,
+        "",
+        f"requests: {total}; failed: {failures}; explained by injected faults: "
+        f"{min(failures, explained)} ({causes['injected reset']} resets that could not be "
+        f"retried, {causes['injected restart']} during a restart); "
+        f"not explained: {not_explained}",
+        f"  Jalur non-2xx answers: {answered_non2xx} (from its access log); Locust failures "
+        f"without a non-2xx from Jalur: {hidden}",
+        f"injected: {injected_resets} connection resets at the back ends "
+        f"(/_sim/faults, accumulated; {sum(resets.values())} in the journals), "
+        f"{len(restarts)} restarts "
+        + "("
+        + ", ".join(
+            f"{r.endpoint.cluster}:{r.endpoint.port} {r.ready - r.stopped:.1f}s"
+            if r.ready
+            else f"{r.endpoint.cluster}:{r.endpoint.port} NOT BACK"
+            for r in restarts
+        )
+        + ")",
+        f"payments executed twice: {per_backend_dupes} per back end (/_sim/executions, "
+        f"{keyed} keyed executions, accumulated across restarts); {cross_dupes} keys executed "
+        f"more than once across all commerce back ends (journals, {len(executed)} keys); "
+        f"Locust duplicate-execution failures {duplicate_failures}",
+        f"payments served by a social system: {social}",
+        f"jalur RSS: start {start_rss / 1024:.1f} MiB, end {end_rss / 1024:.1f} MiB "
+        f"({rss_growth:+.1%}), peak {peak_rss / 1024:.1f} MiB; open fds: start {start_fds}, "
+        f"end {end_fds} ({fd_growth:+.1%}), peak {peak_fds} "
+        f"(medians over {window:.0f} s after a {warmup:.0f} s warm-up and over the last "
+        f"{window:.0f} s; {len(samples)} samples every {SAMPLE_EVERY:.0f} s)",
+        f"jalur_requests_total by code: {fmt(series['codes'])}",
+        f"jalur_upstream_errors_total by kind: {fmt(series['upstream_errors'])}",
+        f"jalur_retries_total by route: {fmt(series['retries'])}",
+        f"jalur_idempotency_total by outcome: {fmt(series['idempotency'])}",
+        f"jalur_requests_rejected_total by reason: {fmt(series['rejected'])}",
+        f"endpoints unhealthy at the end: {fmt(series['unhealthy'])}",
+    ]
+    for line in unexplained[:10]:
+        lines.append(
+            f"  unexplained: {line.get('start_time')} {line.get('method')} {line.get('path')} "
+            f"-> {line.get('response_code')} {line.get('response_flags')} "
+            f"upstream {line.get('upstream_host')} id {line.get('request_id')}"
+        )
+    lines.append(f"reports: {reports}/ (access.jsonl, journal-*.jsonl, metrics.txt, loadtest_*)")
+    bars = [
+        (f"no failure beyond the injected faults ({not_explained})", not_explained == 0),
+        (
+            f"no payment executed twice ({per_backend_dupes} + {cross_dupes} + "
+            f"{duplicate_failures})",
+            per_backend_dupes == 0 and cross_dupes == 0 and duplicate_failures == 0,
+        ),
+        (f"no payment served by a social system ({social})", social == 0),
+        (f"RSS growth under 10 % ({rss_growth:+.1%})", rss_growth < GROWTH_BAR),
+        (f"open fds growth under 10 % ({fd_growth:+.1%})", fd_growth < GROWTH_BAR),
+        ("every restarted back end came back", came_back),
+        (f"requests were made ({total})", total > 0),
+    ]
+    return "\n".join(lines), bars
+
+
+if __name__ == "__main__":
+    sys.exit(main())
