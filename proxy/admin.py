@@ -101,14 +101,23 @@ log = logging.getLogger("jalur.admin")
 
 
 def _authorized(request: web.Request, config: Config) -> web.Response | None:
-    """None when the request carries the admin bearer token; else the refusal."""
+    """None when the request carries the admin bearer token; else the refusal: 403 when no
+    token is configured (mutations disabled), 401 with ``WWW-Authenticate: Bearer`` (RFC 6750)
+    when the token is missing or wrong. The comparison takes constant time."""
     token = config.admin.token
     if not token:
         return _json({"error": "mutating admin calls are disabled: set admin.token"}, 403)
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
-        return _json({"error": "missing or wrong bearer token"}, 401)
+    # Header values arrive surrogate-escaped: any byte string compares (never a 500).
+    presented = value.encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token.encode()):
+        refused = _json({"error": "missing or wrong bearer token"}, 401)
+        challenge = 'Bearer realm="jalur-admin"'
+        if value:
+            challenge += ', error="invalid_token"'
+        refused.headers["WWW-Authenticate"] = challenge
+        return refused
     return None
 
 
@@ -163,8 +172,24 @@ async def migration_update(request: web.Request) -> web.Response:
     return _json(migration.view()["routes"][route])
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (404 unknown path, 405 wrong method) as JSON like every other
+    admin error; a 405 keeps its ``Allow`` header."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        refused = _json({"error": exc.reason.lower()}, exc.status)
+        if "Allow" in exc.headers:
+            refused.headers["Allow"] = exc.headers["Allow"]
+        return refused
+    return response
+
+
 def make_app(status: Status, metrics: Metrics | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app[STATUS] = status
     if metrics is not None:
         app[METRICS] = metrics
