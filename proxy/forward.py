@@ -21,7 +21,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -249,14 +249,23 @@ def upstream_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[s
     return out
 
 
-def _response_headers(up: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
-    drop = _connection_named(up.get("Connection"))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in up.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+def _response_headers(
+    up: list[tuple[str, str]], request_id: str, out: CIMultiDict[str]
+) -> CIMultiDict[str]:
+    """The upstream's response header fields minus hop-by-hop ones, added to ``out``."""
+    connection = [v for n, v in up if n.lower() == "connection"]
+    drop = _connection_named(",".join(connection)) if connection else HOP_BY_HOP
+    out.extend([(n, v) for n, v in up if n.lower() not in drop])
     out["x-request-id"] = request_id
     return out
+
+
+class _Relayed(web.StreamResponse):
+    """A relayed response whose head is written together with its first body bytes (one
+    ``write``, one system call for a small answer). ``_relay`` flushes the head on its own
+    when the upstream has not sent body bytes yet, so a slow body never delays the head."""
+
+    _send_headers_immediately = False  # aiohttp's own switch (web.Response sets it too)
 
 
 class _ClientBody:
@@ -879,7 +888,8 @@ class Forwarder:
         upr: UpstreamResponse,
         copy: Copy | None = None,
     ) -> web.StreamResponse:
-        headers = _response_headers(upr.headers, ex.request_id)
+        resp = _Relayed(status=upr.status, reason=upr.reason)
+        headers = _response_headers(upr.header_items(), ex.request_id, resp.headers)
         digest = copy.digest if copy is not None else None
         ticket = ex.ticket
         if ticket is not None:
@@ -887,10 +897,11 @@ class Forwarder:
         dropped = state.boundary.filter_response(headers, cluster.system)
         if dropped:
             self.services.metrics.stripped(cluster.system, "set_cookie", dropped)
-        resp = web.StreamResponse(status=upr.status, reason=upr.reason, headers=headers)
         ex.status = upr.status
         try:
             await resp.prepare(request)
+            if not upr.body_ready():
+                request.writer.send_headers()
         except ConnectionError:
             ex.flags = "DC"
             upr.close()

@@ -212,6 +212,18 @@ class _Response:
         conn = self._conn
         return conn._sent if conn is not None else self._sent
 
+    def body_ready(self) -> bool:
+        """``read_chunk`` would return without waiting: body bytes are buffered, or the
+        body ended or failed."""
+        conn = self._conn
+        return (
+            conn is None
+            or bool(conn._buf)
+            or conn._msg_done
+            or conn._error is not None
+            or conn._closed
+        )
+
     async def read_chunk(self) -> bytes:
         """The next piece of the body; ``b""`` at its end. Raises ``UpstreamReset`` if the
         upstream closed mid-body, ``ResponseTimeout`` after ``timeouts.idle`` seconds

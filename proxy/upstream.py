@@ -81,6 +81,9 @@ class UpstreamResponse(Protocol):
     def headers(self) -> Mapping[str, str]: ...
     def header_items(self) -> list[tuple[str, str]]: ...
     async def read_chunk(self) -> bytes: ...  # b"" at the end of the body
+    # True if ``read_chunk`` would return without waiting (bytes buffered, body ended or
+    # failed); False when unknown. The relay sends the head alone only when it is False.
+    def body_ready(self) -> bool: ...
     # Done with the answer: its connection is pooled again only if the exchange is complete
     # (body read to the end, keep-alive), else closed. Never reads the rest of a body.
     def release(self) -> None: ...
@@ -136,6 +139,9 @@ class _AiohttpResponse:
 
     def header_items(self) -> list[tuple[str, str]]:
         return list(self._resp.headers.items())
+
+    def body_ready(self) -> bool:
+        return False  # unknown: the head is written at once
 
     async def read_chunk(self) -> bytes:
         try:
