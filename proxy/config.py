@@ -327,6 +327,8 @@ class Route(_Base, frozen=True):
     sticky: Sticky | None = None
     shadow: Shadow | None = None
     idempotency: IdempotencyPolicy | None = None
+    # Largest request body on this route (413 beyond); None: ``listen.max_body_bytes``.
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Audit(_Base, frozen=True):

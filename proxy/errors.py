@@ -5,7 +5,9 @@ The tree (status code, Envoy response flag, metric ``kind``)::
     ProxyError
     ├── RequestError                 the client's request cannot be served as sent
     │   ├── BadRequest          400  malformed or ambiguous request (bad path, bad header)
-    │   └── NoRoute             404  NR   no route matches
+    │   ├── NoRoute             404  NR   no route matches
+    │   ├── BodyTooLarge        413       the request body is over the route's limit
+    │   └── BodyTimeout         408       no request body byte for ``listen.body_idle_timeout``
     ├── PolicyError                  refused by a policy before anything was sent upstream
     │   ├── NoHealthyUpstream   503  UH   no endpoint may take the request now
     │   └── Overflow            503  UO   the cluster's circuit breaker is open (too many requests)
@@ -62,6 +64,18 @@ class NoRoute(RequestError):
     status = 404
     flag = "NR"
     kind = "no_route"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    flag = "DPE"
+    kind = "body_too_large"
+
+
+class BodyTimeout(RequestError):
+    status = 408
+    flag = "DPE"
+    kind = "body_timeout"
 
 
 class PolicyError(ProxyError):

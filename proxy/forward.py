@@ -71,6 +71,15 @@ _WS_HANDSHAKE: Final = frozenset(
 # the id can be logged and echoed without escaping.
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
 VIA: Final = "1.1 jalur"
+HTTP11: Final = aiohttp.HttpVersion11
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Seconds an unread request body is still read and discarded after a 413 before the
+# connection closes (Envoy's delayed_close_timeout): closing at once with body bytes unread
+# would make the kernel send a reset that can destroy the 413 before the client reads it.
+REFUSED_LINGER: Final = 1.0
+# Set on a request whose body was refused: seconds the listener lingers after answering
+# (read and discard what the client still sends) before it closes the connection.
+LINGER: Final = web.RequestKey("jalur_linger", float)
 # Largest WebSocket message relayed in either direction.
 WS_MAX_MESSAGE: Final = 4 * 1024 * 1024
 
@@ -222,10 +231,15 @@ def error_response(status: int, message: str, request_id: str, **extra: str) -> 
     )
 
 
+# Fields a ``Connection`` header may not remove (RFC 9110 lets it name any): the proxy routed
+# on Host and retries a POST only because the upstream sees its Idempotency-Key.
+_NOT_NOMINABLE: Final = frozenset({"host", "idempotency-key"})
+
+
 def _connection_named(value: str | None) -> frozenset[str]:
     if not value:
         return HOP_BY_HOP
-    return HOP_BY_HOP | {t.strip().lower() for t in value.split(",")}
+    return HOP_BY_HOP | ({t.strip().lower() for t in value.split(",")} - _NOT_NOMINABLE)
 
 
 def upstream_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
@@ -272,15 +286,43 @@ class _ClientBody:
     """The client's request body as an async iterator; remembers whether the *client*
     failed (disconnect mid-upload) so that is not blamed on the upstream.
 
+    It enforces the route's body limits: more than ``limit`` bytes raises ``BodyTooLarge``
+    and no byte for ``idle`` seconds raises ``BodyTimeout``; either is kept in ``refused``
+    so that whoever was reading (the upstream transport, a policy) answers 413/408 instead
+    of blaming the upstream. ``100 Continue`` goes out on the first read only, so every
+    answer given without reading the body (a refusal, a 404, a 413 by Content-Length) is
+    given without inviting the body first.
+
     It can be iterated again (a retry) when it is ``replayable``: the whole body is in
     ``preread``, or nothing of it was read for an upstream yet."""
 
-    __slots__ = ("bytes", "client_failed", "copy", "prefix", "preread", "request", "started")
+    __slots__ = (
+        "bytes",
+        "client_failed",
+        "continue_",
+        "copy",
+        "idle",
+        "limit",
+        "prefix",
+        "preread",
+        "refused",
+        "request",
+        "started",
+    )
 
-    def __init__(self, request: web.BaseRequest, copy: bytearray | None = None) -> None:
+    def __init__(
+        self, request: web.BaseRequest, limit: int, idle: float, copy: bytearray | None = None
+    ) -> None:
         self.request = request
+        self.limit = limit
+        self.idle = idle
         self.bytes = 0
         self.client_failed = False
+        self.refused: errors.RequestError | None = None
+        # The client waits for ``100 Continue`` before sending the body (HTTP/1.1 only).
+        self.continue_ = request.version >= HTTP11 and (
+            request.headers.get("Expect", "").lower() == "100-continue"
+        )
         self.copy = copy  # a shadow's copy of the body (bounded by the shadow plan)
         self.preread: bytes | None = None  # the whole body, when a policy had to read it
         self.prefix: bytes | None = None  # read by ``buffer``, still to be sent first
@@ -342,16 +384,34 @@ class _ClientBody:
             yield chunk
 
     async def _stream(self) -> AsyncIterator[bytes]:
-        content = self.request.content
+        request = self.request
+        content = request.content
+        if self.continue_:
+            self.continue_ = False
+            await request.writer.write(CONTINUE)
         while True:
             try:
-                chunk = await content.readany()
+                if content.total_bytes > self.bytes or content.is_eof():
+                    chunk = await content.readany()  # buffered: no timer needed
+                else:
+                    async with asyncio.timeout(self.idle):
+                        chunk = await content.readany()
+            except TimeoutError:
+                self.refused = errors.BodyTimeout(
+                    f"no request body bytes for {self.idle:g}s; request cut"
+                )
+                raise self.refused from None
             except Exception:
                 self.client_failed = True
                 raise
             if not chunk:
                 return
             self.bytes += len(chunk)
+            if self.bytes > self.limit:
+                self.refused = errors.BodyTooLarge(
+                    f"request body over this route's limit of {self.limit} bytes"
+                )
+                raise self.refused
             yield chunk
 
 
@@ -437,6 +497,12 @@ class Forwarder:
         self, state: State, request: web.BaseRequest, ex: Exchange
     ) -> web.StreamResponse:
         headers = request.headers
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.lower() != "chunked":
+            # llhttp reads "identity, chunked" as chunked; a peer may not. Only the one
+            # coding HTTP/1.1 defines for requests is accepted (Envoy and NGINX: 501).
+            message = "unsupported Transfer-Encoding; only chunked is accepted"
+            return self._reject(ex, 501, message, "transfer_encoding")
         try:
             target = paths.canonicalize(request.raw_path, headers.get("Host"))
         except paths.PathError as exc:
@@ -485,9 +551,17 @@ class Forwarder:
                 refused,
                 f"cluster {cluster.name} may not serve {route.category} requests now",
             )
+        limit = route.spec.max_body_bytes
+        if limit is None:
+            limit = state.config.listen.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            # Before any upstream connection, before 100 Continue: the body is never read.
+            too_large = f"request body of {length} bytes is over this route's limit of {limit}"
+            return self._refuse_body(request, ex, errors.BodyTooLarge(too_large))
         policy = state.idempotency.get(route.name)
         if policy is not None and request.method in NON_IDEMPOTENT:
-            early = await self._idempotency_gate(state, request, ex, route, target, policy)
+            early = await self._idempotency_gate(state, request, ex, route, target, policy, limit)
             if early is not None:
                 return early
         cm = state.bound.clusters[cluster.name]
@@ -516,12 +590,10 @@ class Forwarder:
             )
         body = ex.body  # already read by the idempotency gate, or None
         if body is None and request.body_exists:
-            body = _ClientBody(request)
+            body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
         if body is not None and copy is not None:
             body.copy = copy.body
         ex.body = body
-        if body is not None and request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         # May this request be sent twice? Then keep its body (bounded) to send it again.
         repeatable = cluster.retry.enabled and (
             request.method in IDEMPOTENT_METHODS or IDEMPOTENCY_KEY in request.headers
@@ -530,6 +602,8 @@ class Forwarder:
             try:
                 await body.buffer(cluster.retry.buffer_bytes)
             except Exception:
+                if body.refused is not None:
+                    return self._refuse_body(request, ex, body.refused)
                 ex.flags = "DC"
                 return error_response(400, "client body ended early", rid)
         up = await self._send(
@@ -580,6 +654,8 @@ class Forwarder:
             except (errors.ProxyError, TimeoutError) as caught:
                 ex.host = None
                 cluster.release(host)
+                if body is not None and body.refused is not None:
+                    return self._refuse_body(request, ex, body.refused)
                 if body is not None and body.client_failed:
                     ex.flags = "DC"
                     return error_response(400, "client body ended early", ex.request_id)
@@ -725,6 +801,7 @@ class Forwarder:
         route: Route,
         target: paths.Target,
         policy: IdempotencyPolicy,
+        limit: int,
     ) -> web.StreamResponse | None:
         """None to forward the request (holding a lock when it has a key), or the answer:
         a replay, 400 missing key, 409 in flight, 413, 422 mismatch, 503 store down."""
@@ -742,9 +819,16 @@ class Forwarder:
         if len(key) > MAX_IDEMPOTENCY_KEY:
             ex.status = 400
             return error_response(400, "Idempotency-Key is too long", rid)
-        body = _ClientBody(request)
+        body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
         ex.body = body
-        data = await body.read_all(policy.max_body_bytes)
+        try:
+            data = await body.read_all(policy.max_body_bytes)
+        except Exception:
+            if body.refused is not None:
+                return self._refuse_body(request, ex, body.refused)
+            ex.flags = "DC"
+            ex.status = 400
+            return error_response(400, "client body ended early", rid)
         if data is None:
             ex.status = 413
             return error_response(413, "request body too large for an idempotent request", rid)
@@ -840,7 +924,26 @@ class Forwarder:
         if ex.flags == "-":
             ex.flags = "DPE"
         ex.status = status
-        return error_response(status, message, ex.request_id, reason=reason)
+        resp = error_response(status, message, ex.request_id, reason=reason)
+        if status != 404:
+            # A malformed or ambiguous request: what the client pipelined after it is not
+            # trusted to be framed as the client meant (NGINX also closes after a 400).
+            resp.force_close()
+        return resp
+
+    def _refuse_body(
+        self, request: web.BaseRequest, ex: Exchange, exc: errors.RequestError
+    ) -> web.Response:
+        """413 (over the limit) or 408 (body stalled), counted by kind; nothing more of
+        the body is forwarded and the connection closes after the answer."""
+        self.services.metrics.rejected(exc.kind)
+        ex.flags = exc.flag
+        ex.status = exc.status
+        # A stalled client sends nothing more: close at once. Otherwise linger briefly.
+        request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
+        resp = error_response(exc.status, exc.message, ex.request_id, reason=exc.kind)
+        resp.force_close()
+        return resp
 
     def _block(
         self, state: State, ex: Exchange, status: int, reason: str, message: str
@@ -858,7 +961,10 @@ class Forwarder:
             ex.cluster.name if ex.cluster else "-",
             reason,
         )
-        return error_response(status, message, ex.request_id, reason=reason)
+        resp = error_response(status, message, ex.request_id, reason=reason)
+        if status == 400:
+            resp.force_close()  # an ambiguous path: as in ``_reject``
+        return resp
 
     def _count_stripped(self, system: str, stripped: Stripped) -> None:
         metrics = self.services.metrics
@@ -919,8 +1025,14 @@ class Forwarder:
                 await resp.write(chunk)
         except errors.ProxyError as exc:
             # The head is out: the only honest signal left is to cut the connection.
-            ex.flags = "UPE" if exc.kind == "protocol" else "UC"
-            state.bound.clusters[cluster.name].error(exc.kind)
+            body = ex.body
+            if body is not None and body.refused is not None:
+                # The upload (still streaming beside the response) went over a body limit.
+                self.services.metrics.rejected(body.refused.kind)
+                ex.flags = body.refused.flag
+            else:
+                ex.flags = "UPE" if exc.kind == "protocol" else "UC"
+                state.bound.clusters[cluster.name].error(exc.kind)
             upr.close()
             _abort(request)
             return resp
@@ -929,6 +1041,14 @@ class Forwarder:
             upr.close()  # the client went away; drop the upstream connection too
             return resp
         upr.release()
+        body = ex.body
+        if body is not None and body.refused is not None:
+            # The whole response arrived before the upload was cut: it stands, but the
+            # connection does not carry another request.
+            self.services.metrics.rejected(body.refused.kind)
+            ex.flags = body.refused.flag
+            request[LINGER] = 0.0
+            resp.force_close()
         return resp
 
     async def _websocket(

@@ -475,7 +475,8 @@ class Metrics:
         )
         self.requests_rejected = Counter(
             "jalur_requests_rejected_total",
-            "Requests refused before routing (invalid path, no route), by reason.",
+            "Requests refused by Jalur itself before or instead of forwarding them (malformed, "
+            "invalid path, no route, listener limits, body too large or stalled), by reason.",
             ["reason"],
             registry=reg,
         )
@@ -536,8 +537,10 @@ class Metrics:
     # -- process-wide events -------------------------------------------------------------
 
     def rejected(self, reason: str) -> None:
-        """A request refused before routing: ``no_route``, or a ``paths.PathError.reason``
-        slug. Pass only bounded slugs, never request data."""
+        """A request refused by the proxy itself: ``no_route``, a ``paths.PathError.reason``
+        slug, ``malformed``, a listener limit (``max_connections``), ``transfer_encoding``,
+        or a body limit (``body_too_large``, ``body_timeout``; also counted under the route).
+        Pass only bounded slugs, never request data."""
         child = self._rejected.get(reason)
         if child is None:
             child = self._rejected[reason] = self.requests_rejected.labels(reason)

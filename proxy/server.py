@@ -23,7 +23,15 @@ from . import admin as admin_mod
 from . import config as cfg
 from .accesslog import AccessLog
 from .compliance import AuditLog
-from .forward import Forwarder, Services, State, build_state, error_response, new_request_id
+from .forward import (
+    LINGER,
+    Forwarder,
+    Services,
+    State,
+    build_state,
+    error_response,
+    new_request_id,
+)
 from .idempotency import make_store
 from .metrics import Metrics
 from .shadow import Shadower
@@ -104,6 +112,23 @@ class _Protocol(RequestHandler):
             return
         self.transport.write(TIMEOUT_408)
         self.force_close()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        headers = request.headers
+        if "Transfer-Encoding" in headers or "Upgrade" in headers:
+            # aiohttp's C parser carries the last trailer field of a chunked request over
+            # into the next request's headers, and after an Upgrade it does not perform it
+            # discards what was pipelined behind it: no further request on this connection.
+            resp.force_close()
+        out = await super().finish_response(request, resp, start_time)
+        linger = request.get(LINGER)
+        if linger is not None:
+            # The body was refused (413/408): read and discard what still comes for at
+            # most this long instead of aiohttp's 10 s, then close.
+            self._lingering_time = linger
+        return out
 
     def handle_error(
         self,

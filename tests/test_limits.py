@@ -12,7 +12,13 @@ from typing import Any
 import orjson
 import yaml
 
-from .conftest import SYSTEMS, Harness, raw_request
+from proxy.server import ProxyServer
+
+from .conftest import SYSTEMS, Harness, RawUpstream, raw_request, raw_upstream
+from .wire import Conversation, WireUpstream, converse, wire_upstream
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
 
 
 async def limited(h: Harness, **listen: Any) -> int:
@@ -122,3 +128,222 @@ async def test_refuses_to_start_on_the_python_parser(tmp_path: Path) -> None:
         _, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"C HTTP parser is not in use" in err
+
+
+# -- body limits ------------------------------------------------------------------------
+
+SMALL = 100  # routes[small].max_body_bytes
+DEFAULT = 1000  # listen.max_body_bytes
+
+
+async def body_limited(h: Harness, up: WireUpstream, **listen: Any) -> ProxyServer:
+    return await h.proxy(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0, "max_body_bytes": DEFAULT, **listen},
+            "clusters": {
+                "c": {"system": "tokopedia", "endpoints": [up.url]},
+                "pay": {"system": "tokopedia", "endpoints": [up.url]},
+            },
+            "routes": [
+                {
+                    "name": "small",
+                    "match": {"prefix": "/small"},
+                    "category": "promotion",
+                    "to": "c",
+                    "max_body_bytes": SMALL,
+                },
+                {"name": "pay", "match": {"prefix": "/pay"}, "category": "payment", "to": "pay"},
+                {"name": "all", "match": {"prefix": "/"}, "category": "promotion", "to": "c"},
+            ],
+        }
+    )
+
+
+def rejected(p: ProxyServer, reason: str) -> float:
+    value = p.services.metrics.registry.get_sample_value(
+        "jalur_requests_rejected_total", {"reason": reason}
+    )
+    return 0.0 if value is None else value
+
+
+def upstream_errors(p: ProxyServer) -> float:
+    reg = p.services.metrics.registry
+    return sum(
+        s.value
+        for metric in reg.collect()
+        if metric.name == "jalur_upstream_errors"
+        for s in metric.samples
+        if s.name == "jalur_upstream_errors_total"
+    )
+
+
+def post(target: str, length: int, body: bytes = b"", extra: str = "") -> bytes:
+    head = f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def assert_json_error(talk: Conversation, status: int, reason: str) -> None:
+    assert talk.statuses == [status], talk.raw[:300]
+    answer = talk.responses[0]
+    body = orjson.loads(answer.body)
+    assert body["reason"] == reason
+    assert body["error"]
+    assert body["request_id"] == answer.header("x-request-id")
+    assert talk.closed, "the connection stayed open after the refusal"
+
+
+async def test_a_content_length_over_the_limit_is_413_before_any_upstream_connection(
+    harness: Harness,
+) -> None:
+    up = await wire_upstream()
+    p = await body_limited(harness, up)
+    over_route = await converse(
+        p.data_port, post("/small", SMALL + 1, b"x" * (SMALL + 1)), linger=3
+    )
+    assert_json_error(over_route, 413, "body_too_large")
+    over_listener = await converse(p.data_port, post("/big", DEFAULT + 1), linger=3)
+    assert_json_error(over_listener, 413, "body_too_large")
+    assert up.connections == 0
+    assert not up.received
+    assert rejected(p, "body_too_large") == 2
+    # At the limit it is forwarded, on each route.
+    at_route = await converse(p.data_port, post("/small", SMALL, b"x" * SMALL))
+    at_listener = await converse(p.data_port, post("/big", DEFAULT, b"y" * DEFAULT))
+    assert at_route.statuses == at_listener.statuses == [200]
+    assert [len(m.body) for m in up.messages] == [SMALL, DEFAULT]
+    up.close()
+
+
+async def test_a_chunked_body_growing_past_the_limit_is_cut(harness: Harness) -> None:
+    up = await wire_upstream()
+    p = await body_limited(harness, up)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+    head = b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(head + b"3c\r\n" + b"a" * 60 + b"\r\n")
+    await up.until(lambda u: b"a" * 60 in u.received)  # the upload is under way upstream
+    writer.write(b"3c\r\n" + b"b" * 60 + b"\r\n")  # 120 bytes: over the route's 100
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # the 413, then the proxy closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"reason":"body_too_large"' in answer
+    await up.until(lambda u: u.closed == 1)  # the upstream request was aborted
+    assert b"b" * 60 not in up.received  # nothing past the limit
+    assert not up.messages  # never a whole request
+    assert rejected(p, "body_too_large") == 1
+    assert upstream_errors(p) == 0  # the client's fault, not the upstream's
+    up.close()
+
+
+async def test_a_chunked_body_past_the_limit_of_a_payment_route_is_cut_before_upstream(
+    harness: Harness,
+) -> None:
+    """The idempotency gate reads the body first: the limit holds there too."""
+    up = await wire_upstream()
+    p = await body_limited(harness, up, max_body_bytes=SMALL)
+    chunk = b"64\r\n" + b"z" * 100 + b"\r\n"
+    head = (
+        b"POST /pay HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    talk = await converse(p.data_port, head + chunk + chunk + b"0\r\n\r\n", linger=3)
+    assert_json_error(talk, 413, "body_too_large")
+    assert up.connections == 0
+    assert rejected(p, "body_too_large") == 1
+
+
+async def test_a_stalled_body_is_408_and_the_upstream_request_aborted(harness: Harness) -> None:
+    up = await wire_upstream()
+    p = await body_limited(harness, up, body_idle_timeout=0.3)
+    talk = await converse(p.data_port, post("/x", 50, b"only ten b"), linger=3)
+    assert_json_error(talk, 408, "body_timeout")
+    await up.until(lambda u: u.connections == 1 and u.closed == 1)
+    assert not up.messages  # the upstream never got a whole request
+    assert rejected(p, "body_timeout") == 1
+    assert upstream_errors(p) == 0
+    up.close()
+
+
+async def test_expect_100_continue_is_answered_after_routing(harness: Harness) -> None:
+    up = await wire_upstream()
+    p = await body_limited(harness, up)
+    # Over the route's limit: 413 at once, no 100 Continue, the body never invited.
+    refused = await converse(
+        p.data_port, post("/small", SMALL * 10, extra="Expect: 100-continue\r\n"), linger=3
+    )
+    assert not refused.raw.startswith(b"HTTP/1.1 100")
+    assert_json_error(refused, 413, "body_too_large")
+    assert up.connections == 0
+    # Within it (and through the idempotency gate, which reads the body first): the
+    # client waits for 100 Continue before sending the body.
+    for target, extra in (("/small", ""), ("/pay", "Idempotency-Key: k2\r\n")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+        writer.write(post(target, 5, extra=extra + "Expect: 100-continue\r\n"))
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hello")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    assert [m.body for m in up.messages] == [b"hello", b"hello"]
+    assert all(m.header("Expect") == [] for m in up.messages)
+    up.close()
+
+
+async def test_a_body_over_the_limit_after_the_answer_started_aborts_the_client(
+    harness: Harness,
+) -> None:
+    """The upstream answers while the upload goes on; the upload then passes the limit:
+    the head is out, so the client connection is cut (never a clean short response)."""
+    connections: list[int] = []
+    upstream_eof = asyncio.Event()
+
+    async def early_answer(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        connections.append(1)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+        upstream_eof.set()
+
+    raw = await raw_upstream(early_answer)
+    p = await harness.proxy(
+        {
+            "clusters": {"c": {"system": "tokopedia", "endpoints": [raw.url]}},
+            "routes": [
+                {
+                    "name": "all",
+                    "match": {},
+                    "category": "promotion",
+                    "to": "c",
+                    "max_body_bytes": SMALL,
+                }
+            ],
+        }
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
+    got = b""
+    async with asyncio.timeout(5):
+        # One byte at a time until the relayed head arrives (the proxy notices the
+        # upstream's answer between two pieces of the upload).
+        while b"first" not in got:
+            try:
+                async with asyncio.timeout(0.05):
+                    got += await reader.read(65536)
+            except TimeoutError:
+                writer.write(b"1\r\na\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ")
+        writer.write(b"64\r\n" + b"b" * 100 + b"\r\n")
+        try:
+            while chunk := await reader.read(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        await upstream_eof.wait()
+    writer.close()
+    assert not got.endswith(b"0\r\n\r\n")  # cut, not a clean end of the response
+    assert len(connections) == 1
+    assert rejected(p, "body_too_large") == 1
+    assert upstream_errors(p) == 0
+    raw.server.close()
