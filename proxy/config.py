@@ -92,6 +92,9 @@ class Listen(_Base, frozen=True):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
     # Requests served on one connection before it is closed (spreads load after scaling).
     max_requests_per_connection: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    # Connections the kernel queues before Jalur accepts them (listen(2) backlog, NGINX's
+    # 511); a connection burst beyond it is dropped by the kernel before Jalur sees it.
+    backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 511
     # Pipelined requests parsed ahead of the one being served; reading pauses beyond it.
     max_pipelined: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     # Seconds without a byte of request body before the request is cut (408).

@@ -830,8 +830,10 @@ class Forwarder:
             ex.status = 400
             return error_response(400, "client body ended early", rid)
         if data is None:
-            ex.status = 413
-            return error_response(413, "request body too large for an idempotent request", rid)
+            too_large = errors.BodyTooLarge(
+                "request body too large for an idempotent request (idempotency.max_body_bytes)"
+            )
+            return self._refuse_body(request, ex, too_large)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         fp = idem.fingerprint(request.method, upstream_target, data)
         scope = f"{route.name}\x00{self._user(route, request)}\x00{key}"

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -43,15 +44,27 @@ log = logging.getLogger("jalur")
 PROGRESS_INTERVAL: Final = 5.0
 
 
-def _408() -> bytes:
-    body = b'{"error":"request head not received in time","request_id":null}'
-    return (
-        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+def timeout_408(request_id: str) -> bytes:
+    """The answer to a client that did not send a whole request head in time (written to the
+    socket directly: there is no request object to answer)."""
+    body = orjson.dumps(
+        {
+            "error": "request head not received in time",
+            "request_id": request_id,
+            "reason": "header_timeout",
+        }
     )
-
-
-TIMEOUT_408: Final = _408()
+    return b"".join(
+        (
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n",
+            b"Connection: close\r\nX-Request-Id: ",
+            request_id.encode(),
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n\r\n",
+            body,
+        )
+    )
 
 
 class _Protocol(RequestHandler):
@@ -110,8 +123,9 @@ class _Protocol(RequestHandler):
         self._header_deadline = None
         if self._messages or self._request_in_progress or self.transport is None:
             return
-        self.transport.write(TIMEOUT_408)
-        self.force_close()
+        self.transport.write(timeout_408(new_request_id(None)))
+        self._jalur.on_error("header_timeout")
+        self.force_close()  # closes the transport (the 408 is flushed first)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -240,7 +254,13 @@ class ProxyServer:
         if data_sock is not None:
             site = web.SockSite(self._data_runner, data_sock)
         else:
-            site = web.TCPSite(self._data_runner, listen.host, listen.port, reuse_address=True)
+            site = web.TCPSite(
+                self._data_runner,
+                listen.host,
+                listen.port,
+                reuse_address=True,
+                backlog=listen.backlog,
+            )
         await site.start()
         self.data_port = _bound_port(self._data_runner)
         if self.with_admin:

@@ -72,7 +72,7 @@ class Supervisor:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
-        sock.listen(4096)
+        sock.listen(listen.backlog)
         sock.set_inheritable(True)
         self.sock = sock
         return sock

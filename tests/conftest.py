@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,3 +201,12 @@ def children(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         out.extend(int(x) for x in text)
     return out
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``predicate`` until it holds (fails the test after ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)

@@ -275,3 +275,21 @@ async def test_two_proxy_processes_sharing_redis_replay_each_others_payments(
         async with asyncio.timeout(20):
             assert await proc.wait() == 0
     assert executed(harness) == 1
+
+
+async def test_a_body_over_the_idempotency_limit_is_a_counted_413_that_closes(
+    harness: Harness,
+) -> None:
+    b = await harness.backend("pay", "tokopedia")
+    p = await harness.proxy(payment_config(b.url, {"store": "memory"}, max_body_bytes=100))
+    url = f"http://127.0.0.1:{p.data_port}/api/payment/charge"
+    key = {"Idempotency-Key": "big"}
+    async with aiohttp.ClientSession() as s, s.post(url, data=b"x" * 101, headers=key) as r:
+        assert r.status == 413
+        body = await r.json()
+        assert body["reason"] == "body_too_large"
+        assert body["request_id"] == r.headers["x-request-id"]
+        assert r.headers.get("Connection", "").lower() == "close"
+    assert executed(harness) == 0
+    reg = p.services.metrics.registry
+    assert reg.get_sample_value("jalur_requests_rejected_total", {"reason": "body_too_large"}) == 1

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import yaml
 
-from proxy.server import ProxyServer
+from proxy.server import ProxyServer, _Server
 
-from .conftest import SYSTEMS, Harness, RawUpstream, raw_request, raw_upstream
+from .conftest import SYSTEMS, Harness, RawUpstream, raw_request, raw_upstream, until
 from .wire import Conversation, WireUpstream, converse, wire_upstream
 
 Reader = asyncio.StreamReader
@@ -347,3 +347,29 @@ async def test_a_body_over_the_limit_after_the_answer_started_aborts_the_client(
     assert rejected(p, "body_too_large") == 1
     assert upstream_errors(p) == 0
     raw.server.close()
+
+
+async def test_a_head_not_received_in_time_is_a_counted_json_408(harness: Harness) -> None:
+    port = await limited(harness, header_read_timeout=0.3)
+    talk = await converse(port, b"GET /x HTTP/1.1\r\nHost: x\r\nX-Half: ", linger=3)
+    assert_json_error(talk, 408, "header_timeout")
+    assert rejected(harness.proxies[-1], "header_timeout") == 1
+
+
+async def test_a_burst_of_idle_connections_is_all_accepted(harness: Harness) -> None:
+    """400 clients connect at once and send nothing: the listen backlog (NGINX's 511) holds
+    them until accepted. (With aiohttp's default of 128, the kernel drops the final ACK of
+    the overflow and those idle clients are never accepted.)"""
+    port = await limited(harness, header_read_timeout=30)
+    runner = harness.proxies[-1]._data_runner
+    assert runner is not None
+    assert isinstance(runner.server, _Server)
+    server = runner.server
+    results = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", port) for _ in range(400))
+    )
+    try:
+        await until(lambda: server.open_connections == 400)
+    finally:
+        for _, writer in results:
+            writer.close()

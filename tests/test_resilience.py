@@ -41,6 +41,7 @@ from .conftest import (
     free_port,
     raw_upstream,
     read_request,
+    until,
 )
 
 Reader = asyncio.StreamReader
@@ -78,15 +79,6 @@ def healthy(p: ProxyServer, cluster_name: str, url: str) -> float | None:
     return p.services.metrics.registry.get_sample_value(
         "jalur_endpoint_healthy", {"cluster": cluster_name, "endpoint": url}
     )
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds (fails the test after ``within`` seconds)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 # -- fault upstreams --------------------------------------------------------------------

@@ -18,9 +18,17 @@ from .conftest import SERVING, SYSTEMS, Harness, children
 TOTAL = re.compile(r'^jalur_requests_total\{[^}]*route="pay"[^}]*\} ([0-9.e+]+)$', re.M)
 
 
-async def requests_total(s: aiohttp.ClientSession, admin: str) -> float:
-    async with s.get(f"{admin}/metrics") as r:
-        return sum(float(x) for x in TOTAL.findall(await r.text()))
+async def requests_total(s: aiohttp.ClientSession, admin: str, expect: float) -> float:
+    """The summed counter once it reaches ``expect`` (a worker counts a request just after
+    its answer is written, so a scrape may briefly lag), or what it is after 5 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        async with s.get(f"{admin}/metrics") as r:
+            total = sum(float(x) for x in TOTAL.findall(await r.text()))
+        if total >= expect or loop.time() > deadline:
+            return total
+        await asyncio.sleep(0.05)
 
 
 async def send(s: aiohttp.ClientSession, base: str, n: int) -> set[str]:
@@ -67,7 +75,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
         assert len(workers) == 2
         async with aiohttp.ClientSession() as s:
             assert await send(s, base, 60) == {"200"}
-            assert await requests_total(s, admin) == 60
+            assert await requests_total(s, admin, 60) == 60
 
             # A worker that dies is replaced, and its counts are not lost.
             os.kill(workers[0], signal.SIGKILL)
@@ -78,7 +86,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
                         break
                     await asyncio.sleep(0.05)
             assert await send(s, base, 40) == {"200"}
-            assert await requests_total(s, admin) == 100
+            assert await requests_total(s, admin, 100) == 100
 
             # An invalid config on SIGHUP is refused; both workers keep serving.
             path.write_text("routes: [{name: broken}]\n")
