@@ -999,12 +999,12 @@ class Forwarder:
         resp = _Relayed(status=upr.status, reason=upr.reason)
         headers = _response_headers(upr.header_items(), ex.request_id, resp.headers)
         digest = copy.digest if copy is not None else None
-        ticket = ex.ticket
-        if ticket is not None:
-            ticket.headers = [(str(k), v) for k, v in headers.items()]
         dropped = state.boundary.filter_response(headers, cluster.system)
         if dropped:
             self.services.metrics.stripped(cluster.system, "set_cookie", dropped)
+        ticket = ex.ticket
+        if ticket is not None:  # stored as the client sees it: after the boundary's filter
+            ticket.headers = [(str(k), v) for k, v in headers.items()]
         ex.status = upr.status
         try:
             await resp.prepare(request)

@@ -398,6 +398,11 @@ class _Conn(asyncio.Protocol):
                 # HEAD: the head is the whole message. llhttp stopped in an error state,
                 # so the connection gets a fresh parser.
                 self._parser = httptools.HttpResponseParser(self)
+                # Bytes behind the head in this read mean the upstream is out of step with
+                # us (a body after a HEAD answer): do not pool the connection. Conservative:
+                # the read must end exactly at the only blank line in it.
+                if not data.endswith(b"\r\n\r\n") or data.count(b"\r\n\r\n") != 1:
+                    self._keep_alive = False
                 self.on_message_complete()
             elif isinstance(cause, errors.UpstreamError):
                 self._fail(cause)
@@ -517,7 +522,10 @@ class _Conn(asyncio.Protocol):
                 raise errors.UpstreamProtocolError("upstream switched protocols unasked")
             self._interim = True  # 100 Continue, 102, 103 Early Hints: skipped
             return
-        self._keep_alive = parser.should_keep_alive()
+        # An answer before the whole request was written (an early 401/413/redirect) leaves
+        # the rest of the body on the wire: the upstream may read those client-chosen bytes as
+        # the start of its next request. Such a connection is never pooled again (as Envoy).
+        self._keep_alive = parser.should_keep_alive() and self._write_done
         self._head_done = True
         self._timer_kind = _T_OFF
         self._resp = _Response(
@@ -937,6 +945,8 @@ class H1Transport:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken and timed out in one iteration: pass it on
                 raise _stamp(
                     errors.ConnectTimeout(
                         f"no upstream connection free within {self._t_connect:g}s "

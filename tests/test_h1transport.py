@@ -36,7 +36,7 @@ from proxy.h1transport import (
 from proxy.upstream import Endpoint, Transport
 
 from . import test_proxy
-from .conftest import Harness, free_port
+from .conftest import Harness, free_port, until
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -344,6 +344,33 @@ def test_head_204_304_have_no_body_and_keep_the_connection_in_step(run: Runner) 
     run(scenario())
 
 
+def test_a_body_after_a_head_answer_takes_the_connection_out_of_the_pool(run: Runner) -> None:
+    """An upstream that sends a body after a HEAD answer is out of step: those bytes would
+    be read as the next answer. The connection is not pooled; the next request gets its own."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await up.read_request(reader)
+            if line.startswith("HEAD"):
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nHTTP/1.1 ")
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+
+    async def scenario() -> None:
+        up = await Upstream(handler).start()
+        t, ep = transport_for(up.port)
+        resp, body = await get(t, ep, "/h", "HEAD")
+        assert (resp.status, body) == (200, b"")
+        resp, body = await get(t, ep, "/x")
+        assert body == b"ok"
+        assert up.accepted == 2
+        await t.close()
+        up.close()
+
+    run(scenario())
+
+
 def test_interim_responses_are_skipped(run: Runner) -> None:
     async def scenario() -> None:
         up = await Upstream(
@@ -529,6 +556,47 @@ def test_full_duplex_upload_continues_after_an_early_response_head(run: Runner) 
         assert up.requests[0][2] == expected.digest()
         assert resp.request_bytes_sent > size
         resp.release()
+        assert t.open_connections == 0  # answered before the request ended: never pooled
+        await t.close()
+        up.close()
+
+    run(scenario())
+
+
+def test_an_early_answer_is_not_pooled_even_when_the_upload_completes(run: Runner) -> None:
+    """The upstream answers 401 after the first body chunk and never reads the rest; the
+    rest of the upload (small) still completes into the socket buffers. Pooling that
+    connection would let the leftover, client-chosen body bytes prefix the next request."""
+
+    async def handler(up: Upstream, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(5)
+        w.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+        await w.drain()
+        await up.wait_eof(reader)  # the rest of the body is never read
+
+    async def scenario() -> None:
+        up = await Upstream(handler).start()
+        t, ep = transport_for(up.port, idle=30)
+
+        async def upload() -> AsyncIterator[bytes]:
+            yield b"first"
+            # Only once the transport has parsed the 401 (white-box: its connection's
+            # response), so the answer provably came before the end of the request.
+            await until(lambda: any(c._resp is not None for c in t._conns))
+            yield b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+        resp = await t.send(ep, "POST", "/", hdrs(Content_Length="40"), upload())
+        assert resp.status == 401
+        assert await read_all(resp) == b"no"
+        conn = resp._conn
+        assert conn is not None
+        await until(lambda: conn._write_done)  # the upload completes into the socket buffers
+        resp.release()
+        assert t.open_connections == 0
+        assert t.idle_connections(ep) == 0
+        async with asyncio.timeout(5):
+            await up.closed_by_peer.wait()
         await t.close()
         up.close()
 

@@ -293,3 +293,24 @@ async def test_a_body_over_the_idempotency_limit_is_a_counted_413_that_closes(
     assert executed(harness) == 0
     reg = p.services.metrics.registry
     assert reg.get_sample_value("jalur_requests_rejected_total", {"reason": "body_too_large"}) == 1
+
+
+async def test_a_replay_carries_no_cookie_the_boundary_stripped(
+    harness: Harness, store: dict[str, Any]
+) -> None:
+    """The commerce back end sets the social system's cookie: the boundary strips it from the
+    first answer, and the stored copy replayed later must not bring it back."""
+    b = await harness.backend("pay", "tokopedia")
+    p = await harness.proxy(payment_config(b.url, store))
+    url = f"http://127.0.0.1:{p.data_port}/api/payment/_sim/set-cookie/tt_session/SOCIAL-SECRET"
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    seen = []
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        for _ in range(2):
+            async with s.post(url, data=b"{}", headers=key) as r:
+                assert r.status == 200
+                seen.append(
+                    (r.headers.get("Idempotent-Replayed"), r.headers.getall("Set-Cookie", []))
+                )
+    assert seen == [(None, []), ("true", [])]
+    assert executed(harness) == 1
