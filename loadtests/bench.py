@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -366,8 +366,8 @@ class _Responder(asyncio.Protocol):
     missing = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport is not a subclass of asyncio.Transport (no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
         self.buf = b""
 
     def data_received(self, data: bytes) -> None:
@@ -434,8 +434,15 @@ def parse_wrk(out: str) -> Sample:
     )
 
 
+# wrk threads, all on the load CPU. One keeps CPU 0 free enough for NGINX-the-upstream (two
+# threads cut NGINX-the-proxy's rate at c=200 by a third there). See RESULTS.md for the p99
+# tail Jalur shows at c=200 under wrk but not under an independent client.
+WRK_THREADS = 1
+
+
 def wrk(url: str, conns: int, seconds: float, cpu: int | None) -> str:
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s"]
+    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{conns}", f"-d{max(1, round(seconds))}s"]
+    cmd += ["--timeout", "10s"]
     cmd += ["--latency", url]
     done = subprocess.run(
         pinned(cpu, cmd), capture_output=True, text=True, timeout=seconds + 60, check=False
@@ -756,7 +763,7 @@ def report(
         + (" (smoke run: numbers meaningless)" if args.smoke else ""),
         "",
         f"Written by `loadtests/bench.py` in {elapsed / 60:.1f} min: medians of {args.rounds} "
-        f"interleaved round(s) of {args.duration:g} s per cell, `wrk -t1 --latency`, "
+        f"interleaved round(s) of {args.duration:g} s per cell, `wrk -t{WRK_THREADS} --latency`, "
         f"upstream: {upstream}. Placement: wrk + upstream on CPU {LOAD_CPU}, "
         f"the proxy on CPU {PROXY_CPU}.",
         "",
