@@ -236,15 +236,16 @@ def error_response(status: int, message: str, request_id: str, **extra: str) -> 
 _NOT_NOMINABLE: Final = frozenset({"host", "idempotency-key"})
 
 
-def _connection_named(value: str | None) -> frozenset[str]:
-    if not value:
-        return HOP_BY_HOP
-    return HOP_BY_HOP | ({t.strip().lower() for t in value.split(",")} - _NOT_NOMINABLE)
+def _connection_named(values: list[str]) -> frozenset[str]:
+    """Hop-by-hop fields plus every field named by any of the ``Connection`` header
+    ``values`` (a field may be repeated: RFC 9110 §5.3 makes the lines one list)."""
+    named = {t.strip().lower() for v in values for t in v.split(",")} - {""}
+    return HOP_BY_HOP | (named - _NOT_NOMINABLE) if named else HOP_BY_HOP
 
 
 def upstream_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
     incoming = request.headers
-    drop = _connection_named(incoming.get("Connection"))
+    drop = _connection_named(incoming.getall("Connection", []))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop:
@@ -267,8 +268,7 @@ def _response_headers(
     up: list[tuple[str, str]], request_id: str, out: CIMultiDict[str]
 ) -> CIMultiDict[str]:
     """The upstream's response header fields minus hop-by-hop ones, added to ``out``."""
-    connection = [v for n, v in up if n.lower() == "connection"]
-    drop = _connection_named(",".join(connection)) if connection else HOP_BY_HOP
+    drop = _connection_named([v for n, v in up if n.lower() == "connection"])
     out.extend([(n, v) for n, v in up if n.lower() not in drop])
     out["x-request-id"] = request_id
     return out
@@ -586,7 +586,7 @@ class Forwarder:
             self._count_stripped(cluster.system, stripped)
         if _is_websocket(request.headers):
             return await self._websocket(
-                request, ex, cluster, endpoint, upstream_target, out_headers
+                state, request, ex, cluster, endpoint, upstream_target, out_headers
             )
         body = ex.body  # already read by the idempotency gate, or None
         if body is None and request.body_exists:
@@ -1032,8 +1032,12 @@ class Forwarder:
                 # The upload (still streaming beside the response) went over a body limit.
                 self.services.metrics.rejected(body.refused.kind)
                 ex.flags = body.refused.flag
+            elif body is not None and body.client_failed:
+                ex.flags = "DC"  # the client's upload broke off: not the upstream's fault
             else:
-                ex.flags = "UPE" if exc.kind == "protocol" else "UC"
+                # The error's own flag (UT for a body that stopped coming, UPE, UC), except
+                # a connect-class UF: after the head arrived that can only be a lost exchange.
+                ex.flags = "UC" if exc.flag == errors.UpstreamError.flag else exc.flag
                 state.bound.clusters[cluster.name].error(exc.kind)
             upr.close()
             _abort(request)
@@ -1046,15 +1050,19 @@ class Forwarder:
         body = ex.body
         if body is not None and body.refused is not None:
             # The whole response arrived before the upload was cut: it stands, but the
-            # connection does not carry another request.
+            # connection does not carry another request. As in ``_refuse_body``: linger
+            # (read and discard) while a client over the limit may still be sending, so
+            # the kernel's reset cannot destroy the answer; close at once after a stall.
             self.services.metrics.rejected(body.refused.kind)
             ex.flags = body.refused.flag
-            request[LINGER] = 0.0
+            stalled = isinstance(body.refused, errors.BodyTimeout)
+            request[LINGER] = 0.0 if stalled else REFUSED_LINGER
             resp.force_close()
         return resp
 
     async def _websocket(
         self,
+        state: State,
         request: web.BaseRequest,
         ex: Exchange,
         cluster: ClusterRuntime,
@@ -1063,7 +1071,9 @@ class Forwarder:
         headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         request_id = ex.request_id
-        transport = self.state.websocket_transport(cluster)
+        # The request's own state (not ``self.state``, which a reload may have swapped): the
+        # session is closed with the state this upgrade started on.
+        transport = state.websocket_transport(cluster)
         for name in _WS_HANDSHAKE:
             headers.popall(name, None)
         offered = headers.popall("Sec-WebSocket-Protocol", [])
@@ -1072,7 +1082,7 @@ class Forwarder:
             upstream_ws = await transport.websocket(endpoint, target, headers, protocols)
         except errors.ProxyError as exc:
             ex.flags = exc.flag
-            self.state.bound.clusters[cluster.name].error(exc.kind)
+            state.bound.clusters[cluster.name].error(exc.kind)
             return error_response(exc.status, exc.message, request_id, kind=exc.kind)
         ws = web.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),

@@ -132,9 +132,11 @@ class _Protocol(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         headers = request.headers
         if "Transfer-Encoding" in headers or "Upgrade" in headers:
-            # aiohttp's C parser carries the last trailer field of a chunked request over
-            # into the next request's headers, and after an Upgrade it does not perform it
-            # discards what was pipelined behind it: no further request on this connection.
+            # No further request on this connection, for two aiohttp parser flaws: after a
+            # chunked request its C parser carries the last trailer field over into the next
+            # request's headers; and after a request asking for an Upgrade it stops parsing,
+            # so when no 101 is sent (the upgrade is not performed) whatever the client
+            # pipelined behind that request is dropped unread.
             resp.force_close()
         out = await super().finish_response(request, resp, start_time)
         linger = request.get(LINGER)

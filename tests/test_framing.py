@@ -73,8 +73,9 @@ class Case:
     target: str = "/api/feed/x"
     body: bytes = SMUGGLED  # accepted: the body it must get
     check: Callable[[Message], None] | None = None
-    # Accepted: the connection stays open for the next request (nothing is written after
-    # ``data`` then, since a request pipelined behind it would rightly be executed).
+    # Accepted: the connection stays open for the next request: nothing is pipelined behind
+    # ``data`` (it would rightly be executed); a second request is sent once the first is
+    # answered, and must be answered too.
     keep_alive: bool = False
 
     @property
@@ -102,6 +103,11 @@ def proxy_headers_intact(m: Message) -> None:
     assert m.header("Via") == ["1.0 evil, 1.1 jalur"]
     assert m.header("X-Forwarded-Host") == ["shop"]  # from Host, never the client's value
     assert len(m.header("X-Request-Id")) == 1
+
+
+def two_connection_lines(m: Message) -> None:
+    absent("X-Hop-A", "X-Hop-B", "Connection")(m)
+    assert m.header("X-Kept") == ["3"]
 
 
 def host_and_key_kept(m: Message) -> None:
@@ -264,6 +270,17 @@ CASES: list[Case] = [
         check=host_and_key_kept,
         keep_alive=True,
     ),
+    Case(
+        "connection-two-header-lines",
+        sized(
+            b"Connection: x-hop-a\r\nX-Hop-A: 1\r\nConnection: x-hop-b\r\nX-Hop-B: 2\r\n"
+            b"X-Kept: 3\r\n"
+        ),
+        200,
+        upstream="feed",
+        check=two_connection_lines,
+        keep_alive=True,
+    ),
     # -- upgrades the proxy does not perform ----------------------------------------------
     Case(
         "upgrade-h2c",
@@ -316,14 +333,18 @@ async def test_framing_case(harness: Harness, case: Case) -> None:
     feed, pay = await wire_upstream(), await wire_upstream()
     try:
         p = await harness.proxy(_config(feed, pay))
-        # Read until the proxy closes; a keep-alive case ends after its answer.
-        talk = await converse(
-            p.data_port, case.data + case.then, linger=0 if case.keep_alive else 3
-        )
+        # A keep-alive case must still serve a second request on its connection once the
+        # first is answered; any other case must be closed by the proxy (linger observes it).
+        again = request(b"", method=b"GET", target=case.target.encode())
+        if case.keep_alive:
+            talk = await converse(p.data_port, case.data, responses=2, followup=again)
+        else:
+            talk = await converse(p.data_port, case.data + case.then, linger=3)
         ups = {"feed": feed, "pay": pay}
         smuggled = [m for u in ups.values() for m in u.messages if "smuggled" in m.target]
         assert smuggled == [], "the smuggled request was executed"
-        assert talk.statuses == [case.status], talk.raw[:300]
+        expected = [case.status, 200] if case.keep_alive else [case.status]
+        assert talk.statuses == expected, talk.raw[:300]
         answer = talk.responses[0]
         if not case.accepted:
             body = orjson.loads(answer.body)
@@ -342,9 +363,10 @@ async def test_framing_case(harness: Harness, case: Case) -> None:
         for name, other in ups.items():
             if other is not up:
                 assert not other.received, f"bytes reached {name}"
-        await up.until(lambda u: len(u.messages) >= 1)
+        await up.until(lambda u: len(u.messages) >= len(expected))
         assert up.malformed == 0
-        assert [(m.target, m.body) for m in up.messages] == [(case.target, case.body)]
+        forwarded = [(case.target, case.body)] + [(case.target, b"")] * case.keep_alive
+        assert [(m.target, m.body) for m in up.messages] == forwarded
         if case.check is not None:
             case.check(up.messages[0])
     finally:

@@ -25,7 +25,11 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import SERVING, SYSTEMS, Harness, raw_request
+from .conftest import SERVING, SYSTEMS, Harness, RawUpstream, raw_request, raw_upstream
+from .wire import wire_upstream
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
 
 HEADER_TIMEOUT = 0.5  # listen.header_read_timeout in the slowloris config
 BODY_IDLE = 0.5  # listen.body_idle_timeout in the slowloris config
@@ -116,7 +120,14 @@ async def test_slowloris_on_headers_is_cut_and_others_are_served(harness: Harnes
 
 async def test_slowloris_on_the_body_is_cut_and_others_are_served(harness: Harness) -> None:
     b = await harness.backend("pay", "tokopedia")
-    p = await harness.proxy(listener(harness, b.url, body_idle_timeout=BODY_IDLE))
+    # The uploads go to an upstream that records every byte (the demo back end records a
+    # request only once its whole body arrived, so it cannot show a cut upload).
+    up = await wire_upstream()
+    conf = listener(harness, b.url, body_idle_timeout=BODY_IDLE)
+    conf["clusters"]["wire"] = {"system": "tokopedia", "endpoints": [up.url]}
+    upload = {"name": "upload", "match": {"prefix": "/upload/"}, "category": "promotion"}
+    conf["routes"].insert(0, {**upload, "to": "wire"})
+    p = await harness.proxy(conf)
     port = p.data_port
     declared = 1024 * 1024
 
@@ -165,8 +176,70 @@ async def test_slowloris_on_the_body_is_cut_and_others_are_served(harness: Harne
     assert counted == SLOW_CLIENTS
     assert len(latencies) >= 3
     assert max(latencies) < 1.0, latencies
-    # Whatever reached the back end was cut short: no upload completed.
-    assert all(r.body_bytes < declared for r in b.received if r.path.startswith("/upload/"))
+    # Each upload was under way upstream (streamed, not buffered), none completed, and the
+    # proxy closed every upstream connection it had opened for one.
+    try:
+        assert up.received.count(b"POST /upload/") == SLOW_CLIENTS
+        assert up.messages == []
+        await up.until(lambda u: u.closed == u.connections == SLOW_CLIENTS)
+    finally:
+        up.close()
+
+
+async def test_an_upload_past_the_limit_after_a_whole_answer_keeps_the_answer(
+    harness: Harness,
+) -> None:
+    """The upstream answered in full while the upload was still coming; then the upload
+    went over the route's limit. The answer stands, and the connection closes only after the
+    proxy read and discarded what the client was still sending (``REFUSED_LINGER``): closed
+    at once with those bytes unread, the kernel would reset the connection and the client
+    would lose the answer it had not read yet."""
+    limit = 1000
+    answered = asyncio.Event()
+    first = b"a" * 600
+
+    async def early_answer(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        got = await reader.readuntil(b"\r\n\r\n")
+        while first not in got:  # the first piece of the upload has arrived
+            got += await reader.readexactly(1)
+        up.requests.append(got)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        answered.set()
+        await reader.read()  # until the proxy drops the connection
+
+    raw = await raw_upstream(early_answer)
+    p = await harness.proxy(
+        {
+            "clusters": {"raw": {"system": "tokopedia", "endpoints": [raw.url]}},
+            "routes": [
+                {"name": "all", "match": {}, "category": "promotion", "to": "raw"}
+                | {"max_body_bytes": limit}
+            ],
+        }
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+    try:
+        head = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"%x\r\n%s\r\n" % (len(first), first))
+        async with asyncio.timeout(5):
+            await answered.wait()
+        # Past the limit, then 1 MiB more that the client sends before it reads anything.
+        rest = [b"b" * 600] + [b"c" * 65536] * 16
+        writer.write(b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in rest) + b"0\r\n\r\n")
+        async with asyncio.timeout(5):
+            await writer.drain()
+            data = await reader.read()  # the answer, then the proxy closes
+    finally:
+        writer.close()
+        raw.server.close()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n"), data[:200]
+    assert data.endswith(b"\r\n\r\nok")
+    counted = p.services.metrics.registry.get_sample_value(
+        "jalur_requests_rejected_total", {"reason": "body_too_large"}
+    )
+    assert counted == 1
+    assert len(raw.requests) == 1  # one upstream exchange, nothing past the limit sent on
 
 
 # -- a `jalur run` subprocess -----------------------------------------------------------------
@@ -299,7 +372,9 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-BATCH = 100  # connects in flight at once: below aiohttp's listen backlog (128)
+# Connects in flight at once: well below the data listener's accept queue (listen.backlog,
+# default 511), so a batch is never dropped for a full queue.
+BATCH = 100
 
 
 async def open_idle(j: Jalur, n: int, accepted: bool = True) -> list[socket.socket]:

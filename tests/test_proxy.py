@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from yarl import URL
+
+from proxy.accesslog import AccessLog
 
 from .conftest import (
     Harness,
     RawUpstream,
+    build_config,
     free_port,
     raw_request,
     raw_upstream,
     read_head,
     read_request,
+    until,
 )
 
 
@@ -320,6 +326,57 @@ async def test_reset_after_headers_aborts_the_client_connection(harness: Harness
     up.server.close()
 
 
+@pytest.mark.parametrize(
+    ("then", "flag", "kind"),
+    [
+        pytest.param(b"", "UT", "timeout", id="body-stalls"),
+        pytest.param(None, "UC", "reset", id="reset"),
+        pytest.param(b"zz\r\n", "UPE", "protocol", id="bad-chunk-size"),
+    ],
+)
+async def test_a_failure_mid_body_is_logged_with_its_own_flag(
+    harness: Harness, then: bytes | None, flag: str, kind: str
+) -> None:
+    """After the head was relayed the client connection is cut, whatever went wrong; the
+    access log says what: UT (the body stopped coming), UC (reset), UPE (bad framing)."""
+
+    async def handler(
+        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        if then is None:
+            writer.transport.abort()
+            return
+        writer.write(then)
+        await writer.drain()
+        await reader.read()  # until the proxy gives up on this connection
+
+    up = await raw_upstream(handler)
+    timeouts = {"connect": 1, "response_headers": 1, "idle": 0.3}
+    p = await harness.proxy(
+        {
+            "clusters": {"raw": cluster("tokopedia", up.url, timeouts=timeouts)},
+            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
+        }
+    )
+    out = io.BytesIO()
+    p.services.access = AccessLog(stream=out, flush_interval=0.01)
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.data_port}/") as r:
+        assert r.status == 200  # the head was already relayed
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
+    up.server.close()
+    await until(lambda: out.getvalue().endswith(b"\n"))
+    (line,) = [orjson.loads(raw) for raw in out.getvalue().splitlines()]
+    assert (line["response_code"], line["response_flags"]) == (200, flag)
+    errors = p.services.metrics.registry.get_sample_value(
+        "jalur_upstream_errors_total", {"cluster": "raw", "kind": kind}
+    )
+    assert errors == 1
+
+
 @pytest.mark.parametrize(("method", "body"), [("PUT", b"charge=1"), ("PUT", b""), ("DELETE", b"")])
 async def test_idempotent_method_on_a_dropped_keepalive_connection_reaches_upstream_once(
     harness: Harness, method: str, body: bytes
@@ -385,6 +442,55 @@ async def test_websocket_echo_through_the_proxy(harness: Harness) -> None:
         assert msg.type is aiohttp.WSMsgType.BINARY
         assert msg.data == b"\x00\x01binary"
     assert any(r.path.endswith("/_sim/ws") for r in b.received)
+
+
+async def test_an_upgrade_keeps_the_state_it_started_on_across_a_reload(
+    harness: Harness,
+) -> None:
+    """A reload while an upgrade waits for the upstream's handshake: the upgrade finishes
+    on the config it started with (its session and its error count belong to that state),
+    even though the new config no longer has its cluster."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(
+        up: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_head(reader)
+        asked.set()
+        await release.wait()
+        writer.transport.abort()  # no 101: the handshake fails
+
+    up = await raw_upstream(handler)
+    b = await harness.backend("other", "tiktok")
+    live = {"name": "live", "match": {"prefix": "/live"}, "category": "promotion", "to": "live"}
+    p = await harness.proxy({"clusters": {"live": cluster("tiktok", up.url)}, "routes": [live]})
+    old = p.state
+    url = f"http://127.0.0.1:{p.data_port}/live/ws"
+    async with aiohttp.ClientSession() as s:
+        upgrade = asyncio.ensure_future(s.ws_connect(url))
+        try:
+            async with asyncio.timeout(5):
+                await asked.wait()
+            other = {"name": "other", "match": {}, "category": "promotion", "to": "other"}
+            conf = build_config(
+                {"clusters": {"other": cluster("tiktok", b.url)}, "routes": [other]}
+            )
+            assert await p.reload(conf)
+            assert p.state is not old
+            release.set()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as failed:
+                async with asyncio.timeout(5):
+                    await upgrade
+        finally:
+            upgrade.cancel()
+    up.server.close()
+    assert failed.value.status == 502  # not a 500 from looking up "live" in the new config
+    assert set(old.ws_transports) == {"live"}
+    assert p.state.ws_transports == {}
+    errors = p.services.metrics.registry.get_sample_value(
+        "jalur_upstream_errors_total", {"cluster": "live", "kind": "reset"}
+    )
+    assert errors == 1
 
 
 async def test_expect_100_continue_is_answered_and_body_forwarded(harness: Harness) -> None:

@@ -215,10 +215,13 @@ async def converse(
     responses: int = 1,
     wait: float = 5.0,
     linger: float = 0.0,
+    followup: bytes | None = None,
 ) -> Conversation:
     """Write ``data`` (a list: written one part at a time, each drained) and read until the
     proxy closes, or ``responses`` responses arrived and then ``linger`` seconds passed
-    without the connection closing, or ``wait`` seconds in all."""
+    without the connection closing, or ``wait`` seconds in all. ``followup`` is written
+    on the same connection once the first response has arrived (count its answer in
+    ``responses``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     sink = _ResponseSink()
     parser = httptools.HttpResponseParser(sink)
@@ -232,6 +235,10 @@ async def converse(
             writer.write(part)
             await writer.drain()
         while loop.time() < deadline:
+            if followup is not None and sink.done:
+                writer.write(followup)
+                await writer.drain()
+                followup = None
             budget = deadline - loop.time()
             if len(sink.done) >= responses:
                 if linger <= 0:
