@@ -2,9 +2,9 @@
 
 The transport-level tests run every scenario on both loops the proxy can use (stdlib
 asyncio and uvloop), through the ``run`` fixture. The end-to-end tests at the bottom put a
-real ``ProxyServer`` in front (the shared harness) with ``forward.AiohttpTransport``
-replaced by ``H1Transport``, and re-run ``test_proxy``'s scenarios the same way (except
-WebSocket, which stays on aiohttp).
+real ``ProxyServer`` in front (the shared harness), whose clusters use ``H1Transport`` (the
+default upstream transport; ``tests/test_proxy.py`` and the other proxy suites run on it
+too).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import uvloop
 from multidict import CIMultiDict
 
 from proxy import config as cfg
-from proxy import errors, forward
+from proxy import errors
 from proxy.demo.backend import BackendSpec, start_backend
 from proxy.h1transport import (
     READ_HIGH_WATER,
@@ -35,7 +35,6 @@ from proxy.h1transport import (
 )
 from proxy.upstream import Endpoint, Transport
 
-from . import test_proxy
 from .conftest import Harness, free_port, until
 
 T = TypeVar("T")
@@ -1125,13 +1124,6 @@ def test_malformed_responses_are_protocol_errors(run: Runner, response: bytes) -
 # -- end to end: a real ProxyServer on H1Transport -----------------------------------
 
 
-@pytest.fixture(autouse=True)
-def h1(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every cluster of a proxy started by a test of this module gets an H1Transport
-    (harmless for the transport-level tests above, which build their own)."""
-    monkeypatch.setattr(forward, "AiohttpTransport", H1Transport)
-
-
 async def h1_proxy(h: Harness, **cluster: Any) -> tuple[int, H1Transport]:
     b = await h.backend("pay", "tokopedia")
     p = await h.proxy(
@@ -1213,10 +1205,3 @@ async def test_e2e_upstream_errors_are_json_answers(harness: Harness) -> None:
             body = await r.json()
             assert r.status == 504
             assert body["kind"] == "timeout"
-
-
-# The core proxy scenarios again, here where the autouse ``h1`` fixture puts them on
-# H1Transport (the function objects are shared, not changed). WebSocket stays on aiohttp.
-for _name, _test in list(vars(test_proxy).items()):
-    if _name.startswith("test_") and "websocket" not in _name and callable(_test):
-        globals()[f"{_name}__h1"] = _test
