@@ -26,7 +26,9 @@ inside a transition window (use it once a migration is meant to be finished).
 Environment: ``JALUR_ADMIN_URL``, ``JALUR_ADMIN_TOKEN`` (sent as a bearer token, if set),
 ``JALUR_STRICT``, ``JALUR_WAIT`` (think time ``MIN,MAX`` seconds, default ``0.1,0.6``),
 ``JALUR_SHAPE`` (``step`` or ``migration``: run with a shape from ``shapes.py``; unset: a fixed
-number of users from ``-u``/``-r``).
+number of users from ``-u``/``-r``), ``LOADTEST_FAILURE_LOG`` (a file: every failure is
+appended as a JSON line with the response's ``x-request-id``, so ``soak.py`` can match it to
+Jalur's access log; not ``JALUR_``-prefixed, as Jalur reads those as config overrides).
 
 Run (``make loadtest`` does all of this, including starting the demo)::
 
@@ -52,6 +54,7 @@ log = logging.getLogger("jalur.loadtest")
 
 ADMIN_URL = os.environ.get("JALUR_ADMIN_URL", "http://127.0.0.1:9901").rstrip("/")
 TRANSACTION_ROUTES = frozenset({"cart", "checkout", "orders", "payment"})
+FAILURE_LOG = os.environ.get("LOADTEST_FAILURE_LOG") or None
 DEFAULT_SOCIAL = frozenset({"tiktok"})
 
 
@@ -124,21 +127,36 @@ def _load_rules(environment: Any, **_kw: Any) -> None:
     )
 
 
+def fail(resp: ResponseContextManager, message: str) -> None:
+    """Mark ``resp`` failed; with ``LOADTEST_FAILURE_LOG``, also append it there with its
+    request id (None when no response carried one, e.g. a dropped connection)."""
+    resp.failure(message)
+    if FAILURE_LOG is None:
+        return
+    try:
+        request_id = resp.headers.get("x-request-id")
+    except AttributeError:  # no response at all
+        request_id = None
+    line = {"request_id": request_id, "status": resp.status_code, "error": message[:200]}
+    with open(FAILURE_LOG, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def check(resp: ResponseContextManager, route: str) -> None:
     """Mark ``resp`` failed or succeeded by the rules in the module docstring."""
     status = resp.status_code
     if not 200 <= status < 300:
         body = (resp.text or "")[:120] if resp.content else ""
-        resp.failure(f"HTTP {status} {body}".rstrip())
+        fail(resp, f"HTTP {status} {body}".rstrip())
         return
     if route in TRANSACTION_ROUTES:
         system = resp.headers.get("x-backend-system")
         if system is None:
-            resp.failure("transaction response without x-backend-system")
+            fail(resp, "transaction response without x-backend-system")
             return
         if system in RULES.social and system not in RULES.allowed_social(route):
             cluster = resp.headers.get("x-backend-cluster", "?")
-            resp.failure(f"transaction served by social system {system} (cluster {cluster})")
+            fail(resp, f"transaction served by social system {system} (cluster {cluster})")
             return
     resp.success()
 
@@ -234,9 +252,9 @@ class Shopper(FastHttpUser):
             ) as r:  # fmt: skip
                 check(r, "payment")
                 if r.headers.get("x-sim-executions", "1") != "1":
-                    r.failure(f"payment {key} executed {r.headers['x-sim-executions']} times")
+                    fail(r, f"payment {key} executed {r.headers['x-sim-executions']} times")
                 elif attempt == "payment-retry" and r.headers.get("Idempotent-Replayed") != "true":
-                    r.failure("a retried payment was not replayed")
+                    fail(r, "a retried payment was not replayed")
 
     @tag("transaction", "orders")
     @task(5)

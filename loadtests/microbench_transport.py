@@ -10,10 +10,12 @@ Two measurements, both on loopback only, everything started here stopped by PID:
    transports interleaved. Reported: medians of CPU time per request (``time.process_time``
    of this process over the measured requests) and requests per second, and their ratio.
 2. **The whole proxy** (unless ``--no-wrk`` or ``wrk`` is missing). ``jalur run`` in a child
-   process pinned to CPU 1, its transport chosen by this file (``proxy-child`` mode patches
-   ``proxy.forward.AiohttpTransport`` before serving); ``wrk`` and the upstream on CPU 0.
-   Reported: medians of req/s, p50/p99 and the proxy's CPU time per request
-   (``/proc/PID/stat`` utime + stime over the wrk run).
+   process pinned to CPU 1, its clusters' transport chosen by this file: ``proxy-child`` mode
+   replaces the transport class ``forward.build_state`` constructs (``H1Transport``, the
+   default) with a factory making the one asked for, which reports each transport it makes
+   on stderr; the parent checks that report before measuring, so the two contenders are
+   really different. ``wrk`` and the upstream on CPU 0. Reported: medians of req/s, p50/p99
+   and the proxy's CPU time per request (``/proc/PID/stat`` utime + stime over the wrk run).
 
     .venv/bin/python loadtests/microbench_transport.py [--requests 20000] [--concurrency 50]
         [--rounds 5] [--wrk-rounds 3] [--wrk-seconds 10] [--wrk-conns 50] [--no-wrk]
@@ -53,6 +55,8 @@ RESPONSE = (
 )
 SERVING = re.compile(r"serving on [^:]+:(\d+) \(admin")
 TRANSPORTS = ("aiohttp", "h1")
+CLASSES = {"aiohttp": "AiohttpTransport", "h1": "H1Transport"}
+TRANSPORT_MARK = "microbench: cluster transport "  # the proxy child's report of what it made
 
 
 def log(msg: str) -> None:
@@ -98,12 +102,23 @@ def responder(port: int) -> None:
 
 
 def proxy_child(transport: str, config: str) -> int:
-    """``jalur run -c config`` with the chosen upstream transport."""
-    if transport == "h1":
-        import proxy.forward
-        from proxy.h1transport import H1Transport
+    """``jalur run -c config`` with the chosen upstream transport for every cluster (the
+    WebSocket session, aiohttp's in both, is not used here)."""
+    import proxy.forward
+    from proxy import config as cfg
+    from proxy.h1transport import H1Transport
+    from proxy.upstream import AiohttpTransport
 
-        proxy.forward.AiohttpTransport = H1Transport  # type: ignore[misc, assignment]
+    def make(spec: cfg.Cluster, listen: cfg.Listen, **kw: Any) -> Any:
+        made: Any = (
+            AiohttpTransport(spec, listen)
+            if transport == "aiohttp"
+            else H1Transport(spec, listen, **kw)
+        )
+        print(f"{TRANSPORT_MARK}{type(made).__name__}", file=sys.stderr, flush=True)
+        return made
+
+    proxy.forward.H1Transport = make  # type: ignore[misc, assignment]
     from proxy.cli import main
 
     return main(["--log-level", "INFO", "run", "-c", config])
@@ -331,8 +346,12 @@ def start_proxy(
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = SERVING.search(err.read_text(errors="replace"))
+        text = err.read_text(errors="replace")
+        m = SERVING.search(text)
         if m:
+            made = set(re.findall(re.escape(TRANSPORT_MARK) + r"(\w+)", text))
+            if made != {CLASSES[transport]}:
+                raise SystemExit(f"microbench: proxy for {transport} made transports {made}")
             return proc, int(m.group(1))
         if proc.poll() is not None:
             raise SystemExit(f"microbench: proxy exited: {err.read_text()[-2000:]}")

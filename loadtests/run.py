@@ -6,7 +6,8 @@
    loopback, writing CSV and HTML reports under ``--reports`` (default ``loadtests/reports/``);
 3. scrapes ``jalur_requests_total`` from the admin listener so Locust's per-route counts can be
    compared with the proxy's own, stops the demo by its PID and prints a summary;
-4. exits non-zero if Locust failed, any request failed, or no request was made.
+4. exits non-zero if Locust failed, any request failed, no request was made, a payment was
+   executed twice, or a commerce back end could not be asked how often it executed.
 
 Whatever happens (an error, Ctrl-C, SIGTERM) every process it started is stopped, by PID.
 
@@ -448,14 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         f"\nidempotency gate (jalur_idempotency_total by outcome): {outcomes}"
         f"\ncommerce back ends: {keyed} executions with an Idempotency-Key, "
         f"{duplicates} executed twice (must be 0)"
-        + (f"; not asked (unreachable): {', '.join(missed)}" if missed else "")
+        + (f"; NOT ASKED (unreachable, fails the run): {', '.join(missed)}" if missed else "")
     )
     (reports / "summary.txt").write_text(text + "\n")
     print("\n" + text, flush=True)
-    if rc != 0 or failures or not total or duplicates:
+    # A back end that could not be asked may have executed a payment twice: no pass.
+    if rc != 0 or failures or not total or duplicates or missed:
         log(
             f"FAILED (locust exit {rc}, {failures} failures, {total} requests, "
-            f"{duplicates} duplicate executions)"
+            f"{duplicates} duplicate executions, {len(missed)} commerce back ends not asked)"
         )
         return 1
     log("passed: no failures")

@@ -24,11 +24,15 @@ attempt). A non-2xx answer is **injected (reset)** when a back end journalled a 
 request id (it could not be retried: a POST without ``Idempotency-Key``, or every attempt
 was reset), **injected (restart)** when it is a 502/503 of a cluster whose endpoint was
 being restarted at that moment (SIGTERM sent - 1 s .. back up + 3 s), and **unexplained**
-otherwise. Locust failures that Jalur did not answer as non-2xx (a transaction served by a
-social system, a payment executed twice, a retried payment not replayed, a dropped
-connection) are unexplained too.
+otherwise. Each Locust failure is matched to those answers by request id: the shoppers
+append every failure with the response's ``x-request-id`` to ``<reports>/failures.jsonl``
+(``LOADTEST_FAILURE_LOG``). A failure is explained only when its id is one of Jalur's non-2xx
+answers with an injected cause; every other one is unexplained: a transaction served by a
+social system, a payment executed twice, a retried payment not replayed, and a dropped
+connection (no response, so no id).
 
-Bars (exit 1 when one is missed): no unexplained failure; no payment executed twice (per
+Bars (exit 1 when one is missed): no unexplained Locust failure; no unexplained non-2xx
+answer in Jalur's access log (even one Locust did not count); no payment executed twice (per
 back end from ``/_sim/executions``, accumulated across restarts, and across all commerce
 back ends from the journals); no payment served by a social system; Jalur's RSS and open
 descriptors grow less than 10 % from the start (after warm-up) to the end (each the median
@@ -248,16 +252,24 @@ class Restart:
     ready: float = 0.0  # wall clock, answering again (0: never)
 
 
-def attribute(
-    access: Path, resets: dict[str, int], restarts: list[Restart]
-) -> tuple[int, Counter[str], list[dict[str, Any]]]:
-    """Jalur's non-2xx answers: (count, count by cause, the unexplained ones)."""
-    causes: Counter[str] = Counter()
-    unexplained: list[dict[str, Any]] = []
+@dataclass
+class Attribution:
+    """Jalur's non-2xx answers (from its access log) and what caused each."""
+
+    total: int = 0
+    causes: Counter[str] = field(default_factory=Counter)
+    unexplained: list[dict[str, Any]] = field(default_factory=list)
+    answered: set[str] = field(default_factory=set)  # request ids of every non-2xx
+    explained: set[str] = field(default_factory=set)  # ... of those an injected fault caused
+
+
+def attribute(access: Path, resets: dict[str, int], restarts: list[Restart]) -> Attribution:
+    """Jalur's non-2xx answers, each attributed to an injected fault or unexplained."""
+    out = Attribution()
+    causes, unexplained = out.causes, out.unexplained
     before, after = RESTART_WINDOW
-    total = 0
     if not access.exists():
-        return 0, causes, unexplained
+        return out
     for raw in access.read_bytes().splitlines():
         try:
             line = json.loads(raw)
@@ -266,9 +278,12 @@ def attribute(
         code = int(line.get("response_code") or 0)
         if 200 <= code < 300:
             continue
-        total += 1
-        if line.get("request_id") in resets:
+        out.total += 1
+        rid = str(line.get("request_id") or "")  # every answer has one; "" matches nothing
+        out.answered.add(rid)
+        if rid and rid in resets:
             causes["injected reset"] += 1
+            out.explained.add(rid)
             continue
         t = datetime.fromisoformat(line["start_time"]).timestamp()
         if code in (502, 503) and any(
@@ -277,10 +292,31 @@ def attribute(
             for r in restarts
         ):
             causes["injected restart"] += 1
+            out.explained.add(rid)
             continue
         causes["unexplained"] += 1
         unexplained.append(line)
-    return total, causes, unexplained
+    return out
+
+
+def read_failures(path: Path) -> tuple[set[str], int]:
+    """The Locust failures the shoppers journalled (``LOADTEST_FAILURE_LOG``): the request ids
+    they carried, and how many carried none."""
+    ids: set[str] = set()
+    anonymous = 0
+    if not path.exists():
+        return ids, anonymous
+    for raw in path.read_bytes().splitlines():
+        try:
+            rid = json.loads(raw).get("request_id")
+        except ValueError:
+            anonymous += 1
+            continue
+        if rid:
+            ids.add(str(rid))
+        else:
+            anonymous += 1
+    return ids, anonymous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,8 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
     args.reports = str(reports)
+    failure_log = reports / "failures.jsonl"
     for old in [*reports.glob("loadtest*"), *reports.glob("journal-*"), reports / "access.jsonl"]:
         old.unlink(missing_ok=True)
+    failure_log.unlink(missing_ok=True)
+    os.environ["LOADTEST_FAILURE_LOG"] = str(failure_log)  # the shoppers' env (run_locust)
 
     def on_term(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
@@ -404,7 +443,9 @@ def report(
 ) -> tuple[str, list[tuple[str, bool]]]:
     table, total, failures = summarise(reports, series["routes"], None, locust_rc)
     resets, executed = read_journals(endpoints)
-    answered_non2xx, causes, unexplained = attribute(reports / "access.jsonl", resets, restarts)
+    seen = attribute(reports / "access.jsonl", resets, restarts)
+    causes, unexplained = seen.causes, seen.unexplained
+    failed_ids, anonymous = read_failures(reports / "failures.jsonl")
     social = duplicate_failures = 0
     fail_path = reports / "loadtest_failures.csv"
     if fail_path.exists():
@@ -414,10 +455,12 @@ def report(
                     social += int(row["Occurrences"])
                 if "executed" in row["Error"] and "times" in row["Error"]:
                     duplicate_failures += int(row["Occurrences"])
-    # Locust failures Jalur did not answer as non-2xx cannot be blamed on an injected fault.
-    hidden = max(0, failures - answered_non2xx)
-    explained = causes["injected reset"] + causes["injected restart"]
-    not_explained = failures - min(failures, explained)
+    # A Locust failure is explained only by its own request id: one of Jalur's non-2xx
+    # answers that an injected fault caused. Anything else (no id, a 2xx Locust failed, an
+    # unexplained answer, or a failure the shoppers did not journal) is not.
+    explained = min(failures, len(failed_ids & seen.explained))
+    not_explained = failures - explained
+    hidden = len(failed_ids - seen.answered) + anonymous
     injected_resets = sum(ep.counters["faults.resets"] for ep in endpoints)
     per_backend_dupes = sum(
         ep.counters["executions.duplicates"] for ep in endpoints if ep.kind == "commerce"
@@ -445,12 +488,13 @@ def report(
         "",
         table,
         "",
-        f"requests: {total}; failed: {failures}; explained by injected faults: "
-        f"{min(failures, explained)} ({causes['injected reset']} resets that could not be "
-        f"retried, {causes['injected restart']} during a restart); "
-        f"not explained: {not_explained}",
-        f"  Jalur non-2xx answers: {answered_non2xx} (from its access log); Locust failures "
-        f"without a non-2xx from Jalur: {hidden}",
+        f"requests: {total}; failed: {failures}; explained by injected faults (matched by "
+        f"request id): {explained}; not explained: {not_explained}",
+        f"  Jalur non-2xx answers: {seen.total} (from its access log): "
+        f"{causes['injected reset']} resets that could not be retried, "
+        f"{causes['injected restart']} during a restart, {causes['unexplained']} unexplained; "
+        f"Locust failures journalled: {len(failed_ids)} with a request id, {anonymous} "
+        f"without; without a non-2xx from Jalur: {hidden}",
         f"injected: {injected_resets} connection resets at the back ends "
         f"(/_sim/faults, accumulated; {sum(resets.values())} in the journals), "
         f"{len(restarts)} restarts "
@@ -488,6 +532,10 @@ def report(
     lines.append(f"reports: {reports}/ (access.jsonl, journal-*.jsonl, metrics.txt, loadtest_*)")
     bars = [
         (f"no failure beyond the injected faults ({not_explained})", not_explained == 0),
+        (
+            f"no unexplained non-2xx in Jalur's access log ({causes['unexplained']})",
+            causes["unexplained"] == 0,
+        ),
         (
             f"no payment executed twice ({per_backend_dupes} + {cross_dupes} + "
             f"{duplicate_failures})",
