@@ -36,7 +36,7 @@ from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
 from .compliance import AuditLog, Guard, VariantCheck
 from .config import Config, IdempotencyPolicy
-from .h1transport import H1Transport
+from .h1transport import H1Transport, connection_reused
 from .health import EndpointState
 from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
 from .migration import Migration
@@ -48,6 +48,11 @@ from .split import Splitter
 from .upstream import AiohttpTransport, ClusterRuntime, Endpoint, Transport, UpstreamResponse
 
 log = logging.getLogger("jalur")
+# Times a bodiless idempotent request is sent again after the pooled keep-alive connection it
+# went out on was found closed by the upstream (bounds the loop if every idle one is stale).
+STALE_RESENDS: Final = 2
+# Methods whose request is re-sent after that race (safe: reading has no effect upstream).
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones every proxy strips.
 HOP_BY_HOP: Final = frozenset(
@@ -641,6 +646,7 @@ class Forwarder:
         body = ex.body
         tried: tuple[EndpointState, ...] = ()
         attempt = 1
+        stale = 0  # sends again after a pooled connection turned out closed
         while True:
             host = ex.host
             assert host is not None
@@ -667,6 +673,23 @@ class Forwarder:
                     )
                 )
                 cm.error(exc.kind)
+                if (
+                    stale < STALE_RESENDS
+                    and isinstance(exc, errors.UpstreamReset)
+                    and connection_reused(exc)
+                    and body is None
+                    and method in SAFE_METHODS
+                ):
+                    # The keep-alive race: the upstream closed this pooled connection as
+                    # the request went out (an idle timeout shorter than ours). Not the
+                    # endpoint's fault and safe to send again: a bodiless GET/HEAD/OPTIONS,
+                    # on another connection to the same endpoint, whatever ``retry`` says
+                    # (Go's HTTP client does the same; PUT/DELETE follow ``retry`` only).
+                    # Counted as the reset it was.
+                    stale += 1
+                    host.active += 1
+                    ex.host = host
+                    continue
                 connect = isinstance(exc, errors.ConnectFailed | errors.ConnectTimeout)
                 if isinstance(exc, errors.UpstreamError):
                     cluster.health.failed(host, connect)

@@ -1102,3 +1102,45 @@ def test_error_bodies_name_the_kind() -> None:
         assert exc.status == 503
     assert (errors.Overflow.flag, errors.Overflow.kind) == ("UO", "overflow")
     assert orjson.loads(orjson.dumps({"kind": errors.Overflow.kind}))["kind"] == "overflow"
+
+
+# -- the keep-alive race ------------------------------------------------------------------
+
+
+async def test_a_pooled_connection_found_closed_is_resent_only_for_a_bodiless_idempotent_request(
+    harness: Harness,
+) -> None:
+    """Each upstream connection answers its first request, then reads the next one and closes
+    without an answer (what a keep-alive timeout racing the request looks like). A GET is
+    sent again on a new connection, with retries off; a POST without a key is not (502)."""
+    connections = 0
+
+    async def closes_after_one(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        nonlocal connections
+        connections += 1
+        line, _headers, _body = await read_request(reader)
+        up.requests.append(line.encode())
+        writer.write(OK_RESPONSE)
+        await writer.drain()
+        line, _headers, _body = await read_request(reader)
+        up.requests.append(line.encode())
+        writer.close()
+
+    up = await raw_upstream(closes_after_one)
+    p = await harness.proxy(one_route({"c": cluster("tokopedia", up.url)}, "c"))
+    base = f"http://127.0.0.1:{p.data_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/first") as r:
+            assert r.status == 200
+        async with s.get(f"{base}/second") as r:  # pooled connection closes on it
+            assert r.status == 200
+            assert await r.read() == b"ok"
+        async with s.post(f"{base}/pay", data=b"x") as r:  # pooled again, closes again
+            assert r.status == 502
+            assert (await r.json())["kind"] == "reset"
+    assert [line.split()[1] for line in up.requests] == [
+        b"/first", b"/second", b"/second", b"/pay",
+    ]  # fmt: skip
+    assert connections == 2
+    assert retries(p) == 0  # not a retry: the same request on a working connection
+    assert healthy(p, "c", up.url) == 1  # the race is not the endpoint's fault
