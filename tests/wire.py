@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import httptools
 
+from .conftest import RawResponse
+
 OK: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -159,17 +161,7 @@ async def wire_upstream(answer: Callable[[WireUpstream, int], Answer] = ok) -> W
     return await WireUpstream(answer).start()
 
 
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+Response = RawResponse  # one parsed response shape for raw-socket tests
 
 
 class _ResponseSink:
