@@ -691,7 +691,14 @@ class Forwarder:
                     ex.host = host
                     continue
                 connect = isinstance(exc, errors.ConnectFailed | errors.ConnectTimeout)
-                if isinstance(exc, errors.UpstreamError):
+                # A per-try timeout while the client is still uploading may be the client's
+                # slowness: it does not count against the endpoint's health.
+                slow_client = (
+                    isinstance(caught, TimeoutError)
+                    and body is not None
+                    and not request.content.is_eof()
+                )
+                if isinstance(exc, errors.UpstreamError) and not slow_client:
                     cluster.health.failed(host, connect)
                 why: str | None = ""  # retries off: no retry, nothing to explain
                 if policy.enabled:

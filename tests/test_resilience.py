@@ -39,6 +39,7 @@ from .conftest import (
     RawUpstream,
     build_config,
     free_port,
+    raw_request,
     raw_upstream,
     read_request,
     until,
@@ -1144,3 +1145,32 @@ async def test_a_pooled_connection_found_closed_is_resent_only_for_a_bodiless_id
     assert connections == 2
     assert retries(p) == 0  # not a retry: the same request on a working connection
     assert healthy(p, "c", up.url) == 1  # the race is not the endpoint's fault
+
+
+async def test_a_per_try_timeout_during_a_slow_upload_is_not_the_endpoints_fault(
+    harness: Harness,
+) -> None:
+    """A client that stalls its upload past ``per_try_timeout`` gets its 504, but the endpoint
+    stays healthy; an endpoint that hangs on a bodiless GET is ejected (one failure ejects)."""
+
+    async def waits(up: RawUpstream, reader: Reader, writer: Writer) -> None:
+        line = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+        up.requests.append(line)
+        await reader.read()  # waits for the body (or hangs) until the proxy gives up
+
+    ups = [await raw_upstream(waits) for _ in range(2)]
+    spec = cluster(
+        "tokopedia",
+        *(u.url for u in ups),
+        retry={"retry_on": [], "per_try_timeout": 0.3},
+        outlier_detection={"consecutive_5xx": 1},
+    )
+    p = await harness.proxy(one_route({"c": spec}, "c"))
+    talk = await raw_request(
+        p.data_port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    assert talk.status == 504
+    assert [healthy(p, "c", u.url) for u in ups] == [1, 1]
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.data_port}/hang") as r:
+        assert r.status == 504
+    assert sorted(healthy(p, "c", u.url) or 0.0 for u in ups) == [0, 1]
