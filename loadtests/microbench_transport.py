@@ -40,13 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import NGINX_UPSTREAM, cpu_seconds, free_port  # same upstream and accounting
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 LOAD_CPU, CLIENT_CPU = 0, 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY = b'{"id":"prod-000123","name":"Batik shirt","price_idr":185000,"stock":42,"ok":true}'
 BODY = BODY + b" " * (99 - len(BODY)) + b"\n"  # exactly 100 bytes
 RESPONSE = (
@@ -154,12 +155,6 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
 
 
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def start_responder(procs: Processes) -> tuple[int, str]:
     proc = procs.start(
         pinned(LOAD_CPU, [sys.executable, __file__, "responder"]), stdout=subprocess.PIPE
@@ -171,34 +166,8 @@ def start_responder(procs: Processes) -> tuple[int, str]:
     return int(line), "a minimal uvloop responder (this file)"
 
 
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;
-    types {{ }}
-    client_body_temp_path {dir}/tmp;
-    proxy_temp_path {dir}/tmp;
-    fastcgi_temp_path {dir}/tmp;
-    uwsgi_temp_path {dir}/tmp;
-    scgi_temp_path {dir}/tmp;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        root {www};
-        location = /api/feed/small {{ default_type application/json; }}
-    }}
-}}
-"""
-
-
 def start_nginx(procs: Processes, nginx: str, work: Path) -> tuple[int, str]:
-    """NGINX serving BODY as a static file (the upstream of loadtests/bench.py)."""
+    """NGINX serving BODY as a static file: the upstream of loadtests/bench.py, same config."""
     work.chmod(0o755)  # NGINX workers may run as another user
     www = work / "www" / "api" / "feed"
     www.mkdir(parents=True)
@@ -207,7 +176,7 @@ def start_nginx(procs: Processes, nginx: str, work: Path) -> tuple[int, str]:
     (work / "tmp").chmod(0o777)
     port = free_port()
     conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=work, port=port, www=work / "www"))
+    conf.write_text(NGINX_UPSTREAM.format(dir=work, port=port, www=work / "www"))
     cmd = [nginx, "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")]
     procs.start(pinned(LOAD_CPU, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -425,12 +394,6 @@ def wrk_rounds(
         name: {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         for name, samples in results.items()
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- main ------------------------------------------------------------------------------------
