@@ -29,6 +29,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from . import accept
 from . import admin as admin_mod
 from . import config as cfg
 from .metrics import Metrics, mark_process_dead
@@ -68,11 +69,7 @@ class Supervisor:
 
     def bind(self) -> socket.socket:
         listen = self.config.listen
-        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((listen.host, listen.port))
-        sock.listen(listen.backlog)
+        sock = accept.bind(listen.host, listen.port, listen.backlog)
         sock.set_inheritable(True)
         self.sock = sock
         return sock

@@ -6,12 +6,13 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
+import uvloop
 import yaml
 from aiohttp import web
 
@@ -98,6 +99,27 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.close()
+
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a coroutine on a fresh loop of each kind the proxy can use (stdlib asyncio, and
+    uvloop as ``jalur run`` does): for tests of code that talks to the loop directly."""
+
+    def runner(coro: Coroutine[Any, Any, T]) -> T:
+        if request.param == "uvloop":
+            result: T = uvloop.run(coro)
+            return result
+        return asyncio.run(coro)
+
+    return runner
 
 
 def free_port() -> int:

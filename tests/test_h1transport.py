@@ -15,12 +15,11 @@ import json
 import socket
 import struct
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-import uvloop
 from multidict import CIMultiDict
 
 from proxy import config as cfg
@@ -35,25 +34,10 @@ from proxy.h1transport import (
 )
 from proxy.upstream import Endpoint, Transport
 
-from .conftest import Harness, free_port, until
+from .conftest import Harness, Runner, free_port, until
 
 T = TypeVar("T")
 MiB = 1024 * 1024
-
-
-class Runner(Protocol):
-    def __call__(self, coro: Coroutine[Any, Any, T]) -> T: ...
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    def runner(coro: Coroutine[Any, Any, T]) -> T:
-        if request.param == "uvloop":
-            result: T = uvloop.run(coro)
-            return result
-        return asyncio.run(coro)
-
-    return runner
 
 
 # -- a scripted upstream -------------------------------------------------------------
