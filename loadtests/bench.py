@@ -413,6 +413,7 @@ class Sample:
     cpu_us: float | None = None  # proxy CPU per request
     busy: float | None = None  # proxy CPU seconds per wall second
     up_cpu_us: float | None = None  # upstream CPU per request
+    error_kinds: str = ""  # wrk's own words for ``errors``: which socket errors, non-2xx
 
 
 def parse_wrk(out: str) -> Sample:
@@ -423,20 +424,27 @@ def parse_wrk(out: str) -> Sample:
     if not (rps and reqs and p50 and p99):
         raise ValueError(f"unexpected wrk output:\n{out}")
     errors = 0
+    kinds = []
     sock = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
         errors += sum(int(g) for g in sock.groups())
+        kinds.append(f"socket errors: {sock.group(0)}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         errors += int(non2xx.group(1))
+        kinds.append(non2xx.group(0))
     return Sample(
-        float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), int(reqs.group(1)), errors
+        float(rps.group(1)),
+        _ms(p50.group(1)),
+        _ms(p99.group(1)),
+        int(reqs.group(1)),
+        errors,
+        error_kinds="; ".join(kinds),
     )
 
 
 # wrk threads, all on the load CPU. One keeps CPU 0 free enough for NGINX-the-upstream (two
-# threads cut NGINX-the-proxy's rate at c=200 by a third there). See RESULTS.md for the p99
-# tail Jalur shows at c=200 under wrk but not under an independent client.
+# threads cut NGINX-the-proxy's rate at c=200 by a third there).
 WRK_THREADS = 1
 
 
@@ -788,6 +796,14 @@ def report(
                     f"{' %' if busy is not None else ''} "
                     f"| {_f(res.med(name, size, conns, 'up_cpu_us'), '.0f')} | {errors} |"
                 )
+    failed = [
+        f"- {name}, {size}, {conns} connections, round {n}: {sample.error_kinds}"
+        for (name, size, conns), samples in res.samples.items()
+        for n, sample in enumerate(samples, 1)
+        if sample.errors
+    ]
+    if failed:
+        lines += ["", "Errors as wrk reported them:", "", *failed]
     lines += [
         "",
         "Ratios of medians (req/s: higher is better for Jalur; p99 and CPU/request: lower is):",
