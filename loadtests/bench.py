@@ -7,6 +7,10 @@ file). They are fetched with ``wrk`` at fixed concurrency through each contender
 * ``direct``: wrk -> upstream (the ceiling of this machine's loopback and load generator);
 * ``jalur-1``: ``jalur run`` with one process;
 * ``jalur-2``: ``jalur run --workers 2``;
+* ``floor-bare`` and ``floor-aiohttp`` (``floor.py``, ``--no-floor`` leaves them out): two
+  feature-less Python proxies on Jalur's upstream client, one with a bare Protocol listener,
+  one with aiohttp's; with ``jalur-1`` they split Jalur's CPU per request into the floor, the
+  aiohttp listener and Jalur's features;
 * ``nginx``: NGINX as an equivalent reverse proxy (``worker_processes 1``, an upstream block
   with keep-alive, access log off, the same forwarding headers Jalur sets).
 
@@ -14,7 +18,8 @@ CPU placement is the same for every contender: wrk and the upstream on CPU 0, th
 CPU 1 (``taskset``). Each (concurrency, size) cell is measured ``--rounds`` times with the
 contenders interleaved (A B C D A B C D ...); the report gives medians of req/s, p50 and p99
 (``wrk --latency``), the proxy's CPU time per request (``/proc/PID/stat`` utime + stime of the
-proxy's process tree, over the measured interval) and how busy that made the proxy's core.
+proxy's process tree, over the measured interval; the stime part, the kernel's, is shown too)
+and how busy that made the proxy's core.
 Then Jalur's (and NGINX's) resident memory is read at ``--idle-conns`` idle keep-alive client
 connections. The result is written between the bench markers of ``--out`` (default
 ``loadtests/RESULTS.md``; the rest of the file is kept) and printed; raw samples go to
@@ -127,15 +132,21 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid``'s process tree, in seconds."""
-    total = 0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """utime and stime (user and kernel CPU) of ``pid``'s process tree, in seconds."""
+    user = system = 0
     for p in tree(pid):
         with contextlib.suppress(OSError):
             stat = Path(f"/proc/{p}/stat").read_text()
             fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
+            user += int(fields[11])  # utime (field 14)
+            system += int(fields[12])  # stime (field 15)
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid``'s process tree, in seconds."""
+    return sum(cpu_times(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -411,6 +422,7 @@ class Sample:
     requests: int
     errors: int
     cpu_us: float | None = None  # proxy CPU per request
+    sys_us: float | None = None  # the kernel's part of cpu_us (system calls, TCP on loopback)
     busy: float | None = None  # proxy CPU seconds per wall second
     up_cpu_us: float | None = None  # upstream CPU per request
     error_kinds: str = ""  # wrk's own words for ``errors``: which socket errors, non-2xx
@@ -464,14 +476,16 @@ def measure(
     c: Contender, size: str, conns: int, seconds: float, cpu: int | None, upstream: int
 ) -> Sample:
     wall = time.monotonic()
-    cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
+    user0, sys0 = cpu_times(c.pid) if c.pid else (0.0, 0.0)
     up0 = cpu_seconds(upstream)
     sample = parse_wrk(wrk(c.url(size), conns, seconds, cpu))
     n = max(1, sample.requests)
     sample.up_cpu_us = 1e6 * (cpu_seconds(upstream) - up0) / n
     if c.pid:
-        used = cpu_seconds(c.pid) - cpu0
+        user1, sys1 = cpu_times(c.pid)
+        used = user1 - user0 + sys1 - sys0
         sample.cpu_us = 1e6 * used / n
+        sample.sys_us = 1e6 * (sys1 - sys0) / n
         sample.busy = used / (time.monotonic() - wall)
     return sample
 
@@ -776,8 +790,8 @@ def report(
         f"the proxy on CPU {PROXY_CPU}.",
         "",
         "| conns | size | contender | req/s | p50 ms | p99 ms | proxy CPU µs/req "
-        "| proxy core busy | upstream CPU µs/req | errors |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| of which kernel | proxy core busy | upstream CPU µs/req | errors |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for conns in args.conns:
         for size in args.sizes:
@@ -792,6 +806,7 @@ def report(
                     f"| {_f(res.med(name, size, conns, 'p50_ms'), '.2f')} "
                     f"| {_f(res.med(name, size, conns, 'p99_ms'), '.2f')} "
                     f"| {_f(res.med(name, size, conns, 'cpu_us'), '.0f')} "
+                    f"| {_f(res.med(name, size, conns, 'sys_us'), '.0f')} "
                     f"| {_f(busy * 100 if busy is not None else None, '.0f')}"
                     f"{' %' if busy is not None else ''} "
                     f"| {_f(res.med(name, size, conns, 'up_cpu_us'), '.0f')} | {errors} |"
@@ -842,6 +857,8 @@ def report(
                     f"| {_ratio(b('jalur-1', 'p99_ms'), b('jalur-base', 'p99_ms'))} "
                     f"| {_ratio(b('jalur-1', 'cpu_us'), b('jalur-base', 'cpu_us'))} |"
                 )
+    if any(name == "floor-bare" for name, _, _ in res.samples):
+        lines += floor_table(res, args)
     if res.idle:
         lines += ["", f"Resident memory with {args.idle_conns} idle keep-alive connections:", ""]
         lines += ["| proxy | RSS before | RSS with idle conns | per connection |"]
@@ -857,6 +874,34 @@ def report(
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines.append(END)
     return "\n".join(lines)
+
+
+def floor_table(res: Results, args: argparse.Namespace) -> list[str]:
+    """Jalur's CPU per request split by the two feature-less proxies (``floor.py``)."""
+    lines = [
+        "",
+        "Where Jalur's CPU per request goes, against two feature-less Python proxies "
+        "(`loadtests/floor.py`; µs of CPU per request, medians):",
+        "",
+        "| conns | size | nginx | floor-bare (uvloop + llhttp + H1Transport) "
+        "| floor-aiohttp (+ aiohttp listener) | jalur-1 (+ Jalur's features) "
+        "| aiohttp listener | Jalur's features | floor-bare / nginx |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for conns in args.conns:
+        for size in args.sizes:
+            nginx, bare, aio, jalur = (
+                res.med(n, size, conns, "cpu_us")
+                for n in ("nginx", "floor-bare", "floor-aiohttp", "jalur-1")
+            )
+            listener = aio - bare if aio is not None and bare is not None else None
+            features = jalur - aio if jalur is not None and aio is not None else None
+            lines.append(
+                f"| {conns} | {size} | {_f(nginx, '.0f')} | {_f(bare, '.0f')} "
+                f"| {_f(aio, '.0f')} | {_f(jalur, '.0f')} | {_f(listener, '+.0f')} "
+                f"| {_f(features, '+.0f')} | {_ratio(bare, nginx)} |"
+            )
+    return lines
 
 
 def write_results(path: Path, block: str) -> None:
@@ -898,7 +943,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run jalur-base: one worker of the proxy/ package as of GIT_REF (A/B runs)",
     )
     p.add_argument(
-        "--contenders", help="comma-separated subset of direct,jalur-1,jalur-2,nginx (A/B runs)"
+        "--contenders",
+        help="comma-separated subset of direct,jalur-1,jalur-2,floor-bare,floor-aiohttp,nginx",
+    )
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="leave out floor-bare and floor-aiohttp (loadtests/floor.py)",
     )
     p.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -988,6 +1039,15 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(name, port, proc.pid, "worker_processes 1")
 
+        def launch_floor(kind: str) -> Contender:
+            port = free_port()
+            cmd = [sys.executable, str(HERE / "floor.py"), kind, str(port)]
+            cmd.append(f"http://127.0.0.1:{up_port}")
+            log_file = (work / f"floor-{kind}.log").open("wb")
+            proc = procs.start(f"floor-{kind}", pinned(proxy_cpu, cmd), stderr=log_file)
+            wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
+            return Contender(f"floor-{kind}", port, proc.pid, "feature-less")
+
         contenders.append(launch_jalur("jalur-1", 1))
         if args.profile:
             profile(contenders[-1], args, load_cpu, started.strftime("%Y%m%dT%H%M%S"))
@@ -997,6 +1057,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.contenders.split(",")) if args.contenders else None
         if wanted is None or "jalur-2" in wanted:
             contenders.append(launch_jalur("jalur-2", 2))
+        if not args.no_floor:
+            for kind in ("bare", "aiohttp"):
+                if wanted is None or f"floor-{kind}" in wanted:
+                    contenders.append(launch_floor(kind))
         if nginx and (wanted is None or "nginx" in wanted):
             contenders.append(launch_nginx("nginx", nginx))
         if wanted is not None:  # direct and jalur-1 start anyway: the checks below use them

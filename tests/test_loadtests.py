@@ -8,8 +8,9 @@
 * ``loadtests/soak.py`` (what ``make soak`` runs) for 6 s with one back-end restart and 5 %
   resets: it attributes every failure to an injected fault and reports its figures.
 * ``loadtests/bench.py --smoke`` (what ``make bench`` runs, 1 s per cell): it produces the
-  results table. It needs ``wrk`` (skipped without it); without ``nginx`` the NGINX contender
-  is skipped and the report says so. ``make test`` installs both (Debian packages).
+  results table, with the two feature-less floor proxies of ``loadtests/floor.py``. It needs
+  ``wrk`` (skipped without it); without ``nginx`` the NGINX contender is skipped and the
+  report says so. ``make test`` installs both (Debian packages).
 """
 
 from __future__ import annotations
@@ -174,12 +175,19 @@ async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
     assert "<!-- bench:begin -->" in text
     assert "<!-- bench:end -->" in text
     assert "| conns | size | contender | req/s |" in text
-    expected = ["direct", "jalur-1", "jalur-2"] + (["nginx"] if HAVE_NGINX else [])
+    expected = ["direct", "jalur-1", "jalur-2", "floor-bare", "floor-aiohttp"]
+    expected += ["nginx"] if HAVE_NGINX else []
     for name in expected:
         assert f"| 50 | small | {name} |" in text, text
         assert f"| 50 | 64k | {name} |" in text, text
     if not HAVE_NGINX:
         assert "**Skipped:** NGINX" in text
+    # The two feature-less proxies relayed the same bytes (bench checks every contender's
+    # answers before measuring) and the CPU split table has a row per cell.
+    assert "Where Jalur's CPU per request goes" in text
+    assert re.search(
+        r"^\| 50 \| small \| (\d+|-) \| \d+ \| \d+ \| \d+ \| [+-]\d+ \|", text, re.M
+    ), text
     assert "| jalur-1 |" in text  # the idle-connections RSS row
     assert "- python: " in text
     assert "- kernel: " in text
