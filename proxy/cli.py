@@ -14,7 +14,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from . import __version__
+from . import __version__, heap
 from . import config as cfg
 from .router import Router
 
@@ -179,6 +179,7 @@ def consent_token(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
+    heap.keep_freed_heap()
     try:
         import uvloop
 
