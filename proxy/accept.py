@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
+from yarl import URL
 
 log = logging.getLogger("jalur")
 
@@ -34,19 +35,49 @@ log = logging.getLogger("jalur")
 # connections (each costs a transport, a protocol and a task) while requests already in
 # flight wait; 64 drains a 200-connection burst in 4 iterations instead of 200.
 ACCEPT_BATCH: Final = 64
+# The same for a socket several worker processes share (``--workers N``): whichever worker
+# wakes first takes a whole batch, and keep-alive connections stay where they landed. With
+# 64, two workers split a 200-connection start 64/136 at worst (measured); 8 keeps each
+# wake-up's share small and still drains the burst in ~13 iterations per worker.
+SHARED_ACCEPT_BATCH: Final = 8
 # Seconds without accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM: the listening socket stays
 # readable, so accepting at once again would spin the loop; the kernel queues meanwhile.
 ACCEPT_RETRY_DELAY: Final = 1.0
 _EXHAUSTED: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Errors accept(2) reports about one pending connection (Linux passes network errors of the
+# new socket on; a firewall may refuse it): skip that one and go on with the queue.
+_SKIP: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "EPERM",
+    )
+    if hasattr(errno, name)
+)
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket (IPv6 when ``host`` is an IPv6 address), non-blocking."""
+    """A listening TCP socket on the IP address ``host``, non-blocking. An IPv6 socket takes
+    IPv6 only (as NGINX's ``ipv6only=on``), so ``0.0.0.0`` and ``::`` can be bound side by side."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
@@ -63,9 +94,11 @@ class Acceptor(asyncio.AbstractServer):
         sock: socket.socket,
         factory: Callable[[], asyncio.Protocol],
         *,
+        batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
         self._factory = factory
@@ -107,7 +140,10 @@ class Acceptor(asyncio.AbstractServer):
         self._closed.set()
 
     async def wait_closed(self) -> None:
+        """Until closed and every connection accepted before has its protocol."""
         await self._closed.wait()
+        if self._handing_over:
+            await asyncio.gather(*self._handing_over, return_exceptions=True)
 
     def _pause(self) -> None:
         if self._serving:
@@ -125,24 +161,25 @@ class Acceptor(asyncio.AbstractServer):
 
     def _accept(self) -> None:
         sock = self._sock
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return  # queue empty
-            except ConnectionAbortedError:
-                continue  # the client gave up while queued
             except OSError as exc:
+                if exc.errno in _SKIP:
+                    log.debug("accept skipped a connection: %s", exc)
+                    continue  # e.g. the client gave up while queued
                 if exc.errno not in _EXHAUSTED:
                     raise
+                self._pause()  # first: whatever the callback does, the loop does not spin
+                self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 log.error(
                     "cannot accept connections (%s): pausing accept for %.1fs",
                     exc.strerror,
                     ACCEPT_RETRY_DELAY,
                 )
                 self._on_exhausted()
-                self._pause()
-                self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
             try:
                 conn.setblocking(False)
@@ -159,9 +196,10 @@ class Acceptor(asyncio.AbstractServer):
         task.add_done_callback(self._handing_over.discard)
 
     async def _set_up(self, conn: socket.socket) -> None:
-        # uvloop builds the transport and calls connection_made before the first await; the
-        # await only waits for that. The transport owns the socket from then on (it detaches
-        # it on close, so the close below is a no-op once it did).
+        # On both loops the protocol's connection_made runs a loop iteration or two after the
+        # accept, so closing the listener does not end these: ``wait_closed`` waits for them
+        # (a drain must see every connection it is to close). The transport owns the socket
+        # from then on (it detaches it on close, so the close below is a no-op once it did).
         try:
             await self._loop.connect_accepted_socket(self._factory, conn)
         except Exception as exc:
@@ -172,28 +210,39 @@ class Acceptor(asyncio.AbstractServer):
 class AcceptSite(web.BaseSite):
     """aiohttp site serving a runner's server through an ``Acceptor`` on a bound socket."""
 
-    __slots__ = ("_on_exhausted", "_sock")
+    __slots__ = ("_batch", "_on_exhausted", "_sock")
 
     def __init__(
         self,
         runner: web.BaseRunner,
         sock: socket.socket,
         *,
+        batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(runner)
         self._sock = sock
+        self._batch = batch
         self._on_exhausted = on_exhausted
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return str(URL.build(scheme="http", host=host, port=port))
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-        acceptor = Acceptor(self._sock, server, on_exhausted=self._on_exhausted)
+        acceptor = Acceptor(self._sock, server, batch=self._batch, on_exhausted=self._on_exhausted)
         await acceptor.start_serving()
         self._server = acceptor
+
+    async def stop(self) -> None:
+        """Stop accepting, and return only once every connection accepted before is known to
+        aiohttp's server (the runner's drain then closes or waits for it like the others)."""
+        acceptor = self._server
+        if acceptor is not None:
+            acceptor.close()
+            await acceptor.wait_closed()
+        await super().stop()

@@ -13,6 +13,7 @@ afterwards in ``_check_references``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -101,6 +102,15 @@ class Listen(_Base, frozen=True):
     body_idle_timeout: Seconds = 30.0
     # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(
+                f"host {self.host!r} must be an IP address (0.0.0.0 or :: for every "
+                "interface): a name could resolve to several addresses, one socket binds one"
+            ) from None
 
 
 class Admin(_Base, frozen=True):

@@ -254,11 +254,16 @@ class ProxyServer:
         )
         self._data_runner = web.ServerRunner(server, shutdown_timeout=config.drain.timeout)
         await self._data_runner.setup()
+        batch = accept.SHARED_ACCEPT_BATCH  # the supervisor's socket, shared by the workers
         if data_sock is None:
             data_sock = accept.bind(listen.host, listen.port, listen.backlog)
+            batch = accept.ACCEPT_BATCH
         metrics = self.services.metrics
         site = accept.AcceptSite(
-            self._data_runner, data_sock, on_exhausted=lambda: metrics.rejected("accept_failed")
+            self._data_runner,
+            data_sock,
+            batch=batch,
+            on_exhausted=lambda: metrics.rejected("accept_failed"),
         )
         await site.start()
         self.data_port = _bound_port(self._data_runner)

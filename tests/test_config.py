@@ -69,6 +69,14 @@ def test_each_error_names_its_field_path(mutation: tuple[str, str], path: str) -
     assert path in paths_of(GOOD.replace(old, new, 1))
 
 
+def test_listen_host_must_be_an_ip_address() -> None:
+    for host in ("0.0.0.0", "::", "127.0.0.1", "::1"):
+        assert cfg.parse(f"listen: {{host: '{host}'}}\n" + GOOD).listen.host == host
+    errors = errors_of("listen: {host: localhost}\n" + GOOD)
+    assert [e.path for e in errors] == ["$.listen"]
+    assert "must be an IP address" in errors[0].message
+
+
 def test_every_error_is_reported_not_just_the_first() -> None:
     text = GOOD.replace("kind: social", "kind: bank").replace(
         "prefix: /api/feed}", "prefix: /api/feed, colour: red}"
