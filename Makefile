@@ -94,7 +94,8 @@ SOAK_TIME ?= 10m
 soak: $(STAMP)
 	$(BIN)/python loadtests/soak.py --time $(SOAK_TIME)
 
-# Jalur (1 and 2 workers) vs NGINX vs direct with wrk; writes loadtests/RESULTS.md (~9 min).
+# Jalur (1 and 2 workers), two feature-less floors (loadtests/floor.py), NGINX and direct with
+# wrk; writes loadtests/RESULTS.md (~14 min).
 bench: $(STAMP) install-bench-tools
 	$(BIN)/python loadtests/bench.py
 
