@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -120,6 +123,28 @@ def run(request: pytest.FixtureRequest) -> Runner:
         return asyncio.run(coro)
 
     return runner
+
+
+@contextlib.contextmanager
+def descriptors_left(free: int) -> Iterator[None]:
+    """Inside the block this process can open exactly ``free`` more file descriptors: the
+    limit goes just above the highest one in use plus ``free``, every gap below it is filled
+    with a placeholder, then ``free`` placeholders are given back. All restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + free, hard))
+    fillers: list[int] = []
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        for _ in range(free):
+            os.close(fillers.pop())
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fillers:
+            os.close(fd)
 
 
 def free_port() -> int:

@@ -8,8 +8,6 @@ running out of file descriptors pauses accepting instead of spinning, and accept
 from __future__ import annotations
 
 import asyncio
-import os
-import resource
 import socket
 from collections.abc import Callable
 from typing import cast
@@ -19,7 +17,7 @@ from aiohttp import web
 
 from proxy import accept
 
-from .conftest import Runner, until
+from .conftest import Runner, descriptors_left, until
 
 
 class Recorder(asyncio.Protocol):
@@ -129,27 +127,9 @@ def test_out_of_descriptors_pauses_accepting_then_resumes(run: Runner) -> None:
         acceptor = accept.Acceptor(
             sock, lambda: Recorder(made), on_exhausted=lambda: exhausted.append(1)
         )
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        # Exactly two free descriptors: the limit just above the highest one in use, every
-        # gap below it filled with a placeholder, then two placeholders given back.
-        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
-        fillers = []
-        try:
-            while True:
-                try:
-                    fillers.append(os.open(os.devnull, os.O_RDONLY))
-                except OSError:
-                    break
-            for fd in fillers[-2:]:
-                os.close(fd)
-            del fillers[-2:]
+        with descriptors_left(2):
             await acceptor.start_serving()
             await until(lambda: bool(exhausted), within=5)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-            for fd in fillers:
-                os.close(fd)
         try:
             assert len(exhausted) == 1
             assert not acceptor.is_serving()  # not polled while paused: no busy loop

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,18 @@ from typing import Any
 import orjson
 import yaml
 
+from proxy import accept
 from proxy.server import ProxyServer, _Server
 
-from .conftest import SYSTEMS, Harness, RawUpstream, raw_request, raw_upstream, until
+from .conftest import (
+    SYSTEMS,
+    Harness,
+    RawUpstream,
+    descriptors_left,
+    raw_request,
+    raw_upstream,
+    until,
+)
 from .wire import Conversation, WireUpstream, converse, wire_upstream
 
 Reader = asyncio.StreamReader
@@ -64,6 +74,38 @@ async def test_connections_beyond_the_cap_are_closed_and_counted(harness: Harnes
                 break
     for _, w in held:
         w.close()
+
+
+async def test_out_of_descriptors_pauses_accepting_then_serves_the_queued_clients(
+    harness: Harness,
+) -> None:
+    """With no file descriptor left the proxy cannot accept: it counts that once, stops
+    polling the listener for a second (the kernel keeps the connections queued) and then
+    serves every queued client; nothing else is disturbed."""
+    port = await limited(harness)
+    ok = await raw_request(port, b"GET /warm HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.status == 200
+    metrics = harness.proxies[0].services.metrics
+
+    def paused() -> float:
+        value = metrics.registry.get_sample_value(
+            "jalur_requests_rejected_total", {"reason": "accept_failed"}
+        )
+        return value or 0.0
+
+    queued = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    with descriptors_left(0):
+        await until(lambda: paused() == 1)
+    for sock in queued:
+        sock.setblocking(False)
+    clients = [await asyncio.open_connection(sock=sock) for sock in queued]
+    for _, writer in clients:
+        writer.write(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(accept.ACCEPT_RETRY_DELAY + 5):
+        for reader, writer in clients:
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+            writer.close()
+    assert paused() == 1
 
 
 async def test_connection_closes_after_max_requests(harness: Harness) -> None:
