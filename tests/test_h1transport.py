@@ -10,6 +10,7 @@ too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -179,6 +180,21 @@ def transport_for(
     return H1Transport(spec, cfg.Listen(), **kw), Endpoint.parse(url)
 
 
+@contextlib.asynccontextmanager
+async def scripted(
+    handler: Handler, **transport: Any
+) -> AsyncIterator[tuple[Upstream, H1Transport, Endpoint]]:
+    """A scripted upstream and a transport to it (``transport_for``'s options), both closed
+    when the block ends, whatever happened in it."""
+    up = await Upstream(handler).start()
+    t, ep = transport_for(up.port, **transport)
+    try:
+        yield up, t, ep
+    finally:
+        await t.close()
+        up.close()
+
+
 def hdrs(**extra: str) -> CIMultiDict[str]:
     h: CIMultiDict[str] = CIMultiDict({"Host": "upstream.test"})
     for k, v in extra.items():
@@ -224,27 +240,24 @@ def _static_check(t: H1Transport) -> Transport:
 
 def test_content_length_body_and_duplicate_headers(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(
+        async with scripted(
             answering(
                 b"HTTP/1.1 201 Made It\r\nContent-Length: 5\r\nSet-Cookie: a=1\r\n"
                 b"X-Cafe: \xc3\xa9t\xc3\xa9\r\nSet-Cookie: b=2\r\n\r\nhello"
             )
-        ).start()
-        t, ep = transport_for(up.port)
-        resp, body = await get(t, ep)
-        assert (resp.status, resp.reason, body) == (201, "Made It", b"hello")
-        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
-        assert resp.header_items()[0] == ("Content-Length", "5")
-        assert [k for k, _ in resp.header_items()] == [
-            "Content-Length",
-            "Set-Cookie",
-            "X-Cafe",
-            "Set-Cookie",
-        ]
-        assert resp.headers["x-cafe"] == "été"  # UTF-8 values, as aiohttp decodes them
-        assert resp.request_bytes_sent > 0
-        await t.close()
-        up.close()
+        ) as (_up, t, ep):
+            resp, body = await get(t, ep)
+            assert (resp.status, resp.reason, body) == (201, "Made It", b"hello")
+            assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+            assert resp.header_items()[0] == ("Content-Length", "5")
+            assert [k for k, _ in resp.header_items()] == [
+                "Content-Length",
+                "Set-Cookie",
+                "X-Cafe",
+                "Set-Cookie",
+            ]
+            assert resp.headers["x-cafe"] == "été"  # UTF-8 values, as aiohttp decodes them
+            assert resp.request_bytes_sent > 0
 
     run(scenario())
 
@@ -266,29 +279,27 @@ def test_chunked_body_split_anywhere_then_reuse(run: Runner) -> None:
         await up.wait_eof(reader)
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        for _ in range(2):
-            resp, body = await get(t, ep)
-            assert body == b"hello world"
-            assert "X-Trailer" not in resp.headers
-        assert up.accepted == 1
-        await t.close()
-        up.close()
+        async with scripted(handler) as (up, t, ep):
+            for _ in range(2):
+                resp, body = await get(t, ep)
+                assert body == b"hello world"
+                assert "X-Trailer" not in resp.headers
+            assert up.accepted == 1
 
     run(scenario())
 
 
 def test_close_delimited_body_ends_with_the_connection_and_is_not_reused(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", "close")).start()
-        t, ep = transport_for(up.port)
-        for _ in range(2):
-            _, body = await get(t, ep)
-            assert body == b"until the end"
-        assert up.accepted == 2
-        await t.close()
-        up.close()
+        async with scripted(once_then(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", "close")) as (
+            up,
+            t,
+            ep,
+        ):
+            for _ in range(2):
+                _, body = await get(t, ep)
+                assert body == b"until the end"
+            assert up.accepted == 2
 
     run(scenario())
 
@@ -308,21 +319,18 @@ def test_head_204_304_have_no_body_and_keep_the_connection_in_step(run: Runner) 
             await w.drain()
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        for method, target, status in (
-            ("HEAD", "/h", 200),
-            ("GET", "/204", 204),
-            ("GET", "/304", 304),
-            ("HEAD", "/h", 200),
-        ):
-            resp, body = await get(t, ep, target, method)
-            assert (resp.status, body) == (status, b"")
-        resp, body = await get(t, ep, "/x")
-        assert body == b"ok"
-        assert up.accepted == 1
-        await t.close()
-        up.close()
+        async with scripted(handler) as (up, t, ep):
+            for method, target, status in (
+                ("HEAD", "/h", 200),
+                ("GET", "/204", 204),
+                ("GET", "/304", 304),
+                ("HEAD", "/h", 200),
+            ):
+                resp, body = await get(t, ep, target, method)
+                assert (resp.status, body) == (status, b"")
+            resp, body = await get(t, ep, "/x")
+            assert body == b"ok"
+            assert up.accepted == 1
 
     run(scenario())
 
@@ -341,35 +349,29 @@ def test_a_body_after_a_head_answer_takes_the_connection_out_of_the_pool(run: Ru
             await w.drain()
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        resp, body = await get(t, ep, "/h", "HEAD")
-        assert (resp.status, body) == (200, b"")
-        resp, body = await get(t, ep, "/x")
-        assert body == b"ok"
-        assert up.accepted == 2
-        await t.close()
-        up.close()
+        async with scripted(handler) as (up, t, ep):
+            resp, body = await get(t, ep, "/h", "HEAD")
+            assert (resp.status, body) == (200, b"")
+            resp, body = await get(t, ep, "/x")
+            assert body == b"ok"
+            assert up.accepted == 2
 
     run(scenario())
 
 
 def test_interim_responses_are_skipped(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(
+        async with scripted(
             answering(
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
                 b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
             )
-        ).start()
-        t, ep = transport_for(up.port)
-        for _ in range(2):
-            resp, body = await get(t, ep, body=chunks(b"x"), headers=hdrs(Content_Length="1"))
-            assert (resp.status, body) == (200, b"body")
-            assert "Link" not in resp.headers
-        assert up.accepted == 1
-        await t.close()
-        up.close()
+        ) as (up, t, ep):
+            for _ in range(2):
+                resp, body = await get(t, ep, body=chunks(b"x"), headers=hdrs(Content_Length="1"))
+                assert (resp.status, body) == (200, b"body")
+                assert "Link" not in resp.headers
+            assert up.accepted == 1
 
     run(scenario())
 
@@ -379,42 +381,46 @@ def test_interim_responses_are_skipped(run: Runner) -> None:
 
 def test_request_head_is_as_given_and_host_added_only_when_absent(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).start()
-        t, ep = transport_for(up.port)
-        h = hdrs(X_A="1", Cookie="c=1")
-        h.add("X-A", "2")
-        await get(t, ep, "/p?q=1", headers=h)
-        await get(t, ep, "/none", headers=CIMultiDict({"X-B": "\u00e9"}))
-        (line1, h1, _), (line2, h2, _) = up.requests
-        assert line1 == "GET /p?q=1 HTTP/1.1"
-        assert h1 == [("Host", "upstream.test"), ("X-A", "1"), ("Cookie", "c=1"), ("X-A", "2")]
-        assert line2 == "GET /none HTTP/1.1"
-        assert h2 == [("Host", f"127.0.0.1:{up.port}"), ("X-B", "\u00c3\u00a9")]  # UTF-8 bytes
-        await t.close()
-        up.close()
+        async with scripted(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as (
+            up,
+            t,
+            ep,
+        ):
+            h = hdrs(X_A="1", Cookie="c=1")
+            h.add("X-A", "2")
+            await get(t, ep, "/p?q=1", headers=h)
+            await get(t, ep, "/none", headers=CIMultiDict({"X-B": "\u00e9"}))
+            (line1, h1, _), (line2, h2, _) = up.requests
+            assert line1 == "GET /p?q=1 HTTP/1.1"
+            assert h1 == [("Host", "upstream.test"), ("X-A", "1"), ("Cookie", "c=1"), ("X-A", "2")]
+            assert line2 == "GET /none HTTP/1.1"
+            assert h2 == [("Host", f"127.0.0.1:{up.port}"), ("X-B", "\u00c3\u00a9")]  # UTF-8 bytes
 
     run(scenario())
 
 
 def test_bodies_content_length_raw_chunked_otherwise(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).start()
-        t, ep = transport_for(up.port)
-        await get(t, ep, "/cl", "PUT", hdrs(Content_Length="11"), chunks(b"hello", b"", b" world"))
-        await get(t, ep, "/te", "POST", hdrs(), chunks(b"hello", b" ", b"chunked"))
-        await get(t, ep, "/empty", "POST", hdrs(), chunks())
-        await get(t, ep, "/zero", "POST", hdrs(Content_Length="0"))
-        cl, te, empty, zero = up.requests
-        assert cl[2] == b"hello world"
-        assert ("Content-Length", "11") in cl[1]
-        assert te[2] == b"hello chunked"
-        assert ("Transfer-Encoding", "chunked") in te[1]
-        assert empty[2] == b""
-        assert ("Transfer-Encoding", "chunked") in empty[1]
-        assert zero[1] == [("Host", "upstream.test"), ("Content-Length", "0")]
-        assert up.accepted == 1
-        await t.close()
-        up.close()
+        async with scripted(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as (
+            up,
+            t,
+            ep,
+        ):
+            await get(
+                t, ep, "/cl", "PUT", hdrs(Content_Length="11"), chunks(b"hello", b"", b" world")
+            )
+            await get(t, ep, "/te", "POST", hdrs(), chunks(b"hello", b" ", b"chunked"))
+            await get(t, ep, "/empty", "POST", hdrs(), chunks())
+            await get(t, ep, "/zero", "POST", hdrs(Content_Length="0"))
+            cl, te, empty, zero = up.requests
+            assert cl[2] == b"hello world"
+            assert ("Content-Length", "11") in cl[1]
+            assert te[2] == b"hello chunked"
+            assert ("Transfer-Encoding", "chunked") in te[1]
+            assert empty[2] == b""
+            assert ("Transfer-Encoding", "chunked") in empty[1]
+            assert zero[1] == [("Host", "upstream.test"), ("Content-Length", "0")]
+            assert up.accepted == 1
 
     run(scenario())
 
@@ -427,18 +433,19 @@ def test_line_breaks_in_headers_are_refused_before_connecting(
     run: Runner, headers: dict[str, str]
 ) -> None:
     async def scenario() -> None:
-        up = await Upstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).start()
-        t, ep = transport_for(up.port)
-        h = hdrs()
-        h.update(headers)
-        with pytest.raises(errors.BadRequest):
-            await t.send(ep, "GET", "/", h, None)
-        with pytest.raises(errors.BadRequest):
-            await t.send(ep, "GET", "/a\r\nX: 1", hdrs(), None)
-        assert up.accepted == 0
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as (
+            up,
+            t,
+            ep,
+        ):
+            h = hdrs()
+            h.update(headers)
+            with pytest.raises(errors.BadRequest):
+                await t.send(ep, "GET", "/", h, None)
+            with pytest.raises(errors.BadRequest):
+                await t.send(ep, "GET", "/a\r\nX: 1", hdrs(), None)
+            assert up.accepted == 0
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -449,15 +456,12 @@ def test_body_not_matching_content_length_fails_and_discards(run: Runner) -> Non
         await up.wait_eof(reader)
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        for body in (chunks(b"abc"), chunks(b"abcdef", b"xyz")):
-            with pytest.raises(errors.UpstreamError, match="Content-Length") as info:
-                await t.send(ep, "POST", "/", hdrs(Content_Length="5"), body)
-            assert type(info.value) is errors.UpstreamError
-            assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(handler) as (_up, t, ep):
+            for body in (chunks(b"abc"), chunks(b"abcdef", b"xyz")):
+                with pytest.raises(errors.UpstreamError, match="Content-Length") as info:
+                    await t.send(ep, "POST", "/", hdrs(Content_Length="5"), body)
+                assert type(info.value) is errors.UpstreamError
+                assert t.open_connections == 0
 
     run(scenario())
 
@@ -471,15 +475,12 @@ def test_failing_request_body_becomes_an_upstream_error(run: Runner) -> None:
         await up.wait_eof(reader)
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        with pytest.raises(errors.UpstreamError, match="request body failed") as info:
-            await t.send(ep, "POST", "/", hdrs(), broken())
-        assert isinstance(info.value.__cause__, ConnectionResetError)
-        assert request_bytes_sent(info.value) > 0
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(handler) as (_up, t, ep):
+            with pytest.raises(errors.UpstreamError, match="request body failed") as info:
+                await t.send(ep, "POST", "/", hdrs(), broken())
+            assert isinstance(info.value.__cause__, ConnectionResetError)
+            assert request_bytes_sent(info.value) > 0
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -497,17 +498,14 @@ def test_early_response_while_uploading_is_returned_and_not_reused(run: Runner) 
             yield block
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port, idle=30)
-        resp = await t.send(ep, "POST", "/", hdrs(), endless())
-        assert resp.status == 413
-        assert await read_all(resp) == b"no"
-        resp.release()  # the upload is unfinished: the connection must go
-        assert t.open_connections == 0
-        async with asyncio.timeout(5):
-            await up.closed_by_peer.wait()
-        await t.close()
-        up.close()
+        async with scripted(handler, idle=30) as (up, t, ep):
+            resp = await t.send(ep, "POST", "/", hdrs(), endless())
+            assert resp.status == 413
+            assert await read_all(resp) == b"no"
+            resp.release()  # the upload is unfinished: the connection must go
+            assert t.open_connections == 0
+            async with asyncio.timeout(5):
+                await up.closed_by_peer.wait()
 
     run(scenario())
 
@@ -530,18 +528,15 @@ def test_full_duplex_upload_continues_after_an_early_response_head(run: Runner) 
             yield bytes([i % 256]) * 65536
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        resp = await t.send(ep, "PUT", "/", hdrs(Content_Length=str(size)), upload())
-        assert resp.status == 200
-        assert await read_all(resp) == b"early"
-        expected = hashlib.sha256(b"".join(bytes([i % 256]) * 65536 for i in range(128)))
-        assert up.requests[0][2] == expected.digest()
-        assert resp.request_bytes_sent > size
-        resp.release()
-        assert t.open_connections == 0  # answered before the request ended: never pooled
-        await t.close()
-        up.close()
+        async with scripted(handler) as (up, t, ep):
+            resp = await t.send(ep, "PUT", "/", hdrs(Content_Length=str(size)), upload())
+            assert resp.status == 200
+            assert await read_all(resp) == b"early"
+            expected = hashlib.sha256(b"".join(bytes([i % 256]) * 65536 for i in range(128)))
+            assert up.requests[0][2] == expected.digest()
+            assert resp.request_bytes_sent > size
+            resp.release()
+            assert t.open_connections == 0  # answered before the request ended: never pooled
 
     run(scenario())
 
@@ -559,29 +554,26 @@ def test_an_early_answer_is_not_pooled_even_when_the_upload_completes(run: Runne
         await up.wait_eof(reader)  # the rest of the body is never read
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port, idle=30)
+        async with scripted(handler, idle=30) as (up, t, ep):
 
-        async def upload() -> AsyncIterator[bytes]:
-            yield b"first"
-            # Only once the transport has parsed the 401 (white-box: its connection's
-            # response), so the answer provably came before the end of the request.
-            await until(lambda: any(c._resp is not None for c in t._conns))
-            yield b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+            async def upload() -> AsyncIterator[bytes]:
+                yield b"first"
+                # Only once the transport has parsed the 401 (white-box: its connection's
+                # response), so the answer provably came before the end of the request.
+                await until(lambda: any(c._resp is not None for c in t._conns))
+                yield b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
-        resp = await t.send(ep, "POST", "/", hdrs(Content_Length="40"), upload())
-        assert resp.status == 401
-        assert await read_all(resp) == b"no"
-        conn = resp._conn
-        assert conn is not None
-        await until(lambda: conn._write_done)  # the upload completes into the socket buffers
-        resp.release()
-        assert t.open_connections == 0
-        assert t.idle_connections(ep) == 0
-        async with asyncio.timeout(5):
-            await up.closed_by_peer.wait()
-        await t.close()
-        up.close()
+            resp = await t.send(ep, "POST", "/", hdrs(Content_Length="40"), upload())
+            assert resp.status == 401
+            assert await read_all(resp) == b"no"
+            conn = resp._conn
+            assert conn is not None
+            await until(lambda: conn._write_done)  # the upload completes into the socket buffers
+            resp.release()
+            assert t.open_connections == 0
+            assert t.idle_connections(ep) == 0
+            async with asyncio.timeout(5):
+                await up.closed_by_peer.wait()
 
     run(scenario())
 
@@ -591,19 +583,20 @@ def test_an_early_answer_is_not_pooled_even_when_the_upload_completes(run: Runne
 
 def test_sequential_requests_share_one_connection(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).start()
-        t, ep = transport_for(up.port)
-        reused = []
-        for _ in range(50):
-            resp, body = await get(t, ep)
-            assert body == b"ok"
-            reused.append(resp.connection_reused)
-        assert up.accepted == 1
-        assert reused == [False] + [True] * 49
-        assert t.open_connections == 1
-        assert t.idle_connections(ep) == 1
-        await t.close()
-        up.close()
+        async with scripted(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as (
+            up,
+            t,
+            ep,
+        ):
+            reused = []
+            for _ in range(50):
+                resp, body = await get(t, ep)
+                assert body == b"ok"
+                reused.append(resp.connection_reused)
+            assert up.accepted == 1
+            assert reused == [False] + [True] * 49
+            assert t.open_connections == 1
+            assert t.idle_connections(ep) == 1
 
     run(scenario())
 
@@ -658,19 +651,16 @@ def test_connection_reuse_follows_keep_alive_rules(
 
 def test_release_before_the_end_of_the_body_discards_the_connection(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(
+        async with scripted(
             answering(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"z" * 200000)
-        ).start()
-        t, ep = transport_for(up.port)
-        resp = await t.send(ep, "GET", "/", hdrs(), None)
-        assert await resp.read_chunk()
-        resp.release()
-        assert t.open_connections == 0
-        _, body = await get(t, ep)
-        assert len(body) == 200000
-        assert up.accepted == 2
-        await t.close()
-        up.close()
+        ) as (up, t, ep):
+            resp = await t.send(ep, "GET", "/", hdrs(), None)
+            assert await resp.read_chunk()
+            resp.release()
+            assert t.open_connections == 0
+            _, body = await get(t, ep)
+            assert len(body) == 200000
+            assert up.accepted == 2
 
     run(scenario())
 
@@ -711,20 +701,21 @@ def test_pool_never_exceeds_max_connections(run: Runner) -> None:
 
 def test_waiting_for_a_free_connection_times_out_as_connect_timeout(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(b"", "hang")).start()
-        t, ep = transport_for(up.port, max_connections=1, connect=0.2, head=30)
-        first = asyncio.ensure_future(t.send(ep, "GET", "/", hdrs(), None))
-        async with asyncio.timeout(5), up.arrived:
-            await up.arrived.wait_for(lambda: len(up.requests) == 1)
-        with pytest.raises(errors.ConnectTimeout, match="max_connections 1") as info:
-            await t.send(ep, "POST", "/", hdrs(), chunks(b"x"))
-        assert request_bytes_sent(info.value) == 0
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(once_then(b"", "hang"), max_connections=1, connect=0.2, head=30) as (
+            up,
+            t,
+            ep,
+        ):
+            first = asyncio.ensure_future(t.send(ep, "GET", "/", hdrs(), None))
+            async with asyncio.timeout(5), up.arrived:
+                await up.arrived.wait_for(lambda: len(up.requests) == 1)
+            with pytest.raises(errors.ConnectTimeout, match="max_connections 1") as info:
+                await t.send(ep, "POST", "/", hdrs(), chunks(b"x"))
+            assert request_bytes_sent(info.value) == 0
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -751,17 +742,16 @@ def test_a_full_pool_makes_room_by_closing_another_endpoints_idle_connection(
 
 def test_idle_connections_are_closed_after_the_idle_timeout(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")).start()
-        t, ep = transport_for(up.port, pool_idle_timeout=0.05)
-        await get(t, ep)
-        async with asyncio.timeout(5):
-            await up.closed_by_peer.wait()
-        assert t.open_connections == 0
-        assert t.idle_connections(ep) == 0
-        await get(t, ep)
-        assert up.accepted == 2
-        await t.close()
-        up.close()
+        async with scripted(
+            answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), pool_idle_timeout=0.05
+        ) as (up, t, ep):
+            await get(t, ep)
+            async with asyncio.timeout(5):
+                await up.closed_by_peer.wait()
+            assert t.open_connections == 0
+            assert t.idle_connections(ep) == 0
+            await get(t, ep)
+            assert up.accepted == 2
 
     run(scenario())
 
@@ -778,17 +768,14 @@ def test_unsolicited_bytes_on_an_idle_connection_drop_it(run: Runner) -> None:
         await up.wait_eof(reader)
 
     async def scenario() -> None:
-        up = await Upstream(handler).start()
-        t, ep = transport_for(up.port)
-        await get(t, ep)
-        async with up.arrived:
-            up.requests.append(("released", [], b""))
-            up.arrived.notify_all()
-        async with asyncio.timeout(5):
-            await up.closed_by_peer.wait()
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(handler) as (up, t, ep):
+            await get(t, ep)
+            async with up.arrived:
+                up.requests.append(("released", [], b""))
+                up.arrived.notify_all()
+            async with asyncio.timeout(5):
+                await up.closed_by_peer.wait()
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -800,16 +787,13 @@ def test_unsolicited_bytes_on_an_idle_connection_drop_it(run: Runner) -> None:
 )
 def test_bytes_after_a_complete_response_never_reach_its_body(run: Runner, extra: bytes) -> None:
     async def scenario() -> None:
-        up = await Upstream(
+        async with scripted(
             answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + extra)
-        ).start()
-        t, ep = transport_for(up.port)
-        for _ in range(2):
-            _, body = await get(t, ep)
-            assert body == b"ok"
-        assert up.accepted == 2
-        await t.close()
-        up.close()
+        ) as (up, t, ep):
+            for _ in range(2):
+                _, body = await get(t, ep)
+                assert body == b"ok"
+            assert up.accepted == 2
 
     run(scenario())
 
@@ -985,33 +969,31 @@ def test_connect_timeout_against_a_full_accept_queue(run: Runner) -> None:
 
 def test_no_response_head_in_time_is_response_timeout(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(b"HTTP/1.1 200 OK\r\nContent-", "hang")).start()
-        t, ep = transport_for(up.port, head=0.2)
-        with pytest.raises(errors.ResponseTimeout, match="response head") as info:
-            await t.send(ep, "GET", "/", hdrs(), None)
-        assert request_bytes_sent(info.value) > 0
-        assert connection_reused(info.value) is False
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(once_then(b"HTTP/1.1 200 OK\r\nContent-", "hang"), head=0.2) as (
+            _up,
+            t,
+            ep,
+        ):
+            with pytest.raises(errors.ResponseTimeout, match="response head") as info:
+                await t.send(ep, "GET", "/", hdrs(), None)
+            assert request_bytes_sent(info.value) > 0
+            assert connection_reused(info.value) is False
+            assert t.open_connections == 0
 
     run(scenario())
 
 
 def test_a_stalled_body_is_response_timeout_from_read_chunk(run: Runner) -> None:
     async def scenario() -> None:
-        up = await Upstream(
-            once_then(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", "hang")
-        ).start()
-        t, ep = transport_for(up.port, idle=0.2)
-        resp = await t.send(ep, "GET", "/", hdrs(), None)
-        assert await resp.read_chunk() == b"hello"
-        with pytest.raises(errors.ResponseTimeout, match="body"):
-            await resp.read_chunk()
-        resp.close()
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(
+            once_then(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", "hang"), idle=0.2
+        ) as (_up, t, ep):
+            resp = await t.send(ep, "GET", "/", hdrs(), None)
+            assert await resp.read_chunk() == b"hello"
+            with pytest.raises(errors.ResponseTimeout, match="body"):
+                await resp.read_chunk()
+            resp.close()
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -1019,16 +1001,13 @@ def test_a_stalled_body_is_response_timeout_from_read_chunk(run: Runner) -> None
 @pytest.mark.parametrize("after", ["close", "reset"])
 def test_closed_before_the_head_is_upstream_reset_after_bytes_sent(run: Runner, after: str) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(b"", after)).start()
-        t, ep = transport_for(up.port)
-        with pytest.raises(errors.UpstreamReset) as info:
-            await t.send(ep, "GET", "/", hdrs(), None)
-        assert request_bytes_sent(info.value) == len(
-            b"GET / HTTP/1.1\r\nHost: upstream.test\r\n\r\n"
-        )
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(once_then(b"", after)) as (_up, t, ep):
+            with pytest.raises(errors.UpstreamReset) as info:
+                await t.send(ep, "GET", "/", hdrs(), None)
+            assert request_bytes_sent(info.value) == len(
+                b"GET / HTTP/1.1\r\nHost: upstream.test\r\n\r\n"
+            )
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -1046,17 +1025,14 @@ def test_closed_mid_body_is_upstream_reset_from_read_chunk(
     run: Runner, partial: bytes, after: str
 ) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(partial, after)).start()
-        t, ep = transport_for(up.port)
-        resp = await t.send(ep, "GET", "/", hdrs(), None)
-        with pytest.raises(errors.UpstreamReset, match="mid-body") as info:
-            await read_all(resp)
-        assert resp.status == 200
-        assert request_bytes_sent(info.value) > 0
-        resp.close()
-        assert t.open_connections == 0
-        await t.close()
-        up.close()
+        async with scripted(once_then(partial, after)) as (_up, t, ep):
+            resp = await t.send(ep, "GET", "/", hdrs(), None)
+            with pytest.raises(errors.UpstreamReset, match="mid-body") as info:
+                await read_all(resp)
+            assert resp.status == 200
+            assert request_bytes_sent(info.value) > 0
+            resp.close()
+            assert t.open_connections == 0
 
     run(scenario())
 
@@ -1091,16 +1067,13 @@ MALFORMED = {
 @pytest.mark.parametrize("response", MALFORMED.values(), ids=MALFORMED.keys())
 def test_malformed_responses_are_protocol_errors(run: Runner, response: bytes) -> None:
     async def scenario() -> None:
-        up = await Upstream(once_then(response, "hang")).start()
-        t, ep = transport_for(up.port)
-        with pytest.raises(errors.UpstreamProtocolError) as info:
-            await get(t, ep)  # a bad chunk size is found in the body
-        assert request_bytes_sent(info.value) > 0
-        assert t.open_connections == 0
-        async with asyncio.timeout(5):
-            await up.closed_by_peer.wait()
-        await t.close()
-        up.close()
+        async with scripted(once_then(response, "hang")) as (up, t, ep):
+            with pytest.raises(errors.UpstreamProtocolError) as info:
+                await get(t, ep)  # a bad chunk size is found in the body
+            assert request_bytes_sent(info.value) > 0
+            assert t.open_connections == 0
+            async with asyncio.timeout(5):
+                await up.closed_by_peer.wait()
 
     run(scenario())
 
