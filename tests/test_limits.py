@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
 from proxy import accept
@@ -106,6 +107,19 @@ async def test_out_of_descriptors_pauses_accepting_then_serves_the_queued_client
             assert (await reader.read()).startswith(b"HTTP/1.1 200")
             writer.close()
     assert paused() == 1
+
+
+async def test_an_ipv6_listener_serves_ipv6_only(harness: Harness) -> None:
+    """``listen.host: ::1`` serves over IPv6; the socket is IPv6-only (as NGINX's default), so
+    the same port on 127.0.0.1 is not Jalur's."""
+    port = await limited(harness, host="::1")
+    reader, writer = await asyncio.open_connection("::1", port)
+    writer.write(b"GET /v6 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
 
 
 async def test_connection_closes_after_max_requests(harness: Harness) -> None:
