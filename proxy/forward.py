@@ -607,10 +607,7 @@ class Forwarder:
             try:
                 await body.buffer(cluster.retry.buffer_bytes)
             except Exception:
-                if body.refused is not None:
-                    return self._refuse_body(request, ex, body.refused)
-                ex.flags = "DC"
-                return error_response(400, "client body ended early", rid)
+                return self._body_failed(request, ex, body)
         up = await self._send(
             state, request, ex, route, cluster, upstream_target, out_headers, key, repeatable
         )
@@ -660,11 +657,8 @@ class Forwarder:
             except (errors.ProxyError, TimeoutError) as caught:
                 ex.host = None
                 cluster.release(host)
-                if body is not None and body.refused is not None:
-                    return self._refuse_body(request, ex, body.refused)
-                if body is not None and body.client_failed:
-                    ex.flags = "DC"
-                    return error_response(400, "client body ended early", ex.request_id)
+                if body is not None and (body.refused is not None or body.client_failed):
+                    return self._body_failed(request, ex, body)
                 exc = (
                     caught
                     if isinstance(caught, errors.ProxyError)
@@ -854,11 +848,7 @@ class Forwarder:
         try:
             data = await body.read_all(policy.max_body_bytes)
         except Exception:
-            if body.refused is not None:
-                return self._refuse_body(request, ex, body.refused)
-            ex.flags = "DC"
-            ex.status = 400
-            return error_response(400, "client body ended early", rid)
+            return self._body_failed(request, ex, body)
         if data is None:
             too_large = errors.BodyTooLarge(
                 "request body too large for an idempotent request (idempotency.max_body_bytes)"
@@ -968,14 +958,32 @@ class Forwarder:
     ) -> web.Response:
         """413 (over the limit) or 408 (body stalled), counted by kind; nothing more of
         the body is forwarded and the connection closes after the answer."""
-        self.services.metrics.rejected(exc.kind)
-        ex.flags = exc.flag
+        self._body_refused(request, ex, exc)
         ex.status = exc.status
-        # A stalled client sends nothing more: close at once. Otherwise linger briefly.
-        request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
         resp = error_response(exc.status, exc.message, ex.request_id, reason=exc.kind)
         resp.force_close()
         return resp
+
+    def _body_refused(
+        self, request: web.BaseRequest, ex: Exchange, exc: errors.RequestError
+    ) -> None:
+        """Count a refused request body, flag the exchange, and set how long the listener
+        lingers after the answer: a stalled client sends nothing more (close at once), one
+        over the limit may still be sending (read and discard briefly, so the kernel's reset
+        cannot destroy the answer)."""
+        self.services.metrics.rejected(exc.kind)
+        ex.flags = exc.flag
+        request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
+
+    def _body_failed(
+        self, request: web.BaseRequest, ex: Exchange, body: _ClientBody
+    ) -> web.Response:
+        """The answer when reading the client's body failed: its refusal (413/408) when a
+        limit cut it, else 400 for a client that broke off mid-upload."""
+        if body.refused is not None:
+            return self._refuse_body(request, ex, body.refused)
+        ex.flags = "DC"
+        return error_response(400, "client body ended early", ex.request_id)
 
     def _block(
         self, state: State, ex: Exchange, status: int, reason: str, message: str
@@ -1080,13 +1088,8 @@ class Forwarder:
         body = ex.body
         if body is not None and body.refused is not None:
             # The whole response arrived before the upload was cut: it stands, but the
-            # connection does not carry another request. As in ``_refuse_body``: linger
-            # (read and discard) while a client over the limit may still be sending, so
-            # the kernel's reset cannot destroy the answer; close at once after a stall.
-            self.services.metrics.rejected(body.refused.kind)
-            ex.flags = body.refused.flag
-            stalled = isinstance(body.refused, errors.BodyTimeout)
-            request[LINGER] = 0.0 if stalled else REFUSED_LINGER
+            # connection does not carry another request (lingering as after a refusal).
+            self._body_refused(request, ex, body.refused)
             resp.force_close()
         return resp
 
