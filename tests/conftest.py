@@ -104,6 +104,19 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await h.close()
 
 
+def cluster(system: str, *urls: str, **extra: Any) -> dict[str, Any]:
+    """A cluster's config: ``system``, its endpoints, any other cluster field."""
+    return {"system": system, "endpoints": list(urls), **extra}
+
+
+def one_route(clusters: dict[str, Any], to: str, category: str = "promotion") -> dict[str, Any]:
+    """A config part with ``clusters`` and one catch-all route ``all`` to cluster ``to``."""
+    return {
+        "clusters": clusters,
+        "routes": [{"name": "all", "match": {}, "category": category, "to": to}],
+    }
+
+
 T = TypeVar("T")
 
 

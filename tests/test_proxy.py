@@ -17,17 +17,15 @@ from .conftest import (
     Harness,
     RawUpstream,
     build_config,
+    cluster,
     free_port,
+    one_route,
     raw_request,
     raw_upstream,
     read_head,
     read_request,
     until,
 )
-
-
-def cluster(system: str, *urls: str, **extra: Any) -> dict[str, Any]:
-    return {"system": system, "endpoints": list(urls), **extra}
 
 
 async def routing_setup(h: Harness) -> int:
@@ -215,12 +213,7 @@ async def test_response_hop_by_hop_headers_are_stripped(harness: Harness) -> Non
         await writer.drain()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": cluster("tokopedia", up.url)},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw"))
     r = await raw_request(p.data_port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     up.server.close()
     assert r.status == 200
@@ -259,12 +252,7 @@ async def test_forwarded_headers_via_and_request_id(harness: Harness) -> None:
 
 async def test_connect_refused_is_502_json(harness: Harness) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    p = await harness.proxy(
-        {
-            "clusters": {"dead": cluster("tokopedia", dead)},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "dead"}],
-        }
-    )
+    p = await harness.proxy(one_route({"dead": cluster("tokopedia", dead)}, "dead"))
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.data_port}/") as r:
         assert r.status == 502
         body = await r.json()
@@ -290,12 +278,7 @@ async def test_reset_before_response_is_502(harness: Harness) -> None:
         writer.transport.abort()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": cluster("tokopedia", up.url)},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw"))
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.data_port}/") as r:
         assert r.status == 502
         body = await r.json()
@@ -313,12 +296,7 @@ async def test_reset_after_headers_aborts_the_client_connection(harness: Harness
         writer.transport.abort()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": cluster("tokopedia", up.url)},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw"))
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{p.data_port}/") as r:
         assert r.status == 200  # the head was already relayed
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -356,10 +334,7 @@ async def test_a_failure_mid_body_is_logged_with_its_own_flag(
     up = await raw_upstream(handler)
     timeouts = {"connect": 1, "response_headers": 1, "idle": 0.3}
     p = await harness.proxy(
-        {
-            "clusters": {"raw": cluster("tokopedia", up.url, timeouts=timeouts)},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
+        one_route({"raw": cluster("tokopedia", up.url, timeouts=timeouts)}, "raw")
     )
     out = io.BytesIO()
     p.services.access = AccessLog(stream=out, flush_interval=0.01)
@@ -398,12 +373,7 @@ async def test_idempotent_method_on_a_dropped_keepalive_connection_reaches_upstr
             await writer.drain()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": cluster("tokopedia", up.url)},
-            "routes": [{"name": "all", "match": {}, "category": "payment", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw", "payment"))
     base = f"http://127.0.0.1:{p.data_port}"
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{base}/warm") as r:

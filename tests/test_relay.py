@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import Harness, RawUpstream, raw_upstream, read_request
+from .conftest import Harness, RawUpstream, cluster, one_route, raw_upstream, read_request
 
 
 async def test_head_is_relayed_before_a_slow_body(harness: Harness) -> None:
@@ -22,12 +22,7 @@ async def test_head_is_relayed_before_a_slow_body(harness: Harness) -> None:
         await writer.drain()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": {"system": "tokopedia", "endpoints": [up.url]}},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw"))
     reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
     try:
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -57,12 +52,7 @@ async def test_small_answer_and_empty_answer_are_relayed_whole(harness: Harness)
             await writer.drain()
 
     up = await raw_upstream(handler)
-    p = await harness.proxy(
-        {
-            "clusters": {"raw": {"system": "tokopedia", "endpoints": [up.url]}},
-            "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "raw"}],
-        }
-    )
+    p = await harness.proxy(one_route({"raw": cluster("tokopedia", up.url)}, "raw"))
     reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
     try:
         async with asyncio.timeout(5):

@@ -38,7 +38,9 @@ from .conftest import (
     Harness,
     RawUpstream,
     build_config,
+    cluster,
     free_port,
+    one_route,
     raw_request,
     raw_upstream,
     read_request,
@@ -50,17 +52,6 @@ Writer = asyncio.StreamWriter
 RawHandler = Callable[[RawUpstream, Reader, Writer], Awaitable[None]]
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-def cluster(system: str, *urls: str, **extra: Any) -> dict[str, Any]:
-    return {"system": system, "endpoints": list(urls), **extra}
-
-
-def one_route(clusters: dict[str, Any], to: str, category: str = "promotion") -> dict[str, Any]:
-    return {
-        "clusters": clusters,
-        "routes": [{"name": "all", "match": {}, "category": category, "to": to}],
-    }
 
 
 def sample(p: ProxyServer, name: str, **labels: str) -> float:
