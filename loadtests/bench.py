@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import yaml
+from run import start_redis
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -1025,9 +1026,10 @@ def main(argv: list[str] | None = None) -> int:
         def launch_jalur(name: str, workers: int, source: Path | None = None) -> Contender:
             port = free_port()
             conf_path = work / f"{name}.yaml"
-            conf_path.write_text(
-                yaml.safe_dump(jalur_config(port, f"http://127.0.0.1:{up_port}", work))
-            )
+            conf = jalur_config(port, f"http://127.0.0.1:{up_port}", work)
+            if workers > 1:  # payments deduplicated across workers: the fleet's store
+                conf["store"] = {"kind": "redis", "url": start_redis(procs, work)}
+            conf_path.write_text(yaml.safe_dump(conf))
             proc = start_jalur(procs, name, conf_path, workers, proxy_cpu, work, source)
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(name, port, proc.pid, f"{workers} proc")

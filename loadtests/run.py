@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import yaml
 
@@ -108,6 +109,32 @@ class Processes:
     def stop_all(self) -> None:
         for name, proc in reversed(self.procs):
             self.stop(proc, name)
+
+
+class Starter(Protocol):
+    def start(self, name: str, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]: ...
+
+
+def start_redis(procs: Starter, work: Path, *extra: str) -> str:
+    """A redis-server (Debian package) on a free loopback port for Jalur's shared store,
+    set up as production wants it (noeviction, AOF in ``work``); its URL once it answers."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("redis-server is not installed (make test-tools installs it)")
+    port = free_port()
+    proc = procs.start(
+        f"redis-server :{port}",
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--maxmemory-policy", "noeviction", "--dir", str(work),
+         *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not port_busy("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"redis-server on :{port} did not start")
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def demo_config(args: argparse.Namespace, reports: Path) -> tuple[Path, dict[str, Any]]:

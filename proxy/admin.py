@@ -41,6 +41,8 @@ class Status:
     audit: Callable[[dict[str, Any]], None] | None = None
     # Wall clock compliance deadlines are judged by.
     clock: Callable[[], float] = time.time
+    # What the shared store promised at start (idempotency.RedisStore.describe).
+    store: dict[str, Any] | None = None
 
     @property
     def ready(self) -> bool:
@@ -77,7 +79,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     status = request.app[STATUS]
     if status.ready:
-        return _json({"status": "ready"})
+        return _json({"status": "ready", "store": status.store})
     reason = "draining" if status.draining else "config not loaded"
     return _json({"status": "not ready", "reason": reason}, status=503)
 

@@ -16,6 +16,7 @@ from typing import Any, Final, TextIO
 
 from . import __version__, heap
 from . import config as cfg
+from .idempotency import gates as idempotency_gates
 from .router import Router
 
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
@@ -119,6 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "refusing to start: aiohttp's C HTTP parser is not in use (the pure-Python "
                 "parser has had request-smuggling bugs); fix the install or pass "
                 "--allow-python-parser",
+                file=sys.stderr,
+            )
+            return 1
+        gated = sorted(idempotency_gates(config))
+        if args.workers > 1 and config.store.kind == "memory" and gated:
+            print(
+                f"refusing to start {args.workers} workers with store.kind: memory: routes "
+                f"{', '.join(gated)} deduplicate payments, each worker would keep its own "
+                "records, and a payment repeated on another worker would execute twice; set "
+                'store.kind: redis (README "Payments and idempotency") or run one worker',
                 file=sys.stderr,
             )
             return 1

@@ -329,6 +329,9 @@ class IdempotencyPolicy(_Base, frozen=True):
     # A repeat while the first is in flight waits for it (up to wait_timeout) instead of 409.
     wait_in_flight: bool = False
     wait_timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    # The back end deduplicates Idempotency-Key itself: only then may Jalur retry a keyed
+    # request after a byte of it reached an upstream (else a retry could execute it twice).
+    upstream_dedupes: bool = False
 
 
 class Route(_Base, frozen=True):
@@ -392,12 +395,31 @@ class Boundary(_Base, frozen=True):
     consent: Consent = Consent()
 
 
-class IdempotencyStore(_Base, frozen=True):
-    # memory: this process only (LRU); redis: shared by every replica and sidecar.
-    store: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+class Store(_Base, frozen=True):
+    """The fleet's shared state: idempotency records and locks."""
+
+    # memory: this process only (refused with --workers N > 1); redis: shared by every
+    # worker and replica. Production needs redis with maxmemory-policy noeviction and
+    # appendonly yes (README "Payments and idempotency").
+    kind: Literal["memory", "redis"] = "memory"
+    # redis:// or rediss:// URL; put the password in the environment (JALUR_STORE__URL).
+    url: str = "redis://127.0.0.1:6379/0"
+    # Seconds one store call may take before the request is refused (503, fail closed).
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=30)] = 1.0
+    # Memory store bounds: records are never evicted before their ttl; when a bound is
+    # reached new keys get 503 idempotency_store_full until records expire.
     max_entries: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    # Records one identity (or, without identity, one client address) may hold at once.
+    max_entries_per_identity: Annotated[int, msgspec.Meta(ge=1)] = 1_000
+    # Seconds after a redis store is seen to have lost its data (restarted without
+    # persistence) during which keys not found are answered "outcome unknown" instead of
+    # forwarded: a payment in flight across the loss is not executed twice.
+    lost_data_quarantine: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
+    # Seconds an in-flight lock outlives the last renewal by its proxy (renewed every
+    # lease_ttl / 5 while the request runs): after its proxy died, repeats get 409 for up to
+    # this long, then "outcome unknown" until the key's ttl. Never a second execution.
+    lease_ttl: Annotated[float, msgspec.Meta(ge=0.5, le=600)] = 15.0
 
 
 class Migration(_Base, frozen=True):
@@ -441,7 +463,7 @@ class Config(_Base, frozen=True):
     admin: Admin = Admin()
     drain: Drain = Drain()
     reload: Reload = Reload()
-    idempotency: IdempotencyStore = IdempotencyStore()
+    store: Store = Store()
     systems: dict[Name, System] = {}
     clusters: dict[Name, Cluster] = {}
     routes: list[Route] = []
@@ -510,6 +532,8 @@ def parse(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([FieldError("$", "the document must be a mapping")], source)
+    if "idempotency" in data:
+        raise ConfigError(_located([_MOVED_IDEMPOTENCY], node, {}), source)
     errors: list[FieldError] = []
     overridden: dict[str, str] = {}
     if env is not None:
@@ -526,6 +550,14 @@ def parse(
     if errors:
         raise ConfigError(_located(errors, node, overridden), source)
     return config
+
+
+_MOVED_IDEMPOTENCY: Final = FieldError(
+    "$.idempotency",
+    "moved: the shared store is now the top-level `store` (idempotency.store -> store.kind, "
+    "idempotency.redis_url -> store.url, max_entries/max_bytes -> store.*); per-route "
+    "policies stay under routes[].idempotency",
+)
 
 
 # -- environment overrides -------------------------------------------------------------

@@ -35,7 +35,7 @@ from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
 from .compliance import AuditLog, Guard, VariantCheck
-from .config import Config, IdempotencyPolicy
+from .config import Config
 from .h1transport import H1Transport, connection_reused
 from .health import EndpointState
 from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
@@ -114,7 +114,7 @@ class State:
     bound: Bound
     migration: Migration
     shadows: dict[str, Plan]
-    idempotency: dict[str, IdempotencyPolicy]
+    idempotency: dict[str, idem.Gate]
     transaction_categories: frozenset[str]
     transports: list[Transport] = field(default_factory=list)
     # WebSocket upgrades go through aiohttp's client (H1Transport does not upgrade); one
@@ -183,7 +183,7 @@ def build_state(config: Config, metrics: Metrics) -> State:
     }
     state = State(
         config=config,
-        idempotency=idempotency_policies(router),
+        idempotency=idem.gates(config),
         shadows=shadows,
         router=router,
         clusters=clusters,
@@ -199,25 +199,6 @@ def build_state(config: Config, metrics: Metrics) -> State:
     for cluster in clusters.values():
         cluster.start()  # health checks, once nothing above can fail any more
     return state
-
-
-# Methods the idempotency gate applies to: the ones HTTP does not make idempotent.
-NON_IDEMPOTENT: Final = frozenset({"POST", "PATCH"})
-# Longest Idempotency-Key accepted (the draft suggests UUIDs; this bounds store keys).
-MAX_IDEMPOTENCY_KEY: Final = 255
-# The category whose routes get the default policy when they do not configure one.
-IDEMPOTENT_BY_DEFAULT: Final = "payment"
-
-
-def idempotency_policies(router: Router) -> dict[str, IdempotencyPolicy]:
-    out: dict[str, IdempotencyPolicy] = {}
-    for r in router.routes:
-        policy = r.spec.idempotency
-        if policy is None and r.category == IDEMPOTENT_BY_DEFAULT:
-            policy = IdempotencyPolicy()
-        if policy is not None and policy.enabled:
-            out[r.name] = policy
-    return out
 
 
 def new_request_id(incoming: str | None) -> str:
@@ -420,20 +401,12 @@ class _ClientBody:
             yield chunk
 
 
-@dataclass(slots=True)
-class Ticket:
-    """The idempotency lock a first attempt holds, and the response captured to store."""
-
-    key: str
-    token: str
-    fingerprint: str
-    policy: IdempotencyPolicy
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    body: bytearray = field(default_factory=bytearray)
-    too_large: bool = False
-    settled: bool = False
-
-
+# The answer to a repeat of a keyed request whose first attempt may have executed upstream
+# without Jalur seeing the answer (README: "outcome unknown").
+OUTCOME_UNKNOWN: Final = (
+    "the outcome of the first request with this Idempotency-Key is unknown: it may have "
+    "been executed. Look up its status; use a new key for a new attempt"
+)
 # Stored response headers that must be recomputed when a response is replayed.
 _NOT_REPLAYED: Final = frozenset({"content-length", "transfer-encoding", "x-request-id", "date"})
 
@@ -469,7 +442,7 @@ class Exchange:
         self.reason = ""  # compliance/boundary refusal slug, for the audit log
         self.bytes_out = 0
         self.upstream_time: float | None = None
-        self.ticket: Ticket | None = None  # an idempotency lock this request holds
+        self.ticket: idem.Ticket | None = None  # an idempotency lock this request holds
         self.admitted: ClusterRuntime | None = None  # counted by its circuit breaker
         self.host: EndpointState | None = None  # the endpoint whose attempt it holds
         self.retrying = False  # holds a slot of the cluster's retry budget
@@ -564,9 +537,9 @@ class Forwarder:
             # Before any upstream connection, before 100 Continue: the body is never read.
             too_large = f"request body of {length} bytes is over this route's limit of {limit}"
             return self._refuse_body(request, ex, errors.BodyTooLarge(too_large))
-        policy = state.idempotency.get(route.name)
-        if policy is not None and request.method in NON_IDEMPOTENT:
-            early = await self._idempotency_gate(state, request, ex, route, target, policy, limit)
+        gate = state.idempotency.get(route.name)
+        if gate is not None and request.method in idem.NON_IDEMPOTENT:
+            early = await self._idempotency_gate(state, request, ex, target, gate, limit)
             if early is not None:
                 return early
         cm = state.bound.clusters[cluster.name]
@@ -600,9 +573,14 @@ class Forwarder:
             body.copy = copy.body
         ex.body = body
         # May this request be sent twice? Then keep its body (bounded) to send it again.
-        repeatable = cluster.retry.enabled and (
-            request.method in IDEMPOTENT_METHODS or IDEMPOTENCY_KEY in request.headers
+        # A keyed request the gate holds: only if the back end deduplicates keys itself
+        # (else a retry after a byte went out could execute it twice).
+        keyed = (
+            IDEMPOTENCY_KEY in request.headers
+            if ex.ticket is None
+            else gate is not None and gate.policy.upstream_dedupes
         )
+        repeatable = cluster.retry.enabled and (request.method in IDEMPOTENT_METHODS or keyed)
         if repeatable and body is not None:
             try:
                 await body.buffer(cluster.retry.buffer_bytes)
@@ -644,10 +622,14 @@ class Forwarder:
         tried: tuple[EndpointState, ...] = ()
         attempt = 1
         stale = 0  # sends again after a pooled connection turned out closed
+        ticket = ex.ticket
         while True:
             host = ex.host
             assert host is not None
             started = time.monotonic()
+            sent_before = ticket is not None and ticket.sent
+            if ticket is not None:
+                ticket.sent = True  # until the transport says no byte went out
             try:
                 if policy.per_try_timeout is None:
                     up = await send(host.endpoint, method, target, headers, body)
@@ -657,6 +639,8 @@ class Forwarder:
             except (errors.ProxyError, TimeoutError) as caught:
                 ex.host = None
                 cluster.release(host)
+                if ticket is not None and not sent_before:
+                    ticket.sent = getattr(caught, "request_bytes_sent", None) != 0
                 if body is not None and (body.refused is not None or body.client_failed):
                     return self._body_failed(request, ex, body)
                 exc = (
@@ -714,6 +698,7 @@ class Forwarder:
                     message = f"{message} (attempt {attempt})"
                 if why:
                     message = f"{message}; not retried: {why}"
+                ex.status = exc.status
                 return error_response(exc.status, message, ex.request_id, kind=exc.kind)
             ex.upstream_time = time.monotonic() - started
             cm.upstream_response(ex.upstream_time)
@@ -822,27 +807,28 @@ class Forwarder:
         state: State,
         request: web.BaseRequest,
         ex: Exchange,
-        route: Route,
         target: paths.Target,
-        policy: IdempotencyPolicy,
+        gate: idem.Gate,
         limit: int,
     ) -> web.StreamResponse | None:
-        """None to forward the request (holding a lock when it has a key), or the answer:
-        a replay, 400 missing key, 409 in flight, 413, 422 mismatch, 503 store down."""
-        rm = state.bound.routes[route.name]
+        """None to forward the request (holding the key's lock when it has one), or the
+        answer: a replay, 400 missing/invalid key, 409 in flight, 413, 422 mismatch, 503
+        store down or full, or an outcome-unknown replay."""
+        rm = state.bound.routes[gate.route]
+        policy = gate.policy
         rid = ex.request_id
-        key = request.headers.get("Idempotency-Key")
+        key = request.headers.get(IDEMPOTENCY_KEY)
         if not key:
             if not policy.require:
                 return None
             rm.idempotency("missing")
-            ex.status = 400
-            return error_response(
-                400, "this route requires an Idempotency-Key header on POST/PATCH", rid
+            return self._gate_refusal(
+                ex, 400, "this route requires an Idempotency-Key header on POST/PATCH", "missing"
             )
-        if len(key) > MAX_IDEMPOTENCY_KEY:
-            ex.status = 400
-            return error_response(400, "Idempotency-Key is too long", rid)
+        problem = idem.key_problem(key)
+        if problem is not None:
+            rm.idempotency("invalid")
+            return self._gate_refusal(ex, 400, problem, "idempotency_key_invalid")
         body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
         ex.body = body
         try:
@@ -856,41 +842,61 @@ class Forwarder:
             return self._refuse_body(request, ex, too_large)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         fp = idem.fingerprint(request.method, upstream_target, data)
-        scope = f"{route.name}\x00{self._user(route, request)}\x00{key}"
+        identity = gate.identity(request.headers.getall, request.cookies.get)
+        scope = idem.scope_of(gate.route, identity, key)
+        # One identity's records are bounded; a shopper without identity by peer address.
+        quota = identity or f"peer:{request.remote or ''}"
         store = self.services.idempotency
         try:
-            begun = await store.begin(scope, fp, rid)
+            begun = await store.begin(scope, fp, rid, policy.ttl, quota)
             if begun.outcome == "in_flight" and policy.wait_in_flight:
                 done = await idem.wait_done(store, scope, fp, policy.wait_timeout)
                 if done is not None:
                     begun = idem.Begin("done", done)
         except idem.StoreError as exc:
+            # A keyed request is never forwarded unprotected: its client asked for at most
+            # once, and only the store can promise it.
             rm.idempotency("store_error")
-            log.error("idempotency store error on route %s: %s", route.name, exc)
-            if policy.require:
-                ex.status = 503
-                return error_response(503, "idempotency store unavailable", rid)
-            return None
-        if begun.outcome == "new":
-            ex.ticket = Ticket(scope, rid, fp, policy)
-            return None
-        if begun.outcome == "mismatch":
-            rm.idempotency("mismatch")
-            ex.status = 422
-            return error_response(
-                422, "Idempotency-Key was already used with a different request", rid
+            log.error("idempotency store error request_id=%s: %s", rid, exc)
+            return self._gate_refusal(
+                ex, 503, "idempotency store unavailable", "idempotency_store_unavailable"
             )
-        if begun.outcome == "in_flight":
+        outcome = begun.outcome
+        if outcome == "new":
+            ticket = idem.Ticket(scope, rid, fp, policy.ttl, policy.max_response_bytes)
+            ticket.start_renewing(store)
+            ex.ticket = ticket
+            return None
+        if outcome == "full":
+            rm.idempotency("full")
+            return self._gate_refusal(
+                ex, 503, "idempotency store is full; try again later", "idempotency_store_full"
+            )
+        if outcome == "mismatch":
+            rm.idempotency("mismatch")
+            return self._gate_refusal(
+                ex, 422, "Idempotency-Key was already used with a different request", "mismatch"
+            )
+        if outcome == "in_flight":
             rm.idempotency("conflict")
-            ex.status = 409
-            return error_response(409, "a request with this Idempotency-Key is in flight", rid)
+            return self._gate_refusal(
+                ex, 409, "a request with this Idempotency-Key is in flight", "in_flight"
+            )
         stored = begun.stored
-        assert stored is not None
         rm.idempotency("replayed")
+        if outcome == "unknown" or stored is None or stored.unknown:
+            # No answer is stored: the first attempt's proxy died holding the key, the key
+            # came just after the store lost its data, or the first attempt's answer was lost.
+            status = stored.status if stored is not None and stored.unknown else 503
+            resp = self._gate_refusal(ex, status, OUTCOME_UNKNOWN, "outcome_unknown")
+            resp.headers[idem.REPLAYED_HEADER] = "true"
+            return resp
         if not stored.replayable:
-            ex.status = 409
-            return error_response(
-                409, "the original response was too large to replay; it was not re-sent", rid
+            return self._gate_refusal(
+                ex,
+                409,
+                "the original response was too large to replay; it was not re-sent",
+                "not_replayable",
             )
         ex.status = stored.status
         headers: CIMultiDict[str] = CIMultiDict(
@@ -901,44 +907,27 @@ class Forwarder:
         return web.Response(status=stored.status, body=stored.body, headers=headers)
 
     @staticmethod
-    def _user(route: Route, request: web.BaseRequest) -> str:
-        """Who the key belongs to: the route's sticky user key, else a hash of the
-        Authorization header, so two users' equal keys never collide."""
-        if route.sticky_header is not None:
-            return request.headers.get(route.sticky_header, "")
-        if route.sticky_cookie is not None:
-            return request.cookies.get(route.sticky_cookie, "")
-        auth = request.headers.get("Authorization")
-        return hashlib.sha256(auth.encode()).hexdigest()[:32] if auth else ""
+    def _gate_refusal(ex: Exchange, status: int, message: str, reason: str) -> web.Response:
+        ex.status = status
+        ex.reason = ex.reason or reason
+        return error_response(status, message, ex.request_id, reason=reason)
 
     async def _settle(self, state: State, ex: Exchange) -> None:
-        """Store the first attempt's answer (2xx-4xx) or release its lock (5xx, errors)."""
+        """Store the key's outcome (an upstream answer, or outcome unknown once a byte went
+        out) or release it (nothing reached an upstream). Shielded: a client that goes away
+        does not cancel the record of what its payment did."""
         ticket = ex.ticket
         if ticket is None or ticket.settled:
             return
-        ticket.settled = True
-        store = self.services.idempotency
         route = ex.route
+        store = self.services.idempotency
         try:
-            if ex.flags == "-" and 0 < ex.status < 500:
-                stored = idem.Stored(
-                    fingerprint=ticket.fingerprint,
-                    status=ex.status,
-                    headers=ticket.headers,
-                    body=b"" if ticket.too_large else bytes(ticket.body),
-                    done=True,
-                    owner=ticket.token,
-                    replayable=not ticket.too_large,
-                )
-                await store.complete(ticket.key, stored, ticket.policy.ttl)
-                if route is not None:
-                    state.bound.routes[route.name].idempotency("stored")
-            else:
-                await store.release(ticket.key, ticket.token)
+            outcome = await asyncio.shield(ticket.settle(store, ex.status))
         except Exception as exc:  # the client has its answer; never fail the request now
-            log.error("idempotency store error settling %s: %s", ex.request_id, exc)
-            if route is not None:
-                state.bound.routes[route.name].idempotency("store_error")
+            log.error("idempotency store error settling request_id=%s: %s", ex.request_id, exc)
+            outcome = "store_error"
+        if route is not None:
+            state.bound.routes[route.name].idempotency(outcome)
 
     def _reject(self, ex: Exchange, status: int, message: str, reason: str) -> web.Response:
         """Refused before routing: counted by reason, never under a route label."""
@@ -1043,6 +1032,7 @@ class Forwarder:
         ticket = ex.ticket
         if ticket is not None:  # stored as the client sees it: after the boundary's filter
             ticket.headers = [(str(k), v) for k, v in headers.items()]
+            ticket.answered = True
         ex.status = upr.status
         try:
             await resp.prepare(request)
@@ -1050,19 +1040,34 @@ class Forwarder:
                 request.writer.send_headers()
         except ConnectionError:
             ex.flags = "DC"
+            if ticket is not None:
+                await _capture_rest(upr, ticket)
             upr.close()
             return resp
+        # A keyed answer's last chunk is held back until its outcome is stored: a client
+        # that has the whole answer and repeats at once is replayed, never told 409.
+        held = b""
         try:
             while chunk := await upr.read_chunk():
                 ex.bytes_out += len(chunk)
                 if digest is not None:
                     digest.update(chunk)
-                if ticket is not None and not ticket.too_large:
-                    ticket.body += chunk
-                    if len(ticket.body) > ticket.policy.max_response_bytes:
-                        ticket.too_large = True
-                        ticket.body.clear()
-                await resp.write(chunk)
+                if ticket is not None:
+                    ticket.capture(chunk)
+                    chunk, held = held, chunk
+                    if not chunk:
+                        continue
+                try:
+                    await resp.write(chunk)
+                except ConnectionError:
+                    if ticket is not None:  # the answer is still the key's outcome: keep it
+                        await _capture_rest(upr, ticket)
+                    raise
+            if ticket is not None:
+                ticket.complete = True
+                await self._settle(state, ex)
+                if held:
+                    await resp.write(held)
         except errors.ProxyError as exc:
             # The head is out: the only honest signal left is to cut the connection.
             body = ex.body
@@ -1197,6 +1202,17 @@ def _hash_key(cluster: ClusterRuntime, request: web.BaseRequest) -> str | None:
 def _is_websocket(headers: CIMultiDictProxy[str]) -> bool:
     upgrade = headers.get("Upgrade")
     return upgrade is not None and upgrade.lower() == "websocket"
+
+
+async def _capture_rest(upr: UpstreamResponse, ticket: idem.Ticket) -> None:
+    """The client went away mid-answer: read the rest of the upstream's answer anyway (its
+    own read timeouts bound this), so a keyed payment's outcome is stored complete."""
+    try:
+        while chunk := await upr.read_chunk():
+            ticket.capture(chunk)
+    except errors.ProxyError:
+        return
+    ticket.complete = True
 
 
 def _abort(request: web.BaseRequest) -> None:

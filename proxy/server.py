@@ -24,6 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 from . import accept
 from . import admin as admin_mod
 from . import config as cfg
+from . import idempotency as idem
 from .accesslog import AccessLog
 from .compliance import AuditLog
 from .forward import (
@@ -218,12 +219,7 @@ class ProxyServer:
             access=AccessLog.from_config(config.access_log),
             audit=AuditLog(config.compliance.audit),
             shadower=Shadower(config.migration.max_shadow_in_flight, self._count_shadow),
-            idempotency=make_store(
-                config.idempotency.store,
-                config.idempotency.redis_url,
-                config.idempotency.max_entries,
-                config.idempotency.max_bytes,
-            ),
+            idempotency=make_store(config.store),
         )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
@@ -272,6 +268,8 @@ class ProxyServer:
                 config, self.status, self.services.metrics
             )
         self.status.config = config
+        if self.with_admin:  # under a supervisor, the supervisor reports it once
+            self.status.store = await idem.report_store(self.services.idempotency, log)
         self.status.migration = lambda: self.state.migration
         self.status.audit = self.services.audit.record
         self._progress = asyncio.create_task(self._publish_progress())

@@ -32,6 +32,7 @@ from typing import Any, Final
 from . import accept
 from . import admin as admin_mod
 from . import config as cfg
+from . import idempotency as idem
 from .metrics import Metrics, mark_process_dead
 from .server import start_admin, watch_config
 
@@ -95,6 +96,11 @@ class Supervisor:
             log.error("workers did not start in %.0fs", START_TIMEOUT)
             stop.set()
         else:
+            store = idem.make_store(self.config.store)
+            try:
+                self.status.store = await idem.report_store(store, log)
+            finally:
+                await store.close()
             self.status.config = self.config
             self.metrics.config_reload(True)
             host, port = sock.getsockname()[:2]

@@ -7,7 +7,10 @@ import contextlib
 import os
 import re
 import resource
+import shutil
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -158,6 +161,69 @@ def descriptors_left(free: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for fd in fillers:
             os.close(fd)
+
+
+REDIS = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A throw-away redis-server on a loopback port (no persistence unless asked), stopped
+    by its PID."""
+
+    def __init__(self, port: int, workdir: Path, *args: str) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS is not None
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # until redis says it is ready (bounded by its output)
+            if b"Ready to accept connections" in line:
+                return
+        raise RuntimeError("redis-server exited before it was ready")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if REDIS is None:
+        pytest.skip("redis-server not installed (make test installs it)")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    if request.param == "memory":
+        yield {"kind": "memory"}
+        return
+    if REDIS is None:
+        pytest.skip("redis-server not installed (make test installs it)")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield {"kind": "redis", "url": server.url}
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

@@ -37,6 +37,8 @@ MANIFESTS = {
     CLASSIC,
     "podmonitor.yaml",
     "secret.example.yaml",
+    "secret-store.example.yaml",
+    "redis.yaml",
     "service.yaml",
 }
 JALUR = "jalur"  # the sidecar's container name
@@ -167,6 +169,28 @@ def test_secret_example_is_obviously_fake() -> None:
     token = secret["stringData"]["token"]
     assert "example" in token
     assert "replace" in token
+    for doc in load_docs("secret-store.example.yaml"):
+        for value in doc["stringData"].values():
+            assert "example-not-a-real-password-replace-me" in value
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_fleet_store_is_redis_that_never_evicts_and_persists(
+    variant: str, config: cfg.Config
+) -> None:
+    """Several replicas: the memory store would execute a payment once per replica."""
+    assert config.store.kind == "redis"
+    assert one(variant, "Deployment")["spec"]["replicas"] > 1
+    env = {e["name"]: e for e in jalur_container(pod_spec(variant))["env"]}
+    ref = env["JALUR_STORE__URL"]["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in load_docs("secret-store.example.yaml")}
+    assert ref["key"] in secrets[ref["name"]]["stringData"]
+    redis = one("redis.yaml", "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    service = one("redis.yaml", "Service")["metadata"]["name"]
+    assert f"@{service}:" in secrets[ref["name"]]["stringData"]["url"]
 
 
 # -- both deployment variants -----------------------------------------------------------

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from .conftest import SERVING, SYSTEMS, Harness, children
+from .conftest import SERVING, SYSTEMS, Harness, RedisServer, children
 
 TOTAL = re.compile(r'^jalur_requests_total\{[^}]*route="pay"[^}]*\} ([0-9.e+]+)$', re.M)
 
@@ -43,7 +43,7 @@ async def send(s: aiohttp.ClientSession, base: str, n: int) -> set[str]:
 
 @pytest.mark.slow
 async def test_two_workers_share_the_port_and_metrics_add_up(
-    harness: Harness, tmp_path: Path
+    harness: Harness, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     b = await harness.backend("pay", "tokopedia")
     conf = {
@@ -55,6 +55,7 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
         "clusters": {"pay": {"system": "tokopedia", "endpoints": [b.url]}},
         "routes": [{"name": "pay", "match": {"prefix": "/"}, "category": "payment", "to": "pay"}],
         "compliance": {"audit": {"path": str(tmp_path / "audit.log")}},
+        "store": {"kind": "redis", "url": redis_server.url},  # payments: one store for both
     }
     path = tmp_path / "jalur.yaml"
     path.write_text(yaml.safe_dump(conf))

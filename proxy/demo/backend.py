@@ -84,7 +84,7 @@ _HEADER_UNSAFE_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 CONTROL: Final = ("executions", "faults")
 """``/_sim/...`` paths that report counters: never failed or reset by the fault injection."""
 
-_BARE: Final = frozenset({*CONTROL, "ws"})
+_BARE: Final = frozenset({*CONTROL, "ws", "reset-executed", "cut-executed"})
 """``/_sim/...`` paths without arguments."""
 
 _LINGER_RST: Final = struct.pack("ii", 1, 0)
@@ -375,6 +375,23 @@ def make_app(spec: BackendSpec, journal: IO[bytes] | None = None) -> web.Applica
         if name == "faults":
             faults = request.app[FAULTS]
             return _json_response({"resets": faults.resets, "failures": faults.failures})
+
+        if name == "reset-executed":
+            # Executed (counted above), then reset without an answer: the fault after which
+            # only an idempotency record stops a second execution.
+            request.app[FAULTS].resets += 1
+            record("reset", request)
+            _reset(request)
+            return web.Response()
+
+        if name == "cut-executed":
+            # Executed, the head and half the body sent, then reset mid-body.
+            cut = web.StreamResponse(headers={"Content-Length": "1000"})
+            await cut.prepare(request)
+            await cut.write(b"x" * 500)
+            request.app[FAULTS].resets += 1
+            _reset(request)
+            return cut
 
         # name == "ws"
         return await _websocket_echo(request)
