@@ -68,20 +68,24 @@ fuzz: $(STAMP)
 
 # Locust shoppers against `jalur demo` (started and stopped by loadtests/run.py) for
 # LOADTEST_TIME; CSV + HTML reports in loadtests/reports/; fails on any failed request.
-# LOADTEST_SHAPE: migration (ramp the demo's split 10 -> 50 -> 100 % through the admin API),
+# LOADTEST_SHAPE: migration (ramp the demo's split forward only, live share -> halfway -> 100 %),
+# rollback (the on-call drill: 95 %, an audited rollback to 80 %, then 100 %),
 # step (add users in steps) or none (LOADTEST_USERS at LOADTEST_RATE per second).
 LOADTEST_TIME  ?= 60s
 LOADTEST_USERS ?= 50
 LOADTEST_RATE  ?= 10
 LOADTEST_SHAPE ?= migration
+# As deployed: `jalur run --workers 2` sharing a redis-server (1: `jalur demo` in one process).
+LOADTEST_PROXY_WORKERS ?= 2
 LOADTEST_ARGS   = --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
-                  --spawn-rate $(LOADTEST_RATE) --shape $(LOADTEST_SHAPE)
+                  --spawn-rate $(LOADTEST_RATE) --shape $(LOADTEST_SHAPE) \
+                  --proxy-workers $(LOADTEST_PROXY_WORKERS)
 
-loadtest: $(STAMP)
+loadtest: $(STAMP) test-tools
 	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)
 
 # The same with a Locust master and two workers on loopback.
-loadtest-distributed: $(STAMP)
+loadtest-distributed: $(STAMP) test-tools
 	$(BIN)/python loadtests/run.py --distributed --workers 2 $(LOADTEST_ARGS)
 
 # Soak: the same shoppers against `jalur run` for SOAK_TIME (10m) with faults injected: 1 % of
@@ -91,7 +95,7 @@ loadtest-distributed: $(STAMP)
 .PHONY: soak
 SOAK_TIME ?= 10m
 
-soak: $(STAMP)
+soak: $(STAMP) test-tools
 	$(BIN)/python loadtests/soak.py --time $(SOAK_TIME)
 
 # Jalur (1 and 2 workers), two feature-less floors (loadtests/floor.py), NGINX and direct with

@@ -269,5 +269,7 @@ if _SHAPE in ("step", "stepload", "steploadshape"):
     from shapes import StepLoadShape  # noqa: F401  (found by Locust)
 elif _SHAPE in ("migration", "migrationramp", "migrationrampshape"):
     from shapes import MigrationRampShape  # noqa: F401  (found by Locust)
+elif _SHAPE in ("rollback", "migrationrollbackdrill", "migrationrollbackdrillshape"):
+    from shapes import MigrationRollbackDrillShape  # noqa: F401  (found by Locust)
 elif _SHAPE:
-    raise SystemExit(f"JALUR_SHAPE={_SHAPE!r}: expected 'step' or 'migration'")
+    raise SystemExit(f"JALUR_SHAPE={_SHAPE!r}: expected 'step', 'migration' or 'rollback'")

@@ -170,6 +170,39 @@ def start_demo(
     return start_jalur(procs, ["demo", "-c", str(config)], reports, env, "jalur demo", "demo.log")
 
 
+def start_fleet(
+    procs: Processes,
+    config: Path,
+    conf: dict[str, Any],
+    reports: Path,
+    env: dict[str, str],
+    args: argparse.Namespace,
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The demo's back ends (``jalur demo --backends-only``), a redis-server, and
+    ``jalur run --workers N`` with the shared store on it: the deployment's shape."""
+    jalur = Path(sys.executable).parent / "jalur"
+    cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
+    procs.start(
+        "demo back ends",
+        [*cmd, "demo", "--backends-only", "-c", str(config)],
+        stdout=(reports / "backends.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=str(reports),
+    )
+    deadline = time.monotonic() + STARTUP_DEADLINE
+    for url in {u for c in conf.get("clusters", {}).values() for u in c["endpoints"]}:
+        while sim_counters(url, "faults") is None:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"loadtest: back end {url} did not come up")
+            time.sleep(0.05)
+    fleet = dict(conf)
+    fleet["store"] = {"kind": "redis", "url": start_redis(procs, reports)}
+    path = reports / "fleet-config.yaml"
+    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    workers = str(args.proxy_workers)
+    return start_jalur(procs, ["run", "-c", str(path), "--workers", workers], reports, env)
+
+
 def start_jalur(
     procs: Processes,
     jalur_args: list[str],
@@ -430,7 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time", default="60s", help="locust --run-time (default 60s)")
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--spawn-rate", type=float, default=10)
-    p.add_argument("--shape", choices=["none", "step", "migration"], default="none")
+    p.add_argument("--shape", choices=["none", "step", "migration", "rollback"], default="none")
+    p.add_argument(
+        "--proxy-workers",
+        type=int,
+        default=1,
+        help="N > 1: the demo's back ends, a redis-server and `jalur run --workers N` sharing "
+        "it (as deployed), instead of `jalur demo` in one process",
+    )
     p.add_argument("--distributed", action="store_true", help="a master and --workers workers")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--config", default=str(DEMO_CONFIG), help="config for jalur demo")
@@ -453,12 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         config, conf = demo_config(args, reports)
         token = (conf.get("admin") or {}).get("token") or os.environ.get("JALUR_ADMIN_TOKEN")
         demo_env = {}
-        if args.shape == "migration":
+        if args.shape in ("migration", "rollback"):
             # The proxy's progress figure is a sliding window (5 min in the demo config); make
             # it short enough to follow each step of the ramp within the run (10 s at least).
             window = max(10, int(seconds(args.time) / 4))
             demo_env["JALUR_MIGRATION__WINDOW"] = str(window)
-        demo, base, admin = start_demo(procs, config, reports, demo_env)
+        if args.proxy_workers > 1:
+            demo, base, admin = start_fleet(procs, config, conf, reports, demo_env, args)
+        else:
+            demo, base, admin = start_demo(procs, config, reports, demo_env)
         rc = run_locust(procs, args, base, admin, token)
         jalur = jalur_counts(admin)
         idem = jalur_counts(admin, "jalur_idempotency_total", "outcome")

@@ -6,14 +6,18 @@ run stays bounded by ``--run-time`` whatever the shape.
 * ``StepLoadShape``: add ``JALUR_STEP_USERS`` users (default: a fifth of ``-u``) every
   ``JALUR_STEP_SECONDS`` (default: a sixth of the run time) until ``-u`` is reached, then hold.
 * ``MigrationRampShape``: a steady ``-u`` shoppers while a split route is moved to its
-  commerce cluster through the admin API, 10 % -> 50 % -> 100 % (at the start, a third and two
-  thirds of the run time), whatever weights the config starts from; the proxy's own view of
+  commerce cluster through the admin API, only ever forward: from the live share at the start
+  to halfway to 100 % (a third of the run time) and to 100 % (two thirds); no shopper is moved
+  back. The proxy's own view of
   the migration (``GET /migration``: live weights, the share of the route served by commerce,
   the progress figures) is sampled at the end of each step and every 5 s. Each weight change
   is recorded in Locust's stats as request type ``ADMIN`` (``migration checkout 10%`` ...), so
   a refused change fails the run like any failed request. With sticky splits, and the legacy
   cluster allowed inside its transition window (see ``locustfile.py``), the whole ramp must
   run with zero failures.
+* ``MigrationRollbackDrillShape`` (``JALUR_SHAPE=rollback``): the on-call drill: ramp to
+  95 %, an explicit, audited rollback to 80 % (``"rollback": true``) at a third of the run
+  time, then forward to 100 % at two thirds; a step back without the flag would be refused.
 
 Admin API used (``JALUR_ADMIN_URL``, default ``http://127.0.0.1:9901``; bearer token from
 ``JALUR_ADMIN_TOKEN``, default ``jalur-demo-token``, the demo config's):
@@ -99,9 +103,13 @@ class MigrationRampShape(LoadTestShape):
     """Steady shoppers while a split route moves 10 % -> 50 % -> 100 % to commerce."""
 
     use_common_options = True
-    # (share of the run time, percent of the route's weight on the commerce cluster(s))
-    steps: tuple[tuple[float, int], ...] = ((0.0, 10), (1 / 3, 50), (2 / 3, 100))
     sample_every = 5.0
+
+    @staticmethod
+    def plan(start: int) -> tuple[tuple[float, int, bool], ...]:
+        """(share of the run time, commerce percent, rollback) steps from the live
+        ``start`` percent: only forward."""
+        return ((1 / 3, max(start, (start + 100) // 2), False), (2 / 3, 100, False))
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,6 +125,7 @@ class MigrationRampShape(LoadTestShape):
         self._done = 0
         self._last_sample = 0.0
         self.samples: list[dict[str, Any]] = []
+        self.steps: tuple[tuple[float, int, bool], ...] = ()
 
     def _record(self, name: str, status: int, payload: Any, ms: float, ok: bool) -> None:
         """Put an admin call into Locust's stats (request type ``ADMIN``)."""
@@ -170,14 +179,27 @@ class MigrationRampShape(LoadTestShape):
         self.targets = [n for n in names if not is_source(n)] or self.targets
         log.info("migration: route %s: %s -> %s", self.route, self.sources, self.targets)
 
-    def _set_weights(self, percent: int) -> None:
+    def _live_percent(self) -> int:
+        """The commerce share of the route's live weights, in whole percent (0 if unknown)."""
+        status, payload, _ms = _admin("GET", "/migration")
+        view = ((payload or {}).get("routes") or {}).get(self.route) if status == 200 else None
+        if not isinstance(view, dict):
+            return 0
+        weights, kinds = view.get("weights") or {}, view.get("systems") or {}
+        total = sum(weights.values())
+        commerce = sum(w for c, w in weights.items() if kinds.get(c) == "commerce")
+        return -(-100 * commerce // total) if total else 0  # rounded up: never a step back
+
+    def _set_weights(self, percent: int, rollback: bool = False) -> None:
         weights: dict[str, int] = {}
         for name in self.sources:
             weights[name] = (100 - percent) // len(self.sources)
         for name in self.targets:
             weights[name] = percent // len(self.targets)
-        status, payload, ms = _admin("POST", f"/migration/{self.route}", {"weights": weights})
-        self._record(f"migration {self.route} {percent}%", status, payload, ms, status == 200)
+        body = {"weights": weights, "rollback": rollback, "actor": "locust", "why": "load test"}
+        status, payload, ms = _admin("POST", f"/migration/{self.route}", body)
+        what = "rollback" if rollback else "migration"
+        self._record(f"{what} {self.route} {percent}%", status, payload, ms, status == 200)
         log.info("migration: %s weights %s -> HTTP %s", self.route, weights, status)
 
     def _sample(self) -> None:
@@ -232,11 +254,23 @@ class MigrationRampShape(LoadTestShape):
         if now >= run_time:
             self._sample()
             return None
+        if not self.steps:
+            start = self._live_percent()
+            self.steps = self.plan(start)
         while self._done < len(self.steps) and now >= self.steps[self._done][0] * run_time:
             if self._done:
                 self._sample()  # closes the previous step
             self._done += 1
-            self._set_weights(self.steps[self._done - 1][1])
+            _, percent, rollback = self.steps[self._done - 1]
+            self._set_weights(percent, rollback)
         if now - self._last_sample >= self.sample_every:
             self._sample()
         return users, rate
+
+
+class MigrationRollbackDrillShape(MigrationRampShape):
+    """Ramp to 95 %, roll back to 80 % on purpose (audited), then forward to 100 %."""
+
+    @staticmethod
+    def plan(start: int) -> tuple[tuple[float, int, bool], ...]:
+        return ((0.0, max(start, 95), False), (1 / 3, 80, True), (2 / 3, 100, False))

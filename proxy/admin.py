@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config
+from .fleet import RampError, StoreError
 from .metrics import Metrics
 from .migration import Migration, WeightError
 
@@ -43,10 +44,26 @@ class Status:
     clock: Callable[[], float] = time.time
     # What the shared store promised at start (idempotency.RedisStore.describe).
     store: dict[str, Any] | None = None
+    # GET /migration's body, and POST /migration/{route}'s action (the fleet's live
+    # weights): set by the process that serves the admin listener.
+    migration_view: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    ramp: Callable[[RampRequest], Awaitable[dict[str, Any]]] | None = None
+    # Sets jalur_migration_progress_ratio from the pod's traffic (called before a scrape).
+    refresh_progress: Callable[[], None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.config is not None and not self.draining
+
+
+@dataclass(frozen=True, slots=True)
+class RampRequest:
+    route: str
+    weights: dict[str, Any]
+    rollback: bool
+    actor: str
+    reason: str
+    now: float
 
 
 STATUS: Final = web.AppKey("status", Status)
@@ -92,6 +109,9 @@ async def config_view(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    refresh = request.app[STATUS].refresh_progress
+    if refresh is not None:  # the progress gauge reads the pod's share at every scrape
+        await asyncio.to_thread(refresh)
     # Rendering walks every series (and in multiprocess mode reads files): off the loop.
     body, content_type = await asyncio.to_thread(
         request.app[METRICS].render, request.headers.get("Accept")
@@ -123,55 +143,64 @@ def _authorized(request: web.Request, config: Config) -> web.Response | None:
     return None
 
 
-def _migration(request: web.Request) -> Migration | None:
-    getter = request.app[STATUS].migration
-    return getter() if getter is not None else None
-
-
 async def migration_view(request: web.Request) -> web.Response:
-    migration = _migration(request)
-    if migration is None:
-        return _json({"error": "migration view is per worker; not available here"}, 404)
-    view = migration.view()
-    metrics = request.app.get(METRICS)
-    if metrics is not None:
-        ratios = {c: f["ratio"] for c, f in view["progress"].items() if f["ratio"] is not None}
-        metrics.set_migration_progress(ratios)
-    return _json(view)
+    status = request.app[STATUS]
+    if status.migration_view is None:
+        return _json({"error": "config not loaded"}, 503)
+    try:
+        return _json(await status.migration_view())
+    except StoreError as exc:
+        return _json({"error": f"live weights unavailable: {exc}"}, 503)
 
 
 async def migration_update(request: web.Request) -> web.Response:
+    """Change a split route's live weights for the whole fleet. A smaller commerce share
+    than the live one (shoppers moved back) needs ``"rollback": true``; every change is
+    audited with who and why."""
     status = request.app[STATUS]
-    if status.config is None:
+    if status.config is None or status.ramp is None:
         return _json({"error": "config not loaded"}, 503)
     refused = _authorized(request, status.config)
     if refused is not None:
         return refused
-    migration = _migration(request)
-    if migration is None:
-        return _json({"error": "weights are set per worker; not available here"}, 404)
     route = request.match_info["route"]
     try:
         body = orjson.loads(await request.read())
         weights = body["weights"]
-        if not isinstance(weights, dict):
+        rollback = body.get("rollback", False)
+        why = body.get("why", "")
+        actor = body.get("actor", "")
+        if (
+            not isinstance(weights, dict)
+            or not isinstance(rollback, bool)
+            or not isinstance(why, str)
+            or not isinstance(actor, str)
+        ):
             raise TypeError
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return _json({"error": 'body must be JSON {"weights": {"cluster": weight, ...}}'}, 400)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return _json(
+            {
+                "error": 'body must be JSON {"weights": {"cluster": weight, ...}, '
+                '"rollback": false, "why": "...", "actor": "..."}'
+            },
+            400,
+        )
+    who = f"{actor or 'admin'} via {request.remote or '-'}"
+    ask = RampRequest(route, weights, rollback, who[:200], why[:500], status.clock())
     try:
-        migration.set_weights(route, weights, status.clock())
-    except WeightError as exc:
+        done = await status.ramp(ask)
+    except (WeightError, RampError) as exc:
         return _json({"error": str(exc)}, exc.status)
-    record = {
-        "decision": "weights-changed",
-        "route": route,
-        "weights": weights,
-        "peer": request.remote,
-    }
-    log.warning("migration weights changed: route=%s weights=%s", route, weights)
-    if status.audit is not None:
-        status.audit(record)
-    return _json(migration.view()["routes"][route])
+    except StoreError as exc:
+        return _json({"error": f"live weights unavailable: {exc}"}, 503)
+    log.warning(
+        "migration weights changed: route=%s weights=%s rollback=%s by %s",
+        route,
+        weights,
+        rollback,
+        who,
+    )
+    return _json(done)
 
 
 @web.middleware

@@ -14,7 +14,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from . import __version__, heap
+from . import __version__, heap, migrationctl
 from . import config as cfg
 from .idempotency import gates as idempotency_gates
 from .router import Router
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
     )
+    demo.add_argument(
+        "--backends-only",
+        action="store_true",
+        help="only the simulated back ends (run the proxy yourself, e.g. with --workers)",
+    )
 
     token = sub.add_parser(
         "consent-token", help="print a consent token letting one system receive another's id"
@@ -87,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         help="consented scope (repeatable)",
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default 3600)")
+    migrationctl.add_parser(sub)
     return p
 
 
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "migration":
+        return migrationctl.run(args, sys.stdout, sys.stderr)
     if args.command == "check":
         return check(args.file, sys.stdout, sys.stderr)
     if args.command == "routes":
@@ -151,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
-        _run(run_demo(config))
+        _run(run_demo(config, backends_only=args.backends_only))
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)

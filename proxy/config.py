@@ -343,6 +343,10 @@ class Route(_Base, frozen=True):
     sticky: Sticky | None = None
     shadow: Shadow | None = None
     idempotency: IdempotencyPolicy | None = None
+    # The split's weights in this file win even where they give commerce a smaller share
+    # than the live ones (an explicit, audited rollback); otherwise a reload never moves a
+    # shopper back to the legacy side (README "Running a migration").
+    split_rollback: bool = False
     # Largest request body on this route (413 beyond); None: ``listen.max_body_bytes``.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
 

@@ -168,13 +168,20 @@ def build_state(config: Config, metrics: Metrics) -> State:
         )
     splitters = {r.name: Splitter(r.name, r.targets) for r in router.routes}
     guard = Guard(config, router)
+    kinds = {name: c.kind for name, c in clusters.items()}
     migration = Migration(
         routes=router.by_name,
         splitters=splitters,
-        cluster_kinds={name: c.kind for name, c in clusters.items()},
+        cluster_kinds=kinds,
         category_weights=config.migration.weights,
         window=config.migration.window,
         guard=guard,
+        counters={
+            (r.name, t.cluster): metrics.migration_child(r.category, kinds[t.cluster])
+            for r in router.routes
+            if r.category in config.migration.weights
+            for t in r.targets
+        },
     )
     shadows = {
         r.name: Plan(r.spec.shadow, clusters[r.spec.shadow.cluster], r.spec.shadow.percent / 100)

@@ -427,6 +427,29 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemostrecent",
         )
+        self.migration_requests = Counter(
+            "jalur_migration_requests",
+            "Requests of a migrated category answered by an upstream, by the kind of system "
+            "that served them (social|commerce): summable over workers and replicas, the "
+            "fleet's progress is sum(rate(commerce)) / sum(rate(all)).",
+            ["category", "kind"],
+            registry=reg,
+        )
+        self.migration_category_weight = Gauge(
+            "jalur_migration_category_weight",
+            "Weight of each category in the weighted progress figure (migration.weights).",
+            ["category"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self.migration_weights_held = Gauge(
+            "jalur_migration_weights_held",
+            "1 while the config file's split gives commerce a smaller share than the live "
+            "weights (a rollback not asked for: the live weights stay).",
+            ["route"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
         self.endpoint_healthy = Gauge(
             "jalur_endpoint_healthy",
             "1 if the endpoint may take requests, 0 if ejected or failing health checks.",
@@ -574,6 +597,37 @@ class Metrics:
         """Set the progress ratio (0..1) per category; include ``"all"`` for the total."""
         for category, ratio in ratios.items():
             self.migration_progress.labels(category).set(ratio)
+
+    def migration_child(self, category: str, kind: str) -> Counter:
+        """The counter of ``category``'s requests served by a ``kind`` system (bind once)."""
+        child: Counter = self.migration_requests.labels(category, kind)
+        return child
+
+    def migration_counts(self) -> dict[tuple[str, str], float]:
+        """``jalur_migration_requests_total`` by (category, kind), summed over every process
+        of the pod (multiprocess mode) or this process's own."""
+        registry = (
+            multiprocess_registry(self.multiprocess_dir) if self.multiprocess_dir else self.registry
+        )
+        out: dict[tuple[str, str], float] = {}
+        for family in registry.collect():
+            if family.name != "jalur_migration_requests":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["category"], sample.labels["kind"])
+                    out[key] = out.get(key, 0.0) + sample.value
+        return out
+
+    def set_migration_config(
+        self, category_weights: Mapping[str, float], held: Mapping[str, bool]
+    ) -> None:
+        for category, weight in category_weights.items():
+            self.migration_category_weight.labels(category).set(weight)
+            for kind in ("social", "commerce"):  # exported at 0 before the first request
+                self.migration_requests.labels(category, kind)
+        for route, is_held in held.items():
+            self.migration_weights_held.labels(route).set(1 if is_held else 0)
 
     def config_reload(self, ok: bool, timestamp: float | None = None) -> None:
         """Count a config (re)load, the first load included; a success also records its

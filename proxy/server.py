@@ -24,6 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 from . import accept
 from . import admin as admin_mod
 from . import config as cfg
+from . import fleet as fleet_mod
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .compliance import AuditLog
@@ -38,6 +39,7 @@ from .forward import (
 )
 from .idempotency import make_store
 from .metrics import Metrics
+from .migration import check_weights
 from .shadow import Shadower
 
 log = logging.getLogger("jalur")
@@ -226,6 +228,12 @@ class ProxyServer:
         self._admin_runner: web.AppRunner | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._progress: asyncio.Task[None] | None = None
+        # Live split weights: the fleet's store. A worker shares its supervisor's directory.
+        shared = None if admin else self.services.metrics.multiprocess_dir
+        self.fleet = fleet_mod.Fleet(
+            fleet_mod.make_weight_store(config.store, shared), self.services.audit.record
+        )
+        self._poll: asyncio.Task[None] | None = None
         self.data_port = 0
         self.admin_port = 0
         self.stopped = asyncio.Event()
@@ -234,7 +242,8 @@ class ProxyServer:
         config = self.config
         self.services.audit.start()
         state = build_state(config, self.services.metrics)
-        self.services.metrics.config_reload(True)
+        await self._reconcile(state, write=self.with_admin, first=True)
+        self._count_reload(True)
         self.forwarder = Forwarder(state, self.services)
         listen = config.listen
         server = _Server(
@@ -272,7 +281,14 @@ class ProxyServer:
             self.status.store = await idem.report_store(self.services.idempotency, log)
         self.status.migration = lambda: self.state.migration
         self.status.audit = self.services.audit.record
-        self._progress = asyncio.create_task(self._publish_progress())
+        self.status.migration_view = self._migration_view
+        self.status.ramp = self._ramp
+        self._poll = asyncio.create_task(
+            fleet_mod.poll(self.fleet, lambda: self._reconcile(self.state, write=False))
+        )
+        if self.with_admin:  # a worker's figure is not the pod's: the supervisor sets it
+            self.status.refresh_progress = self._set_progress
+            self._progress = asyncio.create_task(self._publish_progress())
         if not self.with_admin:
             log.info("worker pid %d accepting, %d routes", os.getpid(), len(config.routes))
             return
@@ -292,18 +308,63 @@ class ProxyServer:
             if bound is not None:
                 bound.shadow(outcome)
 
+    def _set_progress(self) -> None:
+        figures = self.state.migration.progress()
+        ratios = {c: f.ratio for c, f in figures.items() if f.ratio is not None}
+        self.services.metrics.set_migration_progress(ratios)
+
     async def _publish_progress(self) -> None:
         """Keep ``jalur_migration_progress_ratio`` current between scrapes."""
         while True:
-            figures = self.state.migration.progress()
-            ratios = {c: f.ratio for c, f in figures.items() if f.ratio is not None}
-            self.services.metrics.set_migration_progress(ratios)
+            self._set_progress()
             await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def _reconcile(self, state: State, *, write: bool, first: bool = False) -> None:
+        """Install the fleet's live weights on ``state`` (see ``fleet.Fleet.reconcile``).
+        At start a store that does not answer leaves the file's weights (logged); the poll
+        applies the live ones within a second of the store answering."""
+        kinds = {name: c.kind for name, c in state.clusters.items()}
+        try:
+            await self.fleet.reconcile(
+                state.router.by_name, kinds, state.migration.apply, write=write
+            )
+        except fleet_mod.StoreError as exc:
+            if not first:
+                raise
+            log.error("migration weights: store unreachable at start, file weights: %s", exc)
+        self.services.metrics.set_migration_config(state.config.migration.weights, self.fleet.held)
+
+    async def _migration_view(self) -> dict[str, Any]:
+        view = self.state.migration.view()
+        for name, route_view in view["routes"].items():
+            route_view["live"] = self.fleet.view(name)
+            route_view["held_back"] = self.fleet.held.get(name, False)
+        return view
+
+    async def _ramp(self, ask: admin_mod.RampRequest) -> dict[str, Any]:
+        state = self.state
+        targets = check_weights(state.router.by_name, state.guard, ask.route, ask.weights, ask.now)
+        kinds = {name: c.kind for name, c in state.clusters.items()}
+        weights = {t.cluster: t.weight for t in targets}
+        route = state.router.by_name[ask.route]
+        await self.fleet.ramp(
+            route, weights, kinds, actor=ask.actor, reason=ask.reason, rollback=ask.rollback
+        )
+        state.migration.apply(ask.route, targets)
+        self.fleet.held[ask.route] = False
+        self.services.metrics.set_migration_config(state.config.migration.weights, self.fleet.held)
+        view: dict[str, Any] = (await self._migration_view())["routes"][ask.route]
+        return view
 
     @property
     def state(self) -> State:
         assert self.forwarder is not None
         return self.forwarder.state
+
+    def _count_reload(self, ok: bool) -> None:
+        """A reload of the pod is counted once: by its supervisor, not by each worker."""
+        if self.with_admin:
+            self.services.metrics.config_reload(ok)
 
     async def reload(self, config: cfg.Config | None = None) -> bool:
         """Load ``config`` (default: re-read ``config_path``), validate it (compliance
@@ -315,28 +376,29 @@ class ProxyServer:
         if config is None:
             if self.config_path is None:
                 log.error("reload: no config file to read")
-                metrics.config_reload(False)
+                self._count_reload(False)
                 return False
             try:
                 config = await asyncio.to_thread(cfg.load, self.config_path, env=os.environ)
             except cfg.ConfigError as exc:
                 log.error("reload refused, still serving the previous config: %s", exc)
-                metrics.config_reload(False)
+                self._count_reload(False)
                 return False
         for fixed in ("listen", "admin"):
             if getattr(config, fixed) != getattr(self.config, fixed):
                 log.warning("reload: %s settings change only on restart", fixed)
         try:
             new = build_state(config, metrics)
+            await self._reconcile(new, write=self.with_admin)
         except Exception:
             log.exception("reload refused: could not build the new config")
-            metrics.config_reload(False)
+            self._count_reload(False)
             return False
         old = self.forwarder.state
         self.forwarder.state = new
         self.config = config
         self.status.config = config
-        metrics.config_reload(True)
+        self._count_reload(True)
         task = asyncio.create_task(old.retire(config.drain.timeout))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -347,8 +409,9 @@ class ProxyServer:
         """Drain: not ready at once, keep serving ``drain.delay``, stop accepting, wait
         for in-flight requests up to ``drain.timeout``, close upstream pools."""
         self.status.draining = True
-        if self._progress is not None:
-            self._progress.cancel()
+        for task in (self._progress, self._poll):
+            if task is not None:
+                task.cancel()
         delay = self.config.drain.delay if drain_delay is None else drain_delay
         if delay > 0:
             log.info("draining: not ready, still serving for %.1fs", delay)
@@ -360,6 +423,7 @@ class ProxyServer:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.services.shadower.close()
         await self.services.idempotency.close()
+        await self.fleet.store.close()
         if self.forwarder is not None:
             await self.forwarder.state.close()
         if self._admin_runner is not None:

@@ -32,9 +32,13 @@ from typing import Any, Final
 from . import accept
 from . import admin as admin_mod
 from . import config as cfg
+from . import fleet as fleet_mod
 from . import idempotency as idem
+from .compliance import AuditLog, Guard
 from .metrics import Metrics, mark_process_dead
-from .server import start_admin, watch_config
+from .migration import PodProgress, check_weights
+from .router import Router
+from .server import PROGRESS_INTERVAL, start_admin, watch_config
 
 log = logging.getLogger("jalur.supervisor")
 
@@ -63,6 +67,17 @@ class Supervisor:
         self.config_path = config_path
         self.status = admin_mod.Status()
         self.metrics = Metrics.from_config(config)
+        # Weight changes made here (admin calls, file ramps) are audited by this process.
+        self.audit = AuditLog(config.compliance.audit)
+        self.fleet = fleet_mod.Fleet(
+            fleet_mod.make_weight_store(config.store, self.metrics.multiprocess_dir),
+            self.audit.record,
+        )
+        self.progress = PodProgress(config.migration.weights, config.migration.window)
+        self.status.migration_view = self._migration_view
+        self.status.ramp = self._ramp
+        self.status.refresh_progress = self._set_progress
+        self.status.audit = self.audit.record
         self.workers = [Worker(slot) for slot in range(workers)]
         self.stopping = False
         self.sock: socket.socket | None = None
@@ -75,7 +90,90 @@ class Supervisor:
         self.sock = sock
         return sock
 
+    def _kinds(self, config: cfg.Config) -> dict[str, str]:
+        return {name: config.systems[c.system].kind for name, c in config.clusters.items()}
+
+    async def _reconcile(self, config: cfg.Config, *, first: bool = False) -> None:
+        """Record the file's ramps (or asked-for rollbacks) in the store before the workers
+        load the file; the workers then apply the live weights themselves."""
+        try:
+            await self.fleet.reconcile(
+                Router(config.routes).by_name,
+                self._kinds(config),
+                lambda _route, _targets: None,
+                write=True,
+            )
+        except fleet_mod.StoreError as exc:
+            if not first:
+                raise
+            log.error("migration weights: store unreachable at start: %s", exc)
+        self.metrics.set_migration_config(config.migration.weights, self.fleet.held)
+
+    def _set_progress(self) -> None:
+        figures = self.progress.figures(self.metrics.migration_counts())
+        ratios = {c: f.ratio for c, f in figures.items() if f.ratio is not None}
+        self.metrics.set_migration_progress(ratios)
+
+    async def _publish_progress(self) -> None:
+        while True:
+            await asyncio.to_thread(self._set_progress)
+            await asyncio.sleep(PROGRESS_INTERVAL)
+
+    async def _migration_view(self) -> dict[str, Any]:
+        """The pod's view: live weights from the store, progress from every worker's
+        counters (summed). Per-route observed shares are per process: not shown here."""
+        config = self.config
+        router = Router(config.routes)
+        kinds = self._kinds(config)
+        records = await self.fleet.store.load()
+        figures = await asyncio.to_thread(self.progress.figures, self.metrics.migration_counts())
+        routes = {}
+        for name, route in router.by_name.items():
+            if len(route.targets) < 2:
+                continue
+            live = records.get(name)
+            configured = {t.cluster: t.weight for t in route.targets}
+            routes[name] = {
+                "category": route.category,
+                "configured": configured,
+                "weights": dict(live.weights) if live is not None else configured,
+                "live": self.fleet.view(name) if name in self.fleet.records else None,
+                "held_back": self.fleet.held.get(name, False),
+                "systems": {t.cluster: kinds.get(t.cluster) for t in route.targets},
+            }
+        return {
+            "window_seconds": config.migration.window,
+            "category_weights": dict(config.migration.weights),
+            "progress": {
+                c: {"ratio": f.ratio, "requests": f.requests, "commerce": f.commerce}
+                for c, f in figures.items()
+            },
+            "routes": routes,
+        }
+
+    async def _ramp(self, ask: admin_mod.RampRequest) -> dict[str, Any]:
+        config = self.config
+        router = Router(config.routes)
+        targets = check_weights(
+            router.by_name, Guard(config, router), ask.route, ask.weights, ask.now
+        )
+        await self.fleet.ramp(
+            router.by_name[ask.route],
+            {t.cluster: t.weight for t in targets},
+            self._kinds(config),
+            actor=ask.actor,
+            reason=ask.reason,
+            rollback=ask.rollback,
+        )
+        self.fleet.held[ask.route] = False
+        self.metrics.set_migration_config(config.migration.weights, self.fleet.held)
+        view: dict[str, Any] = (await self._migration_view())["routes"][ask.route]
+        return view
+
     async def run(self) -> None:
+        self.audit.start()
+        await self._reconcile(self.config, first=True)
+        self._spawn_task(self._publish_progress())
         sock = self.bind()
         admin_runner, admin_port = await start_admin(self.config, self.status, self.metrics)
         loop = asyncio.get_running_loop()
@@ -116,6 +214,8 @@ class Supervisor:
         await self.drain()
         await admin_runner.cleanup()
         sock.close()
+        await self.fleet.store.close()
+        await asyncio.to_thread(self.audit.close)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -178,6 +278,12 @@ class Supervisor:
             config = await asyncio.to_thread(cfg.load, self.config_path, env=os.environ)
         except cfg.ConfigError as exc:
             log.error("reload refused, workers keep the previous config: %s", exc)
+            self.metrics.config_reload(False)
+            return
+        try:
+            await self._reconcile(config)
+        except fleet_mod.StoreError as exc:
+            log.error("reload refused, the live weights cannot be read: %s", exc)
             self.metrics.config_reload(False)
             return
         self.config = config

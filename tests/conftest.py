@@ -11,7 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +226,47 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield {"kind": "redis", "url": server.url}
     finally:
         server.stop()
+
+
+async def start_proxy(
+    tmp_path: Path, conf: dict[str, Any], *args: str, path: Path | None = None
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``jalur run`` (with ``args``) on ``conf`` in a subprocess; (process, data URL, admin
+    URL) once it serves."""
+    data = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "drain": {"delay": 0, "timeout": 5},
+        "systems": SYSTEMS,
+        "compliance": {"audit": {"path": str(tmp_path / f"audit-{uuid.uuid4().hex}.log")}},
+        **conf,
+    }
+    path = path or tmp_path / f"jalur-{uuid.uuid4().hex}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(path), *args,
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        env={**env, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
+            if not line:
+                raise AssertionError("jalur exited before serving")
+    # Keep reading its log: a full pipe would block the proxy's logging.
+    task = asyncio.ensure_future(_drain(proc.stderr))
+    _DRAINING.add(task)
+    task.add_done_callback(_DRAINING.discard)
+    return proc, f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
+
+
+_DRAINING: set[asyncio.Future[None]] = set()
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 def free_port() -> int:

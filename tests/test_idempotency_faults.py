@@ -5,7 +5,6 @@ redis-server where the store matters (killed with SIGKILL mid-payment)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
@@ -22,7 +21,7 @@ from aiohttp import web
 from proxy import config as cfg
 from proxy.demo.backend import EXECUTIONS, BackendSpec, make_app
 
-from .conftest import SERVING, SYSTEMS, Backend, Harness, RedisServer, free_port, until
+from .conftest import SYSTEMS, Backend, Harness, RedisServer, free_port, start_proxy, until
 
 
 def pay_config(
@@ -308,7 +307,7 @@ async def test_a_proxy_killed_mid_payment_leaves_its_key_outcome_unknown(
     b = await harness.backend("pay", "tokopedia")
     store = {"kind": "redis", "url": redis_server.url, "lease_ttl": 1.0}
     other = await harness.proxy(pay_config(b.url, store, {"timeouts": {"response_headers": 30}}))
-    proc, base = await start_proxy(
+    proc, base, _ = await start_proxy(
         tmp_path, pay_config(b.url, store, {"timeouts": {"response_headers": 30}})
     )
     key = uuid.uuid4().hex
@@ -348,33 +347,6 @@ async def test_a_proxy_killed_mid_payment_leaves_its_key_outcome_unknown(
     assert executions(b, key) == 1
 
 
-async def start_proxy(
-    tmp_path: Path, conf: dict[str, Any], *args: str
-) -> tuple[asyncio.subprocess.Process, str]:
-    data = {
-        **conf,
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "admin": {"host": "127.0.0.1", "port": 0},
-        "drain": {"delay": 0, "timeout": 5},
-        "systems": SYSTEMS,
-        "compliance": {"audit": {"path": str(tmp_path / f"audit-{uuid.uuid4().hex}.log")}},
-    }
-    path = tmp_path / f"jalur-{uuid.uuid4().hex}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(path), *args,
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-        env={**env, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
-            if not line:
-                raise AssertionError("jalur exited before serving")
-    return proc, f"http://127.0.0.1:{m.group(1)}"
-
-
 async def test_workers_with_the_memory_store_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "jalur.yaml"
     conf = pay_config("http://127.0.0.1:9", {"kind": "memory"})
@@ -397,7 +369,7 @@ async def test_two_workers_sharing_redis_execute_each_key_once(
     kernel spreads them over both workers) are each executed once."""
     b = await harness.backend("pay", "tokopedia")
     store = {"kind": "redis", "url": redis_server.url}
-    proc, base = await start_proxy(tmp_path, pay_config(b.url, store), "--workers", "2")
+    proc, base, _ = await start_proxy(tmp_path, pay_config(b.url, store), "--workers", "2")
     try:
         async with aiohttp.ClientSession() as s:
             replays = 0

@@ -241,7 +241,7 @@ def test_dashboard_shape() -> None:
         "jalur_request_duration_seconds_bucket",
         "jalur_upstream_response_seconds_bucket",
         "jalur_requests_in_flight",
-        "jalur_migration_progress_ratio",
+        "jalur_migration_requests_total",
         "jalur_compliance_blocked_total",
         "jalur_boundary_stripped_total",
         "jalur_consent_total",
@@ -276,6 +276,18 @@ async def test_promtool_checks_the_scrape_config_and_rules() -> None:
     assert "1 rule files found" in out + err
     code, out, err = await run(PROMTOOL, "check", "rules", str(RULES))
     assert code == 0, out + err
+
+
+@needs_promtool
+async def test_the_fleet_migration_rules_pass_their_promtool_unit_tests() -> None:
+    """Two pods at 90 % and 50 % give the pooled 70 %, and the weighted all-figure; no
+    traffic gives no figure (config/prometheus-rules.test.yml)."""
+    assert PROMTOOL is not None
+    code, out, err = await run(
+        PROMTOOL, "test", "rules", str(RULES.parent / "prometheus-rules.test.yml")
+    )
+    assert code == 0, out + err
+    assert "SUCCESS" in out + err
 
 
 @needs_promtool
@@ -353,6 +365,8 @@ def labels_by_series() -> dict[str, set[str]]:
     metrics.stripped("tokopedia", "cookie")
     metrics.consent("valid")
     metrics.set_migration_progress({"payment": 1.0, "all": 0.6})
+    metrics.set_migration_config({"payment": 0.6}, {"checkout": False})
+    metrics.migration_child("payment", "commerce").inc()
     metrics.config_reload(True)
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics.render(None)[0].decode()):

@@ -69,21 +69,28 @@ def print_banner(server: ProxyServer, config: Config, out: TextIO) -> None:
     print("\n".join(lines), file=out, flush=True)
 
 
-async def run_demo(config: Config, *, out: TextIO = sys.stdout) -> None:
+async def run_demo(
+    config: Config, *, out: TextIO = sys.stdout, backends_only: bool = False
+) -> None:
     runners: list[web.AppRunner] = []
     try:
         for (host, port), spec in backend_specs(config).items():
             runner, _ = await start_backend(spec, host=host, port=port)
             runners.append(runner)
-        server = ProxyServer(config)
-        await server.start()
-        print_banner(server, config, out)
+        server = None
+        if backends_only:
+            print(f"Jalur demo: {len(runners)} simulated back ends up", file=out, flush=True)
+        else:
+            server = ProxyServer(config)
+            await server.start()
+            print_banner(server, config, out)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await server.stop(drain_delay=0)
+        if server is not None:
+            await server.stop(drain_delay=0)
     finally:
         for runner in runners:
             await runner.cleanup()
