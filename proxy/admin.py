@@ -27,6 +27,11 @@ from .migration import Migration, WeightError
 # Config fields whose values are never shown, whatever their nesting.
 SECRET_FIELDS: Final = frozenset({"token", "key", "secret", "password"})
 MASK: Final = "***"
+# Who asks for a weight change, as the operator names themself (the bearer token is shared,
+# so the audit trail records this beside the peer address); cut to MAX_ACTOR characters so
+# a record stays one short line.
+ACTOR_HEADER: Final = "X-Jalur-Actor"
+MAX_ACTOR: Final = 128
 
 
 @dataclass(slots=True)
@@ -156,6 +161,7 @@ async def migration_update(request: web.Request) -> web.Response:
             raise TypeError
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return _json({"error": 'body must be JSON {"weights": {"cluster": weight, ...}}'}, 400)
+    before = migration.weights.get(route, ())
     try:
         migration.set_weights(route, weights, status.clock())
     except WeightError as exc:
@@ -164,6 +170,8 @@ async def migration_update(request: web.Request) -> web.Response:
         "decision": "weights-changed",
         "route": route,
         "weights": weights,
+        "previous": {t.cluster: t.weight for t in before},
+        "actor": request.headers.get(ACTOR_HEADER, "")[:MAX_ACTOR] or None,
         "peer": request.remote,
     }
     log.warning("migration weights changed: route=%s weights=%s", route, weights)

@@ -20,6 +20,7 @@ from .router import Router
 
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
 CONSENT_KEY_ENV: Final = "JALUR_BOUNDARY__CONSENT__KEY"
+AUDIT_KEY_ENV: Final = "JALUR_AUDIT__KEY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +68,31 @@ def _parser() -> argparse.ArgumentParser:
         "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
     )
 
+    audit = sub.add_parser("audit", help="the tamper-evident audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check every hash chain and segment seal; exit 0 only if intact"
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="audit files (any order)")
+    _key_option(verify)
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="accept records not sealed yet in the newest file (a proxy still writing it)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+    report = sub.add_parser("report", help="migration compliance report from a verified trail")
+    report.add_argument("--audit", nargs="+", required=True, metavar="PATH", help="audit files")
+    report.add_argument("--since", required=True, help="RFC 3339 time or date (inclusive)")
+    report.add_argument("--until", required=True, help="RFC 3339 time or date (exclusive)")
+    report.add_argument(
+        "--format", choices=("json", "markdown", "html"), default="markdown", help="output"
+    )
+    report.add_argument("--out", help="write here instead of stdout")
+    report.add_argument("--live", action="store_true", help="as for `audit verify`")
+    _key_option(report)
+
     token = sub.add_parser(
         "consent-token", help="print a consent token letting one system receive another's id"
     )
@@ -87,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default 3600)")
     return p
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--key-file",
+        help=f"file holding the audit key (default: ${AUDIT_KEY_ENV}; argv is visible in ps)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,6 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)
+    if args.command == "audit":
+        return audit_verify(args, sys.stdout, sys.stderr)
+    if args.command == "report":
+        return report(args, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -175,6 +212,102 @@ def consent_token(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"consent-token: {exc}", file=err)
         return 2
     print(token, file=out)
+    return 0
+
+
+def _audit_key(args: argparse.Namespace, err: TextIO) -> bytes | None:
+    if args.key_file:
+        try:
+            return Path(args.key_file).read_text(encoding="utf-8").strip().encode()
+        except OSError as exc:
+            print(f"cannot read the key file: {exc.strerror}", file=err)
+            return None
+    key = os.environ.get(AUDIT_KEY_ENV)
+    if not key:
+        print(f"no audit key: set {AUDIT_KEY_ENV} or pass --key-file", file=err)
+        return None
+    return key.encode()
+
+
+def audit_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``jalur audit verify``: 0 intact, 1 a break, 2 cannot check (no key, unreadable)."""
+    import time
+
+    from . import audit
+
+    key = _audit_key(args, err)
+    if key is None:
+        return 2
+    started = time.perf_counter()
+    try:
+        verdict = audit.verify(args.paths, key, live=args.live)
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=err)
+        return 2
+    elapsed = time.perf_counter() - started
+    if args.json:
+        import json
+
+        body = {
+            "intact": verdict.intact,
+            "files": verdict.files,
+            "records": verdict.records,
+            "chains": verdict.chains,
+            "seals": verdict.seals,
+            "seconds": round(elapsed, 3),
+            "breaks": [
+                {"file": b.file, "line": b.line, "kind": b.kind, "detail": b.detail}
+                for b in verdict.breaks
+            ],
+            "warnings": verdict.warnings,
+        }
+        print(json.dumps(body, indent=2), file=out)
+    else:
+        for b in verdict.breaks:
+            print(b, file=out)
+        for w in verdict.warnings:
+            print(f"note: {w}", file=out)
+        state = "intact" if verdict.intact else f"NOT intact: {len(verdict.breaks)} break(s)"
+        print(
+            f"{state}: {verdict.records} records, {verdict.chains} chain(s), "
+            f"{verdict.seals} seal(s), {len(verdict.files)} file(s) in {elapsed:.2f}s",
+            file=out,
+        )
+    return 0 if verdict.intact else 1
+
+
+def report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``jalur report``: 0 written, 1 the trail is not intact (refused), 2 bad arguments."""
+    from . import report as report_mod
+
+    key = _audit_key(args, err)
+    if key is None:
+        return 2
+    try:
+        since = report_mod.parse_time(args.since)
+        until = report_mod.parse_time(args.until)
+    except ValueError as exc:
+        print(f"report: {exc}", file=err)
+        return 2
+    if until <= since:
+        print("report: --until must be after --since", file=err)
+        return 2
+    try:
+        built = report_mod.build(args.audit, key, since, until, live=args.live)
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=err)
+        return 2
+    except report_mod.NotVerified as exc:
+        print(f"report refused: the trail is not intact ({len(exc.breaks)} break(s)):", file=err)
+        for b in exc.breaks[:20]:
+            print(f"  {b}", file=err)
+        print("run `jalur audit verify` on it for the whole list", file=err)
+        return 1
+    text = report_mod.render(built, args.format)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        out.write(text)
     return 0
 
 

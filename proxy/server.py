@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import accept
 from . import admin as admin_mod
+from . import audit as audit_mod
 from . import config as cfg
 from .accesslog import AccessLog
 from .compliance import AuditLog
@@ -216,7 +217,7 @@ class ProxyServer:
         self.services = Services(
             metrics=metrics or Metrics.from_config(config),
             access=AccessLog.from_config(config.access_log),
-            audit=AuditLog(config.compliance.audit),
+            audit=AuditLog(config.compliance.audit, config.audit.key),
             shadower=Shadower(config.migration.max_shadow_in_flight, self._count_shadow),
             idempotency=make_store(
                 config.idempotency.store,
@@ -239,6 +240,7 @@ class ProxyServer:
         self.services.audit.start()
         state = build_state(config, self.services.metrics)
         self.services.metrics.config_reload(True)
+        self.services.audit.record(audit_mod.config_record(config))
         self.forwarder = Forwarder(state, self.services)
         listen = config.listen
         server = _Server(
@@ -339,6 +341,7 @@ class ProxyServer:
         self.config = config
         self.status.config = config
         metrics.config_reload(True)
+        self.services.audit.record(audit_mod.config_record(config))
         task = asyncio.create_task(old.retire(config.drain.timeout))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

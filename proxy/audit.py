@@ -1,0 +1,452 @@
+"""The tamper-evident audit trail: one hash chain per writing process, sealed segments.
+
+Record format (one JSON object per line, written by :class:`proxy.compliance.AuditLog`'s
+writer thread). Every record ends with three fields::
+
+    "chain": "9f1c2a7e5b3d4c60"   random id of the writing process's chain (one per start)
+    "seq":   41                    0 for the chain's ``start`` record, then +1 per record
+    "prev":  "5e3b...c1"           SHA-256 (hex) of the exact bytes of the previous line
+                                   of this chain (without its newline); null only on the
+                                   very first record of a brand-new file
+
+Control records (``decision``): ``start`` (a process began a chain: ``prev`` is the hash
+of the last line the file held, ``after`` names that line's chain and seq, so a restart
+continues the trail), ``segment`` (first line of a file after rotation), ``seal`` (last
+line of a segment: a rotated file, or the file at a clean shutdown), ``dropped`` (the
+queue was full: ``count`` records were refused; the gap is in the chain, not hidden),
+``config`` (the migration inputs: category weights, routes, cluster kinds).
+
+A seal holds ``mac`` = HMAC-SHA256 under ``audit.key`` (environment only:
+``JALUR_AUDIT__KEY``) of ``chain``, ``segment_first`` (seq of the segment's first record),
+its own ``seq`` and its ``prev`` -- the hash of the segment's last record, which through the
+chain commits to every byte of the segment. Anyone can recompute the SHA-256 links after an
+edit; nobody without the key can make the seal agree with them.
+
+:func:`verify` reads the files oldest first (``x.3``, ``x.2``, ``x.1``, ``x``), groups the
+records by chain and reports each break at its file and line: ``edited`` (a record's bytes
+changed or do not parse), ``missing`` (seq numbers skipped), ``reordered`` (a record after
+one with a higher seq), ``truncated`` (a file cut inside a line, or its tail or head cut
+off), ``bad-seal`` (a seal not made with this key), ``unsigned-tail`` (records after the
+last seal of a chain: a crash, a live file, or a tail cut at a line boundary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from .config import Config
+
+__all__ = [
+    "CONTROL",
+    "KEY_ENV",
+    "Break",
+    "Chain",
+    "Verdict",
+    "config_record",
+    "digest",
+    "last_line",
+    "order_paths",
+    "rfc3339",
+    "seal_mac",
+    "verify",
+]
+
+# The environment variable the seal key comes from (config path ``audit.key``).
+KEY_ENV: Final = "JALUR_AUDIT__KEY"
+# Decisions of the records the chain itself writes (not a request's decision).
+CONTROL: Final = frozenset({"start", "segment", "seal", "config", "dropped"})
+# Domain separation: a seal MAC can never be mistaken for another HMAC under the same key.
+_SEAL_CONTEXT: Final = b"jalur-audit-seal-v1\x00"
+# Bytes read back from the end of an existing file at start to find its last line; a line
+# longer than this (never written by Jalur) starts a chain that does not link back.
+_TAIL_BYTES: Final = 1 << 20
+_ROTATED: Final = re.compile(r"^(?P<base>.*)\.(?P<n>\d+)$")
+
+
+def digest(line: bytes) -> str:
+    """The link to ``line``: SHA-256 hex of its bytes without the newline."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def seal_mac(key: bytes, chain: str, first: int, seq: int, prev: str | None) -> str:
+    msg = f"{chain}\x00{first}\x00{seq}\x00{prev or ''}".encode()
+    return hmac.new(key, _SEAL_CONTEXT + msg, hashlib.sha256).hexdigest()
+
+
+def rfc3339(epoch: float) -> str:
+    """``2024-03-01T07:15:02.123Z`` (UTC, milliseconds, truncated)."""
+    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+class Chain:
+    """The writer's side of one chain (the writer thread only).
+
+    ``line(out)`` appends the chain fields to ``out`` and encodes it; ``advance(line)`` is
+    called once the line is written, so a record that failed to reach the file does not
+    become a link. With ``enabled=False`` records are written unchained (to measure the
+    cost of chaining; never in a deployment)."""
+
+    __slots__ = ("enabled", "id", "key", "prev", "segment_first", "seq")
+
+    def __init__(self, key: bytes | None, *, enabled: bool = True) -> None:
+        self.key = key
+        self.enabled = enabled
+        self.id = secrets.token_hex(8)
+        self.seq = -1  # of the last record written
+        self.prev: str | None = None  # hash of the last record written
+        self.segment_first = 0
+
+    def line(self, out: dict[str, Any]) -> bytes:
+        if self.enabled:
+            out["chain"] = self.id
+            out["seq"] = self.seq + 1
+            out["prev"] = self.prev
+        return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS)
+
+    def advance(self, line: bytes) -> None:
+        self.seq += 1
+        self.prev = digest(line)
+
+    def start(self, after: tuple[str | None, int | None, str] | None) -> dict[str, Any]:
+        """The ``start`` record; ``after`` is (chain, seq, hash) of the file's last line."""
+        out: dict[str, Any] = {"time": rfc3339(time.time()), "decision": "start"}
+        out["pid"] = os.getpid()
+        out["signed"] = self.key is not None
+        if after is not None:
+            self.prev = after[2]
+            out["after"] = {"chain": after[0], "seq": after[1]}
+        else:
+            out["after"] = None
+        return out
+
+    def seal(self) -> dict[str, Any]:
+        """The ``seal`` record closing the segment that began at ``segment_first``."""
+        seq = self.seq + 1
+        mac = None
+        if self.key is not None:
+            mac = seal_mac(self.key, self.id, self.segment_first, seq, self.prev)
+        return {
+            "time": rfc3339(time.time()),
+            "decision": "seal",
+            "segment_first": self.segment_first,
+            "records": seq - self.segment_first,
+            "mac": mac,
+        }
+
+    def segment(self) -> dict[str, Any]:
+        """The ``segment`` record opening a new file after a rotation."""
+        self.segment_first = self.seq + 1
+        return {"time": rfc3339(time.time()), "decision": "segment"}
+
+
+def config_record(config: Config) -> dict[str, Any]:
+    """The ``config`` record: what a report needs to weigh the traffic that follows (the
+    migration weights, each route's category and split, each cluster's system kind)."""
+    kinds = {n: s.kind for n, s in config.systems.items()}
+    comp = config.compliance
+    routes: dict[str, Any] = {}
+    for r in config.routes:
+        if r.split:
+            weights = {t.cluster: t.weight for t in r.split}
+        else:
+            weights = {r.to: 1} if r.to is not None else {}
+        routes[r.name] = {"category": r.category, "weights": weights}
+    return {
+        "decision": "config",
+        "category_weights": dict(config.migration.weights),
+        "transaction_categories": list(comp.transaction_categories),
+        "transition_until": comp.transition_until.isoformat() if comp.transition_until else None,
+        "legacy_clusters": list(comp.legacy_clusters),
+        "clusters": {
+            n: {"system": c.system, "kind": kinds.get(c.system)} for n, c in config.clusters.items()
+        },
+        "routes": routes,
+    }
+
+
+def last_line(path: str) -> tuple[str | None, int | None, str] | None:
+    """(chain, seq, hash) of the last complete line of ``path``, None when there is none.
+
+    A file that does not end with a newline (a crash inside a write) gets one, so the
+    torn line stays a line of its own (``verify`` reports it as truncated)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    if not tail.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return None  # the last line is torn: link to nothing rather than to a fragment
+    lines = tail[:-1].split(b"\n")
+    if len(lines) < 2 and size > len(tail):
+        return None  # a single line longer than the tail window
+    line = lines[-1]
+    chain: str | None = None
+    seq: int | None = None
+    try:
+        obj = orjson.loads(line)
+        if isinstance(obj, dict):
+            c, s = obj.get("chain"), obj.get("seq")
+            chain = c if isinstance(c, str) else None
+            seq = s if isinstance(s, int) else None
+    except orjson.JSONDecodeError:
+        pass
+    return chain, seq, digest(line)
+
+
+# -- verification -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    file: str
+    line: int  # 1-based line number in ``file``
+    kind: str  # edited | missing | reordered | truncated | bad-seal | unsigned-tail
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.kind}: {self.detail}"
+
+
+@dataclass(slots=True)
+class _Rec:
+    file: int
+    line: int
+    seq: int
+    prev: str | None
+    hash: str
+    decision: Any
+    obj: dict[str, Any]
+
+
+@dataclass
+class Verdict:
+    breaks: list[Break] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    records: int = 0
+    chains: int = 0
+    seals: int = 0
+    # Every parsed record in reading order (only with ``keep=True``).
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.breaks
+
+
+def order_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Oldest first: a rotated ``x.N`` before ``x.N-1`` ... before ``x``."""
+
+    def key(p: Path) -> tuple[str, int]:
+        m = _ROTATED.match(str(p))
+        if m is not None:
+            return m["base"], -int(m["n"])
+        return str(p), 0
+
+    return sorted((Path(p) for p in paths), key=key)
+
+
+def verify(
+    paths: Sequence[str | os.PathLike[str]],
+    key: bytes,
+    *,
+    live: bool = False,
+    keep: bool = False,
+) -> Verdict:
+    """Check every chain and seal in ``paths`` (any order; see :func:`order_paths`).
+
+    ``live`` accepts an unsigned tail in the newest file (a proxy still writing it) as a
+    warning. ``keep`` returns every parsed record in ``Verdict.entries``. Raises OSError
+    when a file cannot be read."""
+    files = order_paths(paths)
+    v = Verdict(files=[str(f) for f in files])
+    chains: dict[str, list[_Rec]] = {}
+    bad_lines: dict[int, set[int]] = {}  # file -> lines that did not parse
+    torn: set[int] = set()  # files that end inside a line
+    for fi, path in enumerate(files):
+        name = str(path)
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            torn.add(fi)
+            v.breaks.append(
+                Break(name, len(lines), "truncated", "the file ends inside this record")
+            )
+        bad = bad_lines.setdefault(fi, set())
+        first = True
+        for n, raw in enumerate(lines, 1):
+            if fi in torn and n == len(lines):
+                bad.add(n)
+                break
+            rec = _parse(fi, n, raw)
+            if rec is None:
+                bad.add(n)
+                v.breaks.append(Break(name, n, "edited", "not a chained audit record"))
+                continue
+            if first and rec.decision not in ("start", "segment"):
+                v.breaks.append(
+                    Break(name, n, "truncated", "the file does not begin at a segment start")
+                )
+            first = False
+            chains.setdefault(str(rec.obj["chain"]), []).append(rec)
+            v.records += 1
+            if keep:
+                v.entries.append(rec.obj)
+    v.chains = len(chains)
+    hashes: dict[tuple[str, int], str] = {}
+    for cid, recs in chains.items():
+        for r in recs:
+            hashes[(cid, r.seq)] = r.hash
+    last_file = len(files) - 1
+    for cid, recs in chains.items():
+        _check_chain(v, files, cid, recs, key, hashes, bad_lines, torn, live, last_file)
+    v.breaks.sort(key=lambda b: (v.files.index(b.file), b.line, b.kind))
+    return v
+
+
+def _parse(fi: int, n: int, raw: bytes) -> _Rec | None:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    chain, seq, prev = obj.get("chain"), obj.get("seq"), obj.get("prev")
+    if not isinstance(chain, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    if prev is not None and not isinstance(prev, str):
+        return None
+    return _Rec(fi, n, seq, prev, digest(raw), obj.get("decision"), obj)
+
+
+def _check_chain(
+    v: Verdict,
+    files: list[Path],
+    cid: str,
+    recs: list[_Rec],
+    key: bytes,
+    hashes: dict[tuple[str, int], str],
+    bad_lines: dict[int, set[int]],
+    torn: set[int],
+    live: bool,
+    last_file: int,
+) -> None:
+    def at(r: _Rec, kind: str, detail: str) -> None:
+        v.breaks.append(Break(str(files[r.file]), r.line, kind, f"chain {cid}: {detail}"))
+
+    highest: _Rec | None = None
+    for r in recs:  # reading order
+        if highest is not None and r.seq <= highest.seq:
+            what = "repeats" if r.seq == highest.seq else "comes after"
+            at(r, "reordered", f"seq {r.seq} {what} seq {highest.seq} (line {highest.line})")
+        elif highest is None or r.seq > highest.seq:
+            highest = r
+    ordered = sorted(recs, key=lambda r: r.seq)
+    if ordered[0].seq != 0:
+        v.warnings.append(
+            f"chain {cid} begins at seq {ordered[0].seq} in {files[ordered[0].file]}: "
+            "its earlier records are not among the files given"
+        )
+    segment_first = ordered[0].seq
+    for a, b in itertools.pairwise(ordered):
+        if b.seq == a.seq:
+            continue  # reported as reordered
+        if b.seq > a.seq + 1:
+            gap = b.seq - a.seq - 1
+            if a.file == b.file:
+                unparsed = sum(1 for n in bad_lines[a.file] if a.line < n < b.line)
+                if unparsed < gap:
+                    at(
+                        b,
+                        "missing",
+                        f"{gap} record(s) before this one (seq {a.seq + 1}..{b.seq - 1})",
+                    )
+            elif a.file not in torn:
+                v.breaks.append(
+                    Break(
+                        str(files[a.file]),
+                        a.line,
+                        "truncated",
+                        f"chain {cid}: the file ends after seq {a.seq}; {gap} record(s) "
+                        f"up to seq {b.seq - 1} are gone (the chain goes on in {files[b.file]})",
+                    )
+                )
+        elif b.prev != a.hash:
+            at(a, "edited", f"seq {a.seq} does not hash to the link in seq {b.seq} (line {b.line})")
+        if b.decision == "seal":
+            _check_seal(at, b, cid, key, segment_first)
+            segment_first = b.seq + 1
+        elif b.decision == "segment":
+            segment_first = b.seq
+    if ordered[0].decision == "seal":
+        _check_seal(at, ordered[0], cid, key, ordered[0].obj.get("segment_first", 0))
+    for r in ordered:
+        if r.decision == "start" and r.prev is not None:
+            after = r.obj.get("after")
+            if isinstance(after, dict):
+                ref = (after.get("chain"), after.get("seq"))
+                found = hashes.get(ref)  # type: ignore[arg-type]
+                if found is not None and found != r.prev:
+                    at(r, "edited", f"the record it continues ({ref[0]} seq {ref[1]}) changed")
+    v.seals += sum(1 for r in ordered if r.decision == "seal")
+    tail = ordered[-1]
+    if tail.decision != "seal":
+        unsigned = [r for r in ordered if r.seq > _last_seal_seq(ordered)]
+        first = unsigned[0]
+        if tail.file in torn:
+            return  # the truncation is already reported
+        if live and all(r.file == last_file for r in unsigned):
+            v.warnings.append(
+                f"chain {cid}: {len(unsigned)} record(s) from {files[first.file]}:{first.line} "
+                "are not sealed yet (live file)"
+            )
+        else:
+            at(first, "unsigned-tail", f"{len(unsigned)} record(s) from here on are not sealed")
+
+
+def _last_seal_seq(ordered: list[_Rec]) -> int:
+    for r in reversed(ordered):
+        if r.decision == "seal":
+            return r.seq
+    return ordered[0].seq - 1
+
+
+def _check_seal(at: Any, r: _Rec, cid: str, key: bytes, segment_first: Any) -> None:
+    mac = r.obj.get("mac")
+    first = r.obj.get("segment_first")
+    if first != segment_first:
+        at(r, "edited", f"seal says its segment begins at seq {first}, not {segment_first}")
+        return
+    if not isinstance(mac, str):
+        at(r, "bad-seal", "sealed without a key (set JALUR_AUDIT__KEY on the proxy)")
+    elif not hmac.compare_digest(mac, seal_mac(key, cid, first, r.seq, r.prev)):
+        at(r, "bad-seal", "the seal was not made with this key")
+
+
+def iter_requests(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The records of requests (not the chain's own records)."""
+    for e in entries:
+        if e.get("decision") not in CONTROL:
+            yield e

@@ -1,0 +1,499 @@
+"""``jalur report``: the migration compliance report, from a verified audit trail only.
+
+Inputs are the trail's records and nothing else (no Prometheus, no config file): request
+records (``allowed`` / ``blocked``), ``config`` records (category weights, each route's
+category and split, each cluster's system kind, written at every start and reload) and
+``weights-changed`` records (admin ramps, with actor and previous weights).
+
+Figures, for records with ``since <= time < until``, per category and route:
+
+- ``commerce`` / ``social``: requests Jalur sent to a cluster of a commerce / a social
+  (legacy) system (``decision: allowed`` with a cluster; the answer's status does not
+  matter: a 5xx from a commerce back end is still commerce traffic);
+- ``blocked``: refused requests by reason (the compliance and boundary slugs);
+- ``consent``: outcomes of the consent check on requests that carried a gated identity;
+- progress of a category = commerce / (commerce + social), over the categories of
+  ``migration.weights``; the total is their weighted mean over the categories that had
+  traffic (a silent category's weight is spread over the others), as ``GET /migration``
+  computes it, but over the whole window or one day instead of a sliding window. The
+  weights used are those in effect at the end of the period, and are printed with it.
+
+A cluster's kind is looked up in the last ``config`` record its process wrote before the
+request. Weight changes are ``weights-changed`` records (actor: ``X-Jalur-Actor``, peer) and
+split changes between two ``config`` records (actor ``config reload``); a change is a
+*rollback* when it lowers the share of weight on commerce clusters.
+
+The chart (progress over time) is an SVG polyline drawn here: no plotting library, so the
+proxy's dependencies stay as they are.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+
+from . import audit
+
+__all__ = ["NotVerified", "build", "parse_time", "render"]
+
+# Chart buckets: the window is cut into days, or hours / minutes when it is short, so that
+# a chart has at least two points where the data allows; at most MAX_POINTS buckets.
+MAX_POINTS: Final = 400
+_BUCKETS: Final = (
+    (timedelta(days=2), timedelta(days=1), 10),
+    (timedelta(hours=2), timedelta(hours=1), 13),
+    (timedelta(0), timedelta(minutes=1), 16),
+)
+
+
+class NotVerified(Exception):
+    """The trail has breaks: no report is made from it."""
+
+    def __init__(self, breaks: list[audit.Break]) -> None:
+        super().__init__(f"{len(breaks)} break(s)")
+        self.breaks = breaks
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time (``2026-12-06T03:00:00Z``) or a date (midnight UTC); naive = UTC."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 time or date: {text!r}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+@dataclass
+class _Counts:
+    commerce: int = 0
+    social: int = 0
+    blocked: dict[str, int] = field(default_factory=dict)
+    consent: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "commerce": self.commerce,
+            "social": self.social,
+            "blocked": dict(sorted(self.blocked.items())),
+            "consent": dict(sorted(self.consent.items())),
+        }
+
+
+def _progress(served: dict[str, tuple[int, int]], weights: dict[str, float]) -> dict[str, Any]:
+    """Per category (commerce, total, ratio) and the weighted total, from ``served``
+    (category -> (commerce, social))."""
+    categories: dict[str, Any] = {}
+    for category in weights:
+        commerce, social = served.get(category, (0, 0))
+        total = commerce + social
+        categories[category] = {
+            "commerce": commerce,
+            "requests": total,
+            "ratio": commerce / total if total else None,
+        }
+    measured = [
+        (w, categories[c]["ratio"])
+        for c, w in weights.items()
+        if categories[c]["ratio"] is not None and w > 0
+    ]
+    weight = sum(w for w, _ in measured)
+    total_ratio = sum(w * r for w, r in measured) / weight if weight else None
+    return {"categories": categories, "weights": dict(weights), "ratio": total_ratio}
+
+
+def _share(weights: dict[str, int], kinds: dict[str, str | None]) -> float | None:
+    total = sum(weights.values())
+    if not total:
+        return None
+    return sum(w for c, w in weights.items() if kinds.get(c) == "commerce") / total
+
+
+def build(
+    paths: Sequence[str | os.PathLike[str]],
+    key: bytes,
+    since: datetime,
+    until: datetime,
+    *,
+    live: bool = False,
+) -> dict[str, Any]:
+    """The report as plain data; raises :class:`NotVerified` for a broken trail."""
+    verdict = audit.verify(paths, key, live=live, keep=True)
+    if not verdict.intact:
+        raise NotVerified(verdict.breaks)
+    lo, hi = audit.rfc3339(since.timestamp()), audit.rfc3339(until.timestamp())
+    span = until - since
+    step, width = next((s, w) for bound, s, w in _BUCKETS if span >= bound)
+    entries = sorted(verdict.entries, key=lambda e: str(e.get("time", "")))
+
+    configs: dict[str, dict[str, Any]] = {}  # chain -> its last config record
+    latest: dict[str, Any] | None = None  # the last config record of any chain
+    in_effect: dict[str, Any] | None = None  # the last one before ``until``
+    routes: dict[tuple[str, str], _Counts] = {}
+    served_day: dict[str, dict[str, list[int]]] = {}
+    served_bucket: dict[str, dict[str, list[int]]] = {}
+    weights_at_day: dict[str, dict[str, float]] = {}
+    changes: list[dict[str, Any]] = []
+    dropped = 0
+    requests = 0
+    for e in entries:
+        when = str(e.get("time", ""))
+        decision = e.get("decision")
+        chain = str(e.get("chain"))
+        inside = lo <= when < hi
+        if decision == "config":
+            before = configs.get(chain) or latest
+            configs[chain] = latest = e
+            if when < hi:
+                in_effect = e
+            if inside and before is not None:
+                changes.extend(_reload_changes(when, before, e))
+            continue
+        if not inside:
+            continue
+        conf = configs.get(chain) or latest
+        if decision == "dropped":
+            dropped += int(e.get("count") or 0)
+            continue
+        if decision == "weights-changed":
+            changes.append(_admin_change(when, e, conf))
+            continue
+        if decision not in ("allowed", "blocked") or e.get("route") is None:
+            continue
+        requests += 1
+        category, route = str(e.get("category")), str(e["route"])
+        counts = routes.setdefault((category, route), _Counts())
+        consent = e.get("consent")
+        if consent is not None:
+            counts.consent[str(consent)] = counts.consent.get(str(consent), 0) + 1
+        if decision == "blocked":
+            reason = str(e.get("reason"))
+            counts.blocked[reason] = counts.blocked.get(reason, 0) + 1
+            continue
+        kind = _kind(conf, e.get("cluster"))
+        if kind is None:
+            continue  # not sent to any cluster (e.g. no healthy endpoint)
+        is_social = kind != "commerce"
+        if is_social:
+            counts.social += 1
+        else:
+            counts.commerce += 1
+        for table, label in ((served_day, when[:10]), (served_bucket, when[:width])):
+            cell = table.setdefault(label, {}).setdefault(category, [0, 0])
+            cell[is_social] += 1
+        if conf is not None:
+            weights_at_day[when[:10]] = conf["category_weights"]
+
+    weights: dict[str, float] = dict(in_effect["category_weights"]) if in_effect else {}
+    per_route = [
+        {"category": c, "route": r, **counts.as_dict()} for (c, r), counts in sorted(routes.items())
+    ]
+    window_served: dict[str, tuple[int, int]] = {}
+    for (category, _), counts in routes.items():
+        commerce, social = window_served.get(category, (0, 0))
+        window_served[category] = (commerce + counts.commerce, social + counts.social)
+    daily = [
+        {"day": day, **_progress(_pairs(cats), weights_at_day.get(day, weights))}
+        for day, cats in sorted(served_day.items())
+    ]
+    series = [
+        {"at": label, "ratio": _progress(_pairs(cats), weights)["ratio"]}
+        for label, cats in sorted(served_bucket.items())
+    ][-MAX_POINTS:]
+    return {
+        "window": {"since": lo, "until": hi},
+        "trail": {
+            "files": verdict.files,
+            "records": verdict.records,
+            "chains": verdict.chains,
+            "seals": verdict.seals,
+            "verified": True,
+            "notes": verdict.warnings,
+        },
+        "requests": requests,
+        "dropped": dropped,
+        "routes": per_route,
+        "progress": _progress(window_served, weights),
+        "daily": daily,
+        "series": {"step_seconds": step.total_seconds(), "points": series},
+        "weight_changes": changes,
+    }
+
+
+def _pairs(cats: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    return {c: (v[0], v[1]) for c, v in cats.items()}
+
+
+def _kind(conf: dict[str, Any] | None, cluster: Any) -> str | None:
+    if conf is None or not isinstance(cluster, str):
+        return None
+    spec = conf.get("clusters", {}).get(cluster)
+    return spec.get("kind") if isinstance(spec, dict) else None
+
+
+def _kinds(conf: dict[str, Any] | None) -> dict[str, str | None]:
+    if conf is None:
+        return {}
+    return {n: c.get("kind") for n, c in conf.get("clusters", {}).items()}
+
+
+def _admin_change(when: str, e: dict[str, Any], conf: dict[str, Any] | None) -> dict[str, Any]:
+    kinds = _kinds(conf)
+    before = e.get("previous") or {}
+    after = e.get("weights") or {}
+    old, new = _share(before, kinds), _share(after, kinds)
+    return {
+        "time": when,
+        "route": e.get("route"),
+        "previous": before,
+        "weights": after,
+        "commerce_share": {"before": old, "after": new},
+        "rollback": old is not None and new is not None and new < old,
+        "actor": e.get("actor") or "(not named)",
+        "peer": e.get("peer"),
+        "via": "admin",
+    }
+
+
+def _reload_changes(
+    when: str, before: dict[str, Any], after: dict[str, Any]
+) -> list[dict[str, Any]]:
+    out = []
+    kinds = _kinds(after)
+    old_routes = before.get("routes", {})
+    for name, spec in after.get("routes", {}).items():
+        old = old_routes.get(name)
+        if old is None or len(spec["weights"]) < 2 or old["weights"] == spec["weights"]:
+            continue
+        a, b = _share(old["weights"], _kinds(before)), _share(spec["weights"], kinds)
+        out.append(
+            {
+                "time": when,
+                "route": name,
+                "previous": old["weights"],
+                "weights": spec["weights"],
+                "commerce_share": {"before": a, "after": b},
+                "rollback": a is not None and b is not None and b < a,
+                "actor": "config reload",
+                "peer": None,
+                "via": "config",
+            }
+        )
+    return out
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def render(report: dict[str, Any], fmt: str, *, chart_href: str | None = None) -> str:
+    if fmt == "json":
+        return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if fmt == "html":
+        return _html(report)
+    return _markdown(report, chart_href)
+
+
+def _pct(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio * 100:.1f} %"
+
+
+def _bar(ratio: float | None, width: int = 20) -> str:
+    if ratio is None:
+        return ""
+    full = round(ratio * width)
+    return "█" * full + "░" * (width - full)
+
+
+def _slugs(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def _tables(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table, shared by Markdown and HTML."""
+    p = r["progress"]
+    progress_rows = [
+        [
+            c,
+            str(f["commerce"]),
+            str(f["requests"] - f["commerce"]),
+            _pct(f["ratio"]),
+            f"{p['weights'][c]:g}",
+        ]
+        for c, f in p["categories"].items()
+    ]
+    progress_rows.append(["**all** (weighted)", "", "", _pct(p["ratio"]), ""])
+    routes = [
+        [
+            x["category"],
+            x["route"],
+            str(x["commerce"]),
+            str(x["social"]),
+            _slugs(x["blocked"]),
+            _slugs(x["consent"]),
+        ]
+        for x in r["routes"]
+    ]
+    daily = [
+        [d["day"], _pct(d["ratio"]), _bar(d["ratio"])]
+        + [_pct(d["categories"][c]["ratio"]) for c in p["categories"]]
+        for d in r["daily"]
+    ]
+    changes = [
+        [
+            c["time"],
+            c["route"],
+            _weights(c["previous"]),
+            _weights(c["weights"]),
+            f"{_pct(c['commerce_share']['before'])} → {_pct(c['commerce_share']['after'])}",
+            "**yes**" if c["rollback"] else "no",
+            f"{c['actor']}" + (f" ({c['peer']})" if c["peer"] else ""),
+        ]
+        for c in r["weight_changes"]
+    ]
+    return [
+        (
+            "Migration progress over the window",
+            ["category", "commerce", "legacy social", "progress", "weight"],
+            progress_rows,
+        ),
+        (
+            "Per category and route",
+            [
+                "category",
+                "route",
+                "served by commerce",
+                "served by legacy social",
+                "blocked (by reason)",
+                "consent outcomes",
+            ],
+            routes,
+        ),
+        ("Daily progress", ["day (UTC)", "weighted", "", *p["categories"]], daily),
+        (
+            "Weight changes and rollbacks",
+            ["time (UTC)", "route", "from", "to", "commerce share", "rollback", "actor"],
+            changes,
+        ),
+    ]
+
+
+def _weights(w: dict[str, int]) -> str:
+    return " ".join(f"{c}:{n}" for c, n in w.items())
+
+
+def _summary(r: dict[str, Any]) -> list[str]:
+    t = r["trail"]
+    return [
+        f"Window: {r['window']['since']} to {r['window']['until']} (UTC).",
+        f"Trail verified: {t['records']} records in {len(t['files'])} file(s), "
+        f"{t['chains']} chain(s), {t['seals']} seal(s) checked under the audit key.",
+        f"Audited requests in the window: {r['requests']}; audit records dropped "
+        f"(queue full): {r['dropped']}.",
+        f"Weighted migration progress over the window: **{_pct(r['progress']['ratio'])}**.",
+    ]
+
+
+def _markdown(r: dict[str, Any], chart_href: str | None) -> str:
+    out = ["# Jalur migration compliance report", ""]
+    out += [f"- {line}" for line in _summary(r)]
+    for note in r["trail"]["notes"]:
+        out.append(f"- Note: {note}")
+    out.append("")
+    if chart_href is not None:
+        out += ["## Progress over time", "", f"![progress over time]({chart_href})", ""]
+    else:
+        out += ["## Progress over time", "", "| at (UTC) | weighted progress | |", "|---|---|---|"]
+        out += [
+            f"| {pt['at']} | {_pct(pt['ratio'])} | {_bar(pt['ratio'])} |"
+            for pt in r["series"]["points"]
+        ]
+        out.append("")
+    for title, header, rows in _tables(r):
+        out += [f"## {title}", ""]
+        if not rows:
+            out += ["None in the window.", ""]
+            continue
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(r: dict[str, Any]) -> str:
+    def cell(text: str) -> str:
+        text = html.escape(text)
+        if text.startswith("**") and text.endswith("**"):
+            return f"<b>{text[2:-2]}</b>"
+        return text
+
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Jalur migration compliance report</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #bbb;padding:.25em .6em;text-align:left}</style>",
+        "</head><body>",
+        "<h1>Jalur migration compliance report</h1>",
+        "<ul>" + "".join(f"<li>{cell(s).replace('**', '')}</li>" for s in _summary(r)) + "</ul>",
+        "<h2>Progress over time</h2>",
+        chart(r),
+    ]
+    for title, header, rows in _tables(r):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if not rows:
+            parts.append("<p>None in the window.</p>")
+            continue
+        parts.append("<table><tr>" + "".join(f"<th>{cell(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def chart(r: dict[str, Any], width: int = 640, height: int = 240) -> str:
+    """Weighted progress per time bucket as an SVG polyline (0-100 %), with axis labels."""
+    points = [p for p in r["series"]["points"] if p["ratio"] is not None]
+    left, right, top, bottom = 48, 12, 12, 36
+    w, h = width - left - right, height - top - bottom
+    svg = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
+    ]
+    for pct in (0, 25, 50, 75, 100):
+        y = top + h - h * pct / 100
+        svg.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#eee"/>')
+        svg.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{pct} %</text>')
+    if points:
+        n = len(points)
+        xy = [
+            (left + (w * i / (n - 1) if n > 1 else w / 2), top + h - h * p["ratio"])
+            for i, p in enumerate(points)
+        ]
+        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+        svg.append(f'<polyline points="{coords}" fill="none" stroke="#0a7" stroke-width="2"/>')
+        for (x, y), p in zip(xy, points, strict=True):
+            label = html.escape(f"{p['at']}: {_pct(p['ratio'])}")
+            svg.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#0a7"><title>{label}</title>'
+                "</circle>"
+            )
+        for (x, _), p in ((xy[0], points[0]), (xy[-1], points[-1])):
+            svg.append(
+                f'<text x="{x:.1f}" y="{height - 14}" text-anchor="middle">'
+                f"{html.escape(p['at'])}</text>"
+            )
+    else:
+        svg.append(
+            f'<text x="{left + w / 2}" y="{top + h / 2}" text-anchor="middle">'
+            "no traffic of a migrated category in the window</text>"
+        )
+    svg.append("</svg>")
+    return "\n".join(svg)
