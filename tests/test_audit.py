@@ -297,3 +297,17 @@ def test_a_torn_last_line_from_a_crash_is_reported_and_the_restart_links_past_it
     write(path, 3, 2)
     v = audit.verify([path], KEY.encode())
     assert [(b.line, b.kind) for b in v.breaks] == [(len(whole) + 1, "edited")]
+
+
+def test_the_key_comes_from_the_environment_only() -> None:
+    conf = cfg.parse("{}", env={"JALUR_AUDIT__KEY": KEY})
+    assert conf.audit.key == KEY
+    with pytest.raises(cfg.ConfigError) as refused:
+        cfg.parse(f"audit: {{key: {KEY}}}\n")
+    (error,) = refused.value.errors
+    assert error.path == "$.audit.key"
+    assert "JALUR_AUDIT__KEY" in error.message
+    assert error.line == 1
+    with pytest.raises(cfg.ConfigError) as short:
+        cfg.parse("{}", env={"JALUR_AUDIT__KEY": "short"})
+    assert short.value.errors[0].path == "$.audit.key"
