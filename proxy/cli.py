@@ -168,8 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(args.config, args.fd, args.ready_fd)
     if args.command == "demo":
-        from .demo.run import run_demo
+        from .demo.run import DEMO_AUDIT_KEY, run_demo
 
+        os.environ.setdefault(AUDIT_KEY_ENV, DEMO_AUDIT_KEY)
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
