@@ -32,6 +32,7 @@ last seal of a chain: a crash, a live file, or a tail cut at a line boundary).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import itertools
@@ -234,8 +235,9 @@ class _Rec:
     seq: int
     prev: str | None
     hash: str
-    decision: Any
-    obj: dict[str, Any]
+    chain: str
+    decision: Any = None  # parsed only for the chain's own start, segment and seal records
+    obj: dict[str, Any] | None = None
 
 
 @dataclass
@@ -300,7 +302,7 @@ def verify(
             if fi in torn and n == len(lines):
                 bad.add(n)
                 break
-            rec = _parse(fi, n, raw)
+            rec = _parse(fi, n, raw, keep)
             if rec is None:
                 bad.add(n)
                 v.breaks.append(Break(name, n, "edited", "not a chained audit record"))
@@ -310,23 +312,38 @@ def verify(
                     Break(name, n, "truncated", "the file does not begin at a segment start")
                 )
             first = False
-            chains.setdefault(str(rec.obj["chain"]), []).append(rec)
+            chains.setdefault(rec.chain, []).append(rec)
             v.records += 1
             if keep:
+                assert rec.obj is not None
                 v.entries.append(rec.obj)
     v.chains = len(chains)
-    hashes: dict[tuple[str, int], str] = {}
-    for cid, recs in chains.items():
-        for r in recs:
-            hashes[(cid, r.seq)] = r.hash
+    ordered = {cid: sorted(recs, key=lambda r: r.seq) for cid, recs in chains.items()}
     last_file = len(files) - 1
     for cid, recs in chains.items():
-        _check_chain(v, files, cid, recs, key, hashes, bad_lines, torn, live, last_file)
+        _check_chain(v, files, cid, recs, ordered, key, bad_lines, torn, live, last_file)
     v.breaks.sort(key=lambda b: (v.files.index(b.file), b.line, b.kind))
     return v
 
 
-def _parse(fi: int, n: int, raw: bytes) -> _Rec | None:
+# The chain fields end every record (the writer appends them last): read from the line's
+# end without parsing the rest. The SHA-256 link covers every byte, so a record edited
+# elsewhere still breaks its link; only the chain's own records (their decision starts
+# with "s": start, segment, seal) and records a report keeps are parsed whole.
+_TAIL: Final = re.compile(
+    rb',"chain":"([0-9a-f]{1,32})","seq":(0|[1-9][0-9]{0,17}),"prev":(?:"([0-9a-f]{64})"|null)\}\Z'
+)
+_TAIL_SPAN: Final = 200  # bytes from the end where _TAIL can begin
+_OWN_RECORD: Final = b'"decision":"s'
+
+
+def _parse(fi: int, n: int, raw: bytes, keep: bool) -> _Rec | None:
+    h = hashlib.sha256(raw).hexdigest()
+    if not keep and _OWN_RECORD not in raw:
+        m = _TAIL.search(raw, max(0, len(raw) - _TAIL_SPAN))
+        if m is not None:
+            prev = m[3]
+            return _Rec(fi, n, int(m[2]), prev.decode() if prev else None, h, m[1].decode())
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -338,7 +355,7 @@ def _parse(fi: int, n: int, raw: bytes) -> _Rec | None:
         return None
     if prev is not None and not isinstance(prev, str):
         return None
-    return _Rec(fi, n, seq, prev, digest(raw), obj.get("decision"), obj)
+    return _Rec(fi, n, seq, prev, h, chain, obj.get("decision"), obj)
 
 
 def _check_chain(
@@ -346,8 +363,8 @@ def _check_chain(
     files: list[Path],
     cid: str,
     recs: list[_Rec],
+    chains: dict[str, list[_Rec]],
     key: bytes,
-    hashes: dict[tuple[str, int], str],
     bad_lines: dict[int, set[int]],
     torn: set[int],
     live: bool,
@@ -363,7 +380,7 @@ def _check_chain(
             at(r, "reordered", f"seq {r.seq} {what} seq {highest.seq} (line {highest.line})")
         elif highest is None or r.seq > highest.seq:
             highest = r
-    ordered = sorted(recs, key=lambda r: r.seq)
+    ordered = chains[cid]
     if ordered[0].seq != 0:
         v.warnings.append(
             f"chain {cid} begins at seq {ordered[0].seq} in {files[ordered[0].file]}: "
@@ -401,15 +418,14 @@ def _check_chain(
         elif b.decision == "segment":
             segment_first = b.seq
     if ordered[0].decision == "seal":
-        _check_seal(at, ordered[0], cid, key, ordered[0].obj.get("segment_first", 0))
+        _check_seal(at, ordered[0], cid, key, _obj(ordered[0]).get("segment_first", 0))
     for r in ordered:
         if r.decision == "start" and r.prev is not None:
-            after = r.obj.get("after")
+            after = _obj(r).get("after")
             if isinstance(after, dict):
-                ref = (after.get("chain"), after.get("seq"))
-                found = hashes.get(ref)  # type: ignore[arg-type]
-                if found is not None and found != r.prev:
-                    at(r, "edited", f"the record it continues ({ref[0]} seq {ref[1]}) changed")
+                ref = _find(chains, after.get("chain"), after.get("seq"))
+                if ref is not None and ref.hash != r.prev:
+                    at(r, "edited", f"the record it continues ({ref.chain} seq {ref.seq}) changed")
     v.seals += sum(1 for r in ordered if r.decision == "seal")
     tail = ordered[-1]
     if tail.decision != "seal":
@@ -426,6 +442,19 @@ def _check_chain(
             at(first, "unsigned-tail", f"{len(unsigned)} record(s) from here on are not sealed")
 
 
+def _obj(r: _Rec) -> dict[str, Any]:
+    assert r.obj is not None  # the chain's own records are always parsed
+    return r.obj
+
+
+def _find(chains: dict[str, list[_Rec]], cid: Any, seq: Any) -> _Rec | None:
+    recs = chains.get(cid) if isinstance(cid, str) else None
+    if recs is None or not isinstance(seq, int):
+        return None
+    i = bisect.bisect_left(recs, seq, key=lambda r: r.seq)
+    return recs[i] if i < len(recs) and recs[i].seq == seq else None
+
+
 def _last_seal_seq(ordered: list[_Rec]) -> int:
     for r in reversed(ordered):
         if r.decision == "seal":
@@ -434,8 +463,8 @@ def _last_seal_seq(ordered: list[_Rec]) -> int:
 
 
 def _check_seal(at: Any, r: _Rec, cid: str, key: bytes, segment_first: Any) -> None:
-    mac = r.obj.get("mac")
-    first = r.obj.get("segment_first")
+    mac = _obj(r).get("mac")
+    first = _obj(r).get("segment_first")
     if first != segment_first:
         at(r, "edited", f"seal says its segment begins at seq {first}, not {segment_first}")
         return
