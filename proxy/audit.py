@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
 import orjson
 
 from .config import Config
@@ -60,6 +61,7 @@ __all__ = [
     "digest",
     "last_line",
     "order_paths",
+    "per_worker",
     "rfc3339",
     "seal_mac",
     "verify",
@@ -177,6 +179,19 @@ def config_record(config: Config) -> dict[str, Any]:
         },
         "routes": routes,
     }
+
+
+def per_worker(config: Config, slot: int) -> Config:
+    """The config of worker ``slot`` under ``--workers N``: its own trail, ``PATH.wSLOT``
+    (rotated as ``PATH.wSLOT.1`` ...). N processes appending to one file would interleave
+    partial lines, and each rotating it would rename the others' files away. A restarted
+    worker continues its slot's file (its ``start`` record links to the last line)."""
+    spec = config.compliance.audit
+    if spec.path == "-":
+        return config
+    spec = msgspec.structs.replace(spec, path=f"{spec.path}.w{slot}")
+    compliance = msgspec.structs.replace(config.compliance, audit=spec)
+    return msgspec.structs.replace(config, compliance=compliance)
 
 
 def last_line(path: str) -> tuple[str | None, int | None, str] | None:

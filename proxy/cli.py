@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
+    worker.add_argument("--slot", type=int, default=0, help="worker number (own audit trail)")
 
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("file", help="YAML config file")
@@ -89,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--format", choices=("json", "markdown", "html"), default="markdown", help="output"
     )
-    report.add_argument("--out", help="write here instead of stdout")
+    report.add_argument(
+        "--out", help="write here instead of stdout (Markdown: the chart goes beside it, .svg)"
+    )
     report.add_argument("--live", action="store_true", help="as for `audit verify`")
     _key_option(report)
 
@@ -166,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(serve(config, config_path=args.config))
         return 0
     if args.command == "worker":
-        return _worker(args.config, args.fd, args.ready_fd)
+        return _worker(args.config, args.fd, args.ready_fd, args.slot)
     if args.command == "demo":
         from .demo.run import DEMO_AUDIT_KEY, run_demo
 
@@ -304,11 +307,16 @@ def report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"  {b}", file=err)
         print("run `jalur audit verify` on it for the whole list", file=err)
         return 1
-    text = report_mod.render(built, args.format)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        target = Path(args.out)
+        href = None
+        if args.format == "markdown":  # the chart beside it: Markdown cannot inline SVG
+            chart = target.with_suffix(".svg")
+            chart.write_text(report_mod.chart(built), encoding="utf-8")
+            href = chart.name
+        target.write_text(report_mod.render(built, args.format, chart_href=href), "utf-8")
     else:
-        out.write(text)
+        out.write(report_mod.render(built, args.format))
     return 0
 
 
@@ -347,12 +355,15 @@ def _multiprocess_metrics_dir() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jalur-metrics-")
 
 
-def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
+def _worker(config_path: str, fd: int, ready_fd: int | None, slot: int) -> int:
     import socket
+
+    from .audit import per_worker
 
     config = _load_or_report(config_path, sys.stderr)
     if config is None:
         return 1
+    config = per_worker(config, slot)
     from .server import serve
 
     sock = socket.socket(fileno=fd)

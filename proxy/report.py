@@ -33,7 +33,7 @@ import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -42,14 +42,11 @@ from . import audit
 
 __all__ = ["NotVerified", "build", "parse_time", "render"]
 
-# Chart buckets: the window is cut into days, or hours / minutes when it is short, so that
-# a chart has at least two points where the data allows; at most MAX_POINTS buckets.
-MAX_POINTS: Final = 400
-_BUCKETS: Final = (
-    (timedelta(days=2), timedelta(days=1), 10),
-    (timedelta(hours=2), timedelta(hours=1), 13),
-    (timedelta(0), timedelta(minutes=1), 16),
-)
+# Chart buckets: the smallest of these steps (seconds) that cuts the span of the traffic
+# in the window into at most MAX_POINTS points (a demo of minutes gets 10-second points, a
+# migration of months daily ones; the last step is used whatever the span).
+MAX_POINTS: Final = 120
+_STEPS: Final = (1, 10, 60, 600, 3600, 6 * 3600, 86_400, 7 * 86_400)
 
 
 class NotVerified(Exception):
@@ -127,8 +124,6 @@ def build(
     if not verdict.intact:
         raise NotVerified(verdict.breaks)
     lo, hi = audit.rfc3339(since.timestamp()), audit.rfc3339(until.timestamp())
-    span = until - since
-    step, width = next((s, w) for bound, s, w in _BUCKETS if span >= bound)
     entries = sorted(verdict.entries, key=lambda e: str(e.get("time", "")))
 
     configs: dict[str, dict[str, Any]] = {}  # chain -> its last config record
@@ -136,7 +131,7 @@ def build(
     in_effect: dict[str, Any] | None = None  # the last one before ``until``
     routes: dict[tuple[str, str], _Counts] = {}
     served_day: dict[str, dict[str, list[int]]] = {}
-    served_bucket: dict[str, dict[str, list[int]]] = {}
+    timeline: list[tuple[str, str, bool]] = []  # (time, category, social) of served ones
     weights_at_day: dict[str, dict[str, float]] = {}
     changes: list[dict[str, Any]] = []
     dropped = 0
@@ -183,9 +178,9 @@ def build(
             counts.social += 1
         else:
             counts.commerce += 1
-        for table, label in ((served_day, when[:10]), (served_bucket, when[:width])):
-            cell = table.setdefault(label, {}).setdefault(category, [0, 0])
-            cell[is_social] += 1
+        cell = served_day.setdefault(when[:10], {}).setdefault(category, [0, 0])
+        cell[is_social] += 1
+        timeline.append((when, category, is_social))
         if conf is not None:
             weights_at_day[when[:10]] = conf["category_weights"]
 
@@ -201,10 +196,7 @@ def build(
         {"day": day, **_progress(_pairs(cats), weights_at_day.get(day, weights))}
         for day, cats in sorted(served_day.items())
     ]
-    series = [
-        {"at": label, "ratio": _progress(_pairs(cats), weights)["ratio"]}
-        for label, cats in sorted(served_bucket.items())
-    ][-MAX_POINTS:]
+    step, series = _series(timeline, weights)
     return {
         "window": {"since": lo, "until": hi},
         "trail": {
@@ -220,9 +212,28 @@ def build(
         "routes": per_route,
         "progress": _progress(window_served, weights),
         "daily": daily,
-        "series": {"step_seconds": step.total_seconds(), "points": series},
+        "series": {"step_seconds": step, "points": series},
         "weight_changes": changes,
     }
+
+
+def _series(
+    timeline: list[tuple[str, str, bool]], weights: dict[str, float]
+) -> tuple[int, list[dict[str, Any]]]:
+    """Weighted progress per time bucket (the bucket's own traffic, not cumulative)."""
+    if not timeline:
+        return _STEPS[-1], []
+    stamps = [parse_time(t).timestamp() for t, _, _ in timeline]
+    span = stamps[-1] - stamps[0]
+    step = next((s for s in _STEPS if span / s <= MAX_POINTS), _STEPS[-1])
+    buckets: dict[int, dict[str, list[int]]] = {}
+    for stamp, (_, category, social) in zip(stamps, timeline, strict=True):
+        cell = buckets.setdefault(int(stamp // step), {}).setdefault(category, [0, 0])
+        cell[social] += 1
+    return step, [
+        {"at": audit.rfc3339(b * step)[:19] + "Z", "ratio": _progress(_pairs(c), weights)["ratio"]}
+        for b, c in sorted(buckets.items())
+    ]
 
 
 def _pairs(cats: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
@@ -458,42 +469,62 @@ def _html(r: dict[str, Any]) -> str:
 
 
 def chart(r: dict[str, Any], width: int = 640, height: int = 240) -> str:
-    """Weighted progress per time bucket as an SVG polyline (0-100 %), with axis labels."""
+    """Weighted progress per time bucket as an SVG polyline (0-100 %) on a time axis, with
+    each weight change as a dashed vertical line (red when it is a rollback)."""
     points = [p for p in r["series"]["points"] if p["ratio"] is not None]
     left, right, top, bottom = 48, 12, 12, 36
     w, h = width - left - right, height - top - bottom
     svg = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="white" stroke="#999"/>',
     ]
     for pct in (0, 25, 50, 75, 100):
         y = top + h - h * pct / 100
         svg.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" stroke="#eee"/>')
         svg.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{pct} %</text>')
-    if points:
-        n = len(points)
-        xy = [
-            (left + (w * i / (n - 1) if n > 1 else w / 2), top + h - h * p["ratio"])
-            for i, p in enumerate(points)
-        ]
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-        svg.append(f'<polyline points="{coords}" fill="none" stroke="#0a7" stroke-width="2"/>')
-        for (x, y), p in zip(xy, points, strict=True):
-            label = html.escape(f"{p['at']}: {_pct(p['ratio'])}")
-            svg.append(
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#0a7"><title>{label}</title>'
-                "</circle>"
-            )
-        for (x, _), p in ((xy[0], points[0]), (xy[-1], points[-1])):
-            svg.append(
-                f'<text x="{x:.1f}" y="{height - 14}" text-anchor="middle">'
-                f"{html.escape(p['at'])}</text>"
-            )
-    else:
+    if not points:
         svg.append(
             f'<text x="{left + w / 2}" y="{top + h / 2}" text-anchor="middle">'
-            "no traffic of a migrated category in the window</text>"
+            "no traffic of a migrated category in the window</text></svg>"
         )
+        return "\n".join(svg)
+    step = float(r["series"]["step_seconds"])
+    t0 = parse_time(points[0]["at"]).timestamp()
+    t1 = parse_time(points[-1]["at"]).timestamp() + step
+    span = max(t1 - t0, 1.0)
+
+    def x_of(t: float) -> float:
+        return left + w * (t - t0) / span
+
+    xy = [
+        (x_of(parse_time(p["at"]).timestamp() + step / 2), top + h - h * p["ratio"]) for p in points
+    ]
+    for c in r["weight_changes"]:
+        t = parse_time(c["time"]).timestamp()
+        if t0 <= t <= t1:
+            x = x_of(t)
+            color = "#c33" if c["rollback"] else "#888"
+            label = html.escape(f"{c['time']} {c['route']} by {c['actor']}")
+            svg.append(
+                f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + h}" stroke="{color}" '
+                f'stroke-dasharray="4 3"><title>{label}</title></line>'
+            )
+    coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    svg.append(f'<polyline points="{coords}" fill="none" stroke="#0a7" stroke-width="2"/>')
+    for (x, y), p in zip(xy, points, strict=True):
+        label = html.escape(f"{p['at']}: {_pct(p['ratio'])}")
+        svg.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#0a7"><title>{label}</title></circle>'
+        )
+    for x, anchor, t in ((left, "start", t0), (left + w, "end", t1)):
+        svg.append(
+            f'<text x="{x}" y="{height - 14}" text-anchor="{anchor}">'
+            f"{html.escape(audit.rfc3339(t)[:19])}Z</text>"
+        )
+    svg.append(
+        f'<text x="{left + w / 2}" y="{height - 2}" text-anchor="middle">weighted progress per '
+        f"{step:g} s (dashed: weight changes, red: rollbacks)</text>"
+    )
     svg.append("</svg>")
     return "\n".join(svg)
