@@ -33,6 +33,7 @@ last seal of a chain: a crash, a live file, or a tail cut at a line boundary).
 from __future__ import annotations
 
 import bisect
+import gc
 import hashlib
 import hmac
 import itertools
@@ -121,8 +122,9 @@ class Chain:
         return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS)
 
     def advance(self, line: bytes) -> None:
-        self.seq += 1
-        self.prev = digest(line)
+        if self.enabled:
+            self.seq += 1
+            self.prev = digest(line)
 
     def start(self, after: tuple[str | None, int | None, str] | None) -> dict[str, Any]:
         """The ``start`` record; ``after`` is (chain, seq, hash) of the file's last line."""
@@ -294,7 +296,22 @@ def verify(
 
     ``live`` accepts an unsigned tail in the newest file (a proxy still writing it) as a
     warning. ``keep`` returns every parsed record in ``Verdict.entries``. Raises OSError
-    when a file cannot be read."""
+    when a file cannot be read.
+
+    The cyclic garbage collector is paused meanwhile: a day of records is millions of small
+    objects and no cycles, and its passes over them took a third of the time."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _verify(paths, key, live=live, keep=keep)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _verify(
+    paths: Sequence[str | os.PathLike[str]], key: bytes, *, live: bool, keep: bool
+) -> Verdict:
     files = order_paths(paths)
     v = Verdict(files=[str(f) for f in files])
     chains: dict[str, list[_Rec]] = {}
@@ -413,7 +430,8 @@ def _check_chain(
                     at(
                         b,
                         "missing",
-                        f"{gap} record(s) before this one (seq {a.seq + 1}..{b.seq - 1})",
+                        f"{gap} record(s) before this one (seq {a.seq + 1}"
+                        + (f"..{b.seq - 1})" if gap > 1 else ")"),
                     )
             elif a.file not in torn:
                 v.breaks.append(
