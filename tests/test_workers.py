@@ -129,21 +129,24 @@ async def test_each_worker_keeps_its_own_chain_and_the_trail_verifies(
     b = await harness.backend("pay", "tokopedia")
     key = "workers-audit-key-0123456789"
     # Small files: each worker rotates its own several times.
-    conf = pay_config(b.url, 0, path=str(tmp_path / "audit.log"), max_bytes=4096)
+    conf = pay_config(b.url, 0, path=str(tmp_path / "audit.log"), max_bytes=32768, backups=50)
     proc, base, _ = await run_workers(tmp_path, conf, JALUR_AUDIT__KEY=key)
     try:
         async with aiohttp.ClientSession() as s:
-            assert await send(s, base, 80) == {"200"}
+            # Enough at once that each writer's buffer fills and is written in pieces.
+            for _ in range(20):
+                codes = await asyncio.gather(*(send(s, base, 1) for _ in range(20)))
+                assert set.union(*codes) == {"200"}
     finally:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             code = await proc.wait()
     assert code == 0
     files = [tmp_path / n for n in os.listdir(tmp_path) if n.startswith("audit.log")]
-    assert {f.name.split(".")[2] for f in files} == {"w0", "w1"}
     assert len(files) > 4  # rotated
     verdict = audit.verify(files, key.encode(), keep=True)
     assert verdict.breaks == []
     assert verdict.chains == 2
+    assert {f.name.split(".")[2] for f in files} == {"w0", "w1"}
     served = [e for e in audit.iter_requests(verdict.entries) if e["route"] == "pay"]
-    assert len(served) == len(b.received) == 80
+    assert len(served) == len(b.received) == 400
