@@ -16,7 +16,9 @@ import pytest
 from yarl import URL
 
 from proxy import audit, report
+from proxy import config as cfg
 from proxy.boundary import make_token
+from proxy.compliance import AuditLog
 from proxy.server import ProxyServer
 
 from .conftest import Harness, build_config, cluster
@@ -322,3 +324,77 @@ async def test_the_trail_holds_no_shopper_identity(harness: Harness) -> None:
     assert trail.count(b'"decision":"blocked"') == 1
     for secret in [*secrets, token]:
         assert secret.encode() not in trail
+
+
+def conf_record(at: str, weights: dict[str, float], legacy: int) -> dict[str, Any]:
+    return {
+        "time": at,
+        "decision": "config",
+        "category_weights": weights,
+        "clusters": {
+            "shop-legacy": {"system": "tiktok", "kind": "social"},
+            "pay": {"system": "tokopedia", "kind": "commerce"},
+        },
+        "routes": {
+            "checkout": {
+                "category": "payment",
+                "weights": {"shop-legacy": legacy, "pay": 100 - legacy},
+            },
+            "orders": {"category": "user-data", "weights": {"pay": 1}},
+        },
+    }
+
+
+def served(at: str, route: str, category: str, cluster: str) -> dict[str, Any]:
+    return {"time": at, "route": route, "category": category, "cluster": cluster,
+            "status": 200, "decision": "allowed"}  # fmt: skip
+
+
+def test_daily_figures_use_the_weights_of_their_day_and_reloads_are_weight_changes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(cfg.Audit(path=str(path)), AUDIT_KEY)
+    log.start()
+    day1, day2 = "2026-03-01T", "2026-03-02T"
+    for r in (
+        conf_record(day1 + "00:00:00.000Z", {"payment": 0.5, "user-data": 0.5}, 50),
+        *(served(day1 + f"01:00:0{i}.000Z", "checkout", "payment", "pay") for i in range(3)),
+        served(day1 + "02:00:00.000Z", "checkout", "payment", "shop-legacy"),
+        *(served(day1 + f"03:00:0{i}.000Z", "orders", "user-data", "pay") for i in range(2)),
+        # A reload on day 2: payment weighs everything, checkout all on commerce.
+        conf_record(day2 + "00:00:00.000Z", {"payment": 1.0, "user-data": 0.0}, 0),
+        *(served(day2 + f"01:00:0{i}.000Z", "checkout", "payment", "pay") for i in range(2)),
+        # Another reload moves shoppers back: a rollback by config.
+        conf_record(day2 + "05:00:00.000Z", {"payment": 1.0, "user-data": 0.0}, 20),
+        served("2026-03-03T00:00:00.000Z", "checkout", "payment", "shop-legacy"),  # after until
+    ):
+        log.record(r)
+    log.close()
+    built = report.build(
+        [path], AUDIT_KEY.encode(), report.parse_time("2026-03-01"), report.parse_time("2026-03-03")
+    )
+    daily = {d["day"]: d for d in built["daily"]}
+    assert daily["2026-03-01"]["ratio"] == pytest.approx(0.5 * 3 / 4 + 0.5 * 1.0)
+    assert daily["2026-03-01"]["weights"] == {"payment": 0.5, "user-data": 0.5}
+    assert daily["2026-03-02"]["ratio"] == pytest.approx(1.0)
+    # The window: the weights in effect at its end, over all of its traffic.
+    assert built["progress"]["weights"] == {"payment": 1.0, "user-data": 0.0}
+    assert built["progress"]["ratio"] == pytest.approx(5 / 6)
+    assert built["requests"] == 8
+    changes = [
+        (c["time"][:10], c["actor"], c["rollback"], c["via"]) for c in built["weight_changes"]
+    ]
+    assert changes == [
+        ("2026-03-02", "config reload", False, "config"),
+        ("2026-03-02", "config reload", True, "config"),
+    ]
+    assert built["series"]["points"][0]["at"].startswith("2026-03-01")
+
+
+def test_report_times() -> None:
+    assert report.parse_time("2026-03-01") == datetime(2026, 3, 1, tzinfo=UTC)
+    assert report.parse_time("2026-03-01T07:00:00+07:00") == datetime(2026, 3, 1, tzinfo=UTC)
+    assert report.parse_time("2026-03-01T00:00:00Z") == datetime(2026, 3, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="RFC 3339"):
+        report.parse_time("yesterday")
