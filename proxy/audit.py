@@ -63,6 +63,7 @@ __all__ = [
     "last_line",
     "order_paths",
     "per_worker",
+    "records",
     "rfc3339",
     "seal_mac",
     "verify",
@@ -325,9 +326,12 @@ def _verify(
             lines.pop()
         elif lines:
             torn.add(fi)
-            v.breaks.append(
-                Break(name, len(lines), "truncated", "the file ends inside this record")
-            )
+            if live and fi == len(files) - 1:
+                v.warnings.append(f"{name}:{len(lines)}: a record still being written (live)")
+            else:
+                v.breaks.append(
+                    Break(name, len(lines), "truncated", "the file ends inside this record")
+                )
         bad = bad_lines.setdefault(fi, set())
         first = True
         for n, raw in enumerate(lines, 1):
@@ -505,6 +509,17 @@ def _check_seal(at: Any, r: _Rec, cid: str, key: bytes, segment_first: Any) -> N
         at(r, "bad-seal", "sealed without a key (set JALUR_AUDIT__KEY on the proxy)")
     elif not hmac.compare_digest(mac, seal_mac(key, cid, first, r.seq, r.prev)):
         at(r, "bad-seal", "the seal was not made with this key")
+
+
+def records(paths: Sequence[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
+    """Every record of a verified trail, oldest file first, one file in memory at a time."""
+    for path in order_paths(paths):
+        data = path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]  # a line still being written (``live``)
+        for line in data.splitlines():
+            obj = orjson.loads(line)
+            if isinstance(obj, dict):
+                yield obj
 
 
 def iter_requests(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

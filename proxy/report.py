@@ -30,6 +30,7 @@ proxy's dependencies stay as they are.
 from __future__ import annotations
 
 import html
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,8 +45,10 @@ __all__ = ["NotVerified", "build", "parse_time", "render"]
 
 # Chart buckets: the smallest of these steps (seconds) that cuts the span of the traffic
 # in the window into at most MAX_POINTS points (a demo of minutes gets 10-second points, a
-# migration of months daily ones; the last step is used whatever the span).
+# migration of months daily ones; the last step is used whatever the span). While counting,
+# at most MAX_BUCKETS buckets are kept (bounds memory whatever the trail's length).
 MAX_POINTS: Final = 120
+MAX_BUCKETS: Final = 100_000
 _STEPS: Final = (1, 10, 60, 600, 3600, 6 * 3600, 86_400, 7 * 86_400)
 
 
@@ -119,24 +122,25 @@ def build(
     *,
     live: bool = False,
 ) -> dict[str, Any]:
-    """The report as plain data; raises :class:`NotVerified` for a broken trail."""
-    verdict = audit.verify(paths, key, live=live, keep=True)
+    """The report as plain data; raises :class:`NotVerified` for a broken trail.
+
+    Two passes: :func:`audit.verify`, then the records are read again one file at a time
+    and only counted, so memory does not grow with the trail (a month of records)."""
+    verdict = audit.verify(paths, key, live=live)
     if not verdict.intact:
         raise NotVerified(verdict.breaks)
     lo, hi = audit.rfc3339(since.timestamp()), audit.rfc3339(until.timestamp())
-    entries = sorted(verdict.entries, key=lambda e: str(e.get("time", "")))
-
     configs: dict[str, dict[str, Any]] = {}  # chain -> its last config record
-    latest: dict[str, Any] | None = None  # the last config record of any chain
-    in_effect: dict[str, Any] | None = None  # the last one before ``until``
+    latest: dict[str, Any] | None = None  # the last config record read, of any chain
+    in_effect: tuple[str, dict[str, Any]] | None = None  # the newest one before ``until``
     routes: dict[tuple[str, str], _Counts] = {}
     served_day: dict[str, dict[str, list[int]]] = {}
-    timeline: list[tuple[str, str, bool]] = []  # (time, category, social) of served ones
     weights_at_day: dict[str, dict[str, float]] = {}
+    timeline = _Timeline()
     changes: list[dict[str, Any]] = []
     dropped = 0
     requests = 0
-    for e in entries:
+    for e in audit.records(verdict.files):
         when = str(e.get("time", ""))
         decision = e.get("decision")
         chain = str(e.get("chain"))
@@ -144,8 +148,8 @@ def build(
         if decision == "config":
             before = configs.get(chain) or latest
             configs[chain] = latest = e
-            if when < hi:
-                in_effect = e
+            if when < hi and (in_effect is None or when >= in_effect[0]):
+                in_effect = (when, e)
             if inside and before is not None:
                 changes.extend(_reload_changes(when, before, e))
             continue
@@ -180,11 +184,11 @@ def build(
             counts.commerce += 1
         cell = served_day.setdefault(when[:10], {}).setdefault(category, [0, 0])
         cell[is_social] += 1
-        timeline.append((when, category, is_social))
+        timeline.add(parse_time(when).timestamp(), category, is_social)
         if conf is not None:
             weights_at_day[when[:10]] = conf["category_weights"]
 
-    weights: dict[str, float] = dict(in_effect["category_weights"]) if in_effect else {}
+    weights: dict[str, float] = dict(in_effect[1]["category_weights"]) if in_effect else {}
     per_route = [
         {"category": c, "route": r, **counts.as_dict()} for (c, r), counts in sorted(routes.items())
     ]
@@ -196,7 +200,7 @@ def build(
         {"day": day, **_progress(_pairs(cats), weights_at_day.get(day, weights))}
         for day, cats in sorted(served_day.items())
     ]
-    step, series = _series(timeline, weights)
+    step, series = timeline.series(weights)
     return {
         "window": {"since": lo, "until": hi},
         "trail": {
@@ -213,27 +217,73 @@ def build(
         "progress": _progress(window_served, weights),
         "daily": daily,
         "series": {"step_seconds": step, "points": series},
-        "weight_changes": changes,
+        "weight_changes": _distinct(changes),
     }
 
 
-def _series(
-    timeline: list[tuple[str, str, bool]], weights: dict[str, float]
-) -> tuple[int, list[dict[str, Any]]]:
-    """Weighted progress per time bucket (the bucket's own traffic, not cumulative)."""
-    if not timeline:
-        return _STEPS[-1], []
-    stamps = [parse_time(t).timestamp() for t, _, _ in timeline]
-    span = stamps[-1] - stamps[0]
-    step = next((s for s in _STEPS if span / s <= MAX_POINTS), _STEPS[-1])
-    buckets: dict[int, dict[str, list[int]]] = {}
-    for stamp, (_, category, social) in zip(stamps, timeline, strict=True):
-        cell = buckets.setdefault(int(stamp // step), {}).setdefault(category, [0, 0])
-        cell[social] += 1
-    return step, [
-        {"at": audit.rfc3339(b * step)[:19] + "Z", "ratio": _progress(_pairs(c), weights)["ratio"]}
-        for b, c in sorted(buckets.items())
-    ]
+class _Timeline:
+    """Served requests per (time bucket, category) for the chart, in bounded memory: the
+    buckets start at 1 s and are merged into the next step of ``_STEPS`` whenever there
+    are more than MAX_BUCKETS of them (every step divides the next one)."""
+
+    def __init__(self) -> None:
+        self.level = 0
+        self.buckets: dict[int, dict[str, list[int]]] = {}
+        self.first = math.inf
+        self.last = -math.inf
+
+    def add(self, stamp: float, category: str, social: bool) -> None:
+        self.first = min(self.first, stamp)
+        self.last = max(self.last, stamp)
+        cell = self.buckets.setdefault(int(stamp // _STEPS[self.level]), {})
+        counts = cell.setdefault(category, [0, 0])
+        counts[social] += 1
+        if len(self.buckets) > MAX_BUCKETS and self.level < len(_STEPS) - 1:
+            self._coarsen(self.level + 1)
+
+    def _coarsen(self, level: int) -> None:
+        ratio = _STEPS[level] // _STEPS[self.level]
+        merged: dict[int, dict[str, list[int]]] = {}
+        for b, cats in self.buckets.items():
+            into = merged.setdefault(b // ratio, {})
+            for category, (commerce, social) in cats.items():
+                counts = into.setdefault(category, [0, 0])
+                counts[0] += commerce
+                counts[1] += social
+        self.level, self.buckets = level, merged
+
+    def series(self, weights: dict[str, float]) -> tuple[int, list[dict[str, Any]]]:
+        """(step seconds, weighted progress per bucket): the smallest step that gives at most
+        MAX_POINTS points over the traffic's span."""
+        if not self.buckets:
+            return _STEPS[-1], []
+        span = self.last - self.first
+        level = next((i for i, s in enumerate(_STEPS) if span / s <= MAX_POINTS), len(_STEPS) - 1)
+        if level > self.level:
+            self._coarsen(level)
+        step = _STEPS[self.level]
+        return step, [
+            {
+                "at": audit.rfc3339(b * step)[:19] + "Z",
+                "ratio": _progress(_pairs(c), weights)["ratio"],
+            }
+            for b, c in sorted(self.buckets.items())
+        ]
+
+
+def _distinct(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """In time order; a reload seen by several workers (one ``config`` record each) is
+    listed once: the same change of the same route within the same minute."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for c in sorted(changes, key=lambda c: str(c["time"])):
+        if c["via"] == "config":
+            key = (c["route"], str(c["previous"]), str(c["weights"]), c["time"][:16])
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(c)
+    return out
 
 
 def _pairs(cats: dict[str, list[int]]) -> dict[str, tuple[int, int]]:

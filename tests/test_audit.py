@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,30 @@ def test_the_key_comes_from_the_environment_only() -> None:
     with pytest.raises(cfg.ConfigError) as short:
         cfg.parse("{}", env={"JALUR_AUDIT__KEY": "short"})
     assert short.value.errors[0].path == "$.audit.key"
+
+
+def test_a_live_file_verifies_with_live_only(tmp_path: Path) -> None:
+    """A proxy still writing: records not sealed yet, the last one half written."""
+    path = tmp_path / "audit.log"
+    write(path, 0, 30)  # rotated and sealed
+    log = AuditLog(cfg.Audit(path=str(path), max_bytes=4096, backups=20, flush_interval=0.05), KEY)
+    log.start()
+    try:
+        log.record(entry(30))
+        deadline = time.monotonic() + 5
+        while b'"r30"' not in path.read_bytes():  # flushed within flush_interval
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.01)
+        files = audit.order_paths(tmp_path.glob("audit.log*"))
+        with path.open("ab") as f:
+            f.write(b'{"time":"2026-12-06T03:00:00.000Z","request_id":"r3')  # mid-write
+        assert [k for _, _, k in found(files)] == ["truncated"]
+        v = audit.verify(files, KEY.encode(), live=True)
+        assert v.intact, v.breaks
+        assert len(v.warnings) == 1
+        ids = [e.get("request_id") for e in audit.records(files)]
+        assert ids.count("r30") == 1
+    finally:
+        with path.open("ab") as f:
+            f.write(b'"}\n')  # let the writer's own lines follow whole ones
+        log.close()
