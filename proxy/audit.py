@@ -32,11 +32,9 @@ last seal of a chain: a crash, a live file, or a tail cut at a line boundary).
 
 from __future__ import annotations
 
-import bisect
 import gc
 import hashlib
 import hmac
-import itertools
 import os
 import re
 import secrets
@@ -315,9 +313,7 @@ def _verify(
 ) -> Verdict:
     files = order_paths(paths)
     v = Verdict(files=[str(f) for f in files])
-    chains: dict[str, list[_Rec]] = {}
-    bad_lines: dict[int, set[int]] = {}  # file -> lines that did not parse
-    torn: set[int] = set()  # files that end inside a line
+    check = _Checker(v, files, key)
     for fi, path in enumerate(files):
         name = str(path)
         data = path.read_bytes()
@@ -325,17 +321,17 @@ def _verify(
         if lines and lines[-1] == b"":
             lines.pop()
         elif lines:
-            torn.add(fi)
+            check.torn.add(fi)
             if live and fi == len(files) - 1:
                 v.warnings.append(f"{name}:{len(lines)}: a record still being written (live)")
             else:
                 v.breaks.append(
                     Break(name, len(lines), "truncated", "the file ends inside this record")
                 )
-        bad = bad_lines.setdefault(fi, set())
+        bad = check.bad_lines.setdefault(fi, set())
         first = True
         for n, raw in enumerate(lines, 1):
-            if fi in torn and n == len(lines):
+            if fi in check.torn and n == len(lines):
                 bad.add(n)
                 break
             rec = _parse(fi, n, raw, keep)
@@ -348,16 +344,13 @@ def _verify(
                     Break(name, n, "truncated", "the file does not begin at a segment start")
                 )
             first = False
-            chains.setdefault(rec.chain, []).append(rec)
+            check.add(rec)
             v.records += 1
             if keep:
                 assert rec.obj is not None
                 v.entries.append(rec.obj)
-    v.chains = len(chains)
-    ordered = {cid: sorted(recs, key=lambda r: r.seq) for cid, recs in chains.items()}
-    last_file = len(files) - 1
-    for cid, recs in chains.items():
-        _check_chain(v, files, cid, recs, ordered, key, bad_lines, torn, live, last_file)
+    check.finish(live)
+    v.chains = len(check.chains)
     v.breaks.sort(key=lambda b: (v.files.index(b.file), b.line, b.kind))
     return v
 
@@ -394,121 +387,171 @@ def _parse(fi: int, n: int, raw: bytes, keep: bool) -> _Rec | None:
     return _Rec(fi, n, seq, prev, h, chain, obj.get("decision"), obj)
 
 
-def _check_chain(
-    v: Verdict,
-    files: list[Path],
-    cid: str,
-    recs: list[_Rec],
-    chains: dict[str, list[_Rec]],
-    key: bytes,
-    bad_lines: dict[int, set[int]],
-    torn: set[int],
-    live: bool,
-    last_file: int,
-) -> None:
-    def at(r: _Rec, kind: str, detail: str) -> None:
-        v.breaks.append(Break(str(files[r.file]), r.line, kind, f"chain {cid}: {detail}"))
+# Records a chain keeps to check links and tell a reordering from a loss: a record that
+# arrives more than this many seqs after its place counts as missing there and reordered
+# where it is. Bounds verification's memory per chain, whatever the trail's length.
+REORDER_WINDOW: Final = 4096
 
+
+@dataclass(slots=True)
+class _Gap:
+    after: _Rec  # the record before the gap
+    before: _Rec  # the record after it (the one that arrived first)
+    first: int  # missing seqs: first..last, less those that arrived late
+    last: int
+    filled: int = 0
+
+
+@dataclass
+class _ChainState:
+    recent: dict[int, _Rec] = field(default_factory=dict)  # seq -> record, in the window
     highest: _Rec | None = None
-    for r in recs:  # reading order
-        if highest is not None and r.seq <= highest.seq:
-            what = "repeats" if r.seq == highest.seq else "comes after"
-            at(r, "reordered", f"seq {r.seq} {what} seq {highest.seq} (line {highest.line})")
-        elif highest is None or r.seq > highest.seq:
-            highest = r
-    ordered = chains[cid]
-    if ordered[0].seq != 0:
-        v.warnings.append(
-            f"chain {cid} begins at seq {ordered[0].seq} in {files[ordered[0].file]}: "
-            "its earlier records are not among the files given"
-        )
-    segment_first = ordered[0].seq
-    for a, b in itertools.pairwise(ordered):
-        if b.seq == a.seq:
-            continue  # reported as reordered
-        if b.seq > a.seq + 1:
-            gap = b.seq - a.seq - 1
-            if a.file == b.file:
-                unparsed = sum(1 for n in bad_lines[a.file] if a.line < n < b.line)
-                if unparsed < gap:
-                    at(
-                        b,
-                        "missing",
-                        f"{gap} record(s) before this one (seq {a.seq + 1}"
-                        + (f"..{b.seq - 1})" if gap > 1 else ")"),
-                    )
-            elif a.file not in torn:
-                v.breaks.append(
-                    Break(
-                        str(files[a.file]),
-                        a.line,
-                        "truncated",
-                        f"chain {cid}: the file ends after seq {a.seq}; {gap} record(s) "
-                        f"up to seq {b.seq - 1} are gone (the chain goes on in {files[b.file]})",
-                    )
+    gaps: list[_Gap] = field(default_factory=list)
+    segment_first: int = 0
+    seals: int = 0
+    unsigned: _Rec | None = None  # the first record after the last seal
+    unsigned_count: int = 0
+
+
+class _Checker:
+    """Checks records as they are read (oldest file first), keeping per chain only the
+    last REORDER_WINDOW records: memory does not grow with the trail."""
+
+    def __init__(self, v: Verdict, files: list[Path], key: bytes) -> None:
+        self.v = v
+        self.files = files
+        self.key = key
+        self.chains: dict[str, _ChainState] = {}
+        self.bad_lines: dict[int, set[int]] = {}  # file -> lines that did not parse
+        self.torn: set[int] = set()  # files that end inside a line
+
+    def at(self, cid: str, r: _Rec, kind: str, detail: str) -> None:
+        self.v.breaks.append(Break(str(self.files[r.file]), r.line, kind, f"chain {cid}: {detail}"))
+
+    def add(self, r: _Rec) -> None:
+        cid = r.chain
+        c = self.chains.get(cid)
+        if c is None:
+            c = self.chains[cid] = _ChainState(segment_first=r.seq)
+            if r.seq != 0:
+                self.v.warnings.append(
+                    f"chain {cid} begins at seq {r.seq} in {self.files[r.file]}: "
+                    "its earlier records are not among the files given"
                 )
-        elif b.prev != a.hash:
-            at(a, "edited", f"seq {a.seq} does not hash to the link in seq {b.seq} (line {b.line})")
-        if b.decision == "seal":
-            _check_seal(at, b, cid, key, segment_first)
-            segment_first = b.seq + 1
-        elif b.decision == "segment":
-            segment_first = b.seq
-    if ordered[0].decision == "seal":
-        _check_seal(at, ordered[0], cid, key, _obj(ordered[0]).get("segment_first", 0))
-    for r in ordered:
-        if r.decision == "start" and r.prev is not None:
-            after = _obj(r).get("after")
-            if isinstance(after, dict):
-                ref = _find(chains, after.get("chain"), after.get("seq"))
-                if ref is not None and ref.hash != r.prev:
-                    at(r, "edited", f"the record it continues ({ref.chain} seq {ref.seq}) changed")
-    v.seals += sum(1 for r in ordered if r.decision == "seal")
-    tail = ordered[-1]
-    if tail.decision != "seal":
-        unsigned = [r for r in ordered if r.seq > _last_seal_seq(ordered)]
-        first = unsigned[0]
-        if tail.file in torn:
-            return  # the truncation is already reported
-        if live and all(r.file == last_file for r in unsigned):
-            v.warnings.append(
-                f"chain {cid}: {len(unsigned)} record(s) from {files[first.file]}:{first.line} "
-                "are not sealed yet (live file)"
+        top = c.highest
+        if r.seq in c.recent or (top is not None and r.seq <= top.seq - REORDER_WINDOW):
+            assert top is not None
+            self.at(cid, r, "reordered", f"seq {r.seq} repeats or comes far after its place")
+            return
+        if top is not None and r.seq < top.seq:
+            self.at(cid, r, "reordered", f"seq {r.seq} comes after seq {top.seq} (line {top.line})")
+            for gap in c.gaps:
+                if gap.first <= r.seq <= gap.last:
+                    gap.filled += 1
+        elif top is not None and r.seq > top.seq + 1:
+            c.gaps.append(_Gap(top, r, top.seq + 1, r.seq - 1))
+        c.recent[r.seq] = r
+        before, after = c.recent.get(r.seq - 1), c.recent.get(r.seq + 1)
+        if before is not None and r.prev != before.hash:
+            self.at(cid, before, "edited", f"seq {before.seq} does not hash to the link in "
+                    f"seq {r.seq} (line {r.line})")  # fmt: skip
+        if after is not None and after.prev != r.hash:
+            self.at(cid, r, "edited", f"seq {r.seq} does not hash to the link in "
+                    f"seq {after.seq} (line {after.line})")  # fmt: skip
+        if top is None or r.seq > top.seq:
+            c.highest = r
+            self._evict(cid, c)
+        if r.decision == "seal":
+            self._seal(cid, c, r)
+        elif r.decision == "segment":
+            c.segment_first = r.seq
+        elif r.decision == "start":
+            self._start(cid, r)
+        if r.decision != "seal":
+            if c.unsigned is None:
+                c.unsigned = r
+            c.unsigned_count += 1
+
+    def _seal(self, cid: str, c: _ChainState, r: _Rec) -> None:
+        obj = _obj(r)
+        mac, first = obj.get("mac"), obj.get("segment_first")
+        c.seals += 1
+        self.v.seals += 1
+        c.unsigned, c.unsigned_count = None, 0
+        expected, c.segment_first = c.segment_first, r.seq + 1
+        if first != expected:
+            self.at(
+                cid, r, "edited", f"seal says its segment begins at seq {first}, not {expected}"
             )
-        else:
-            at(first, "unsigned-tail", f"{len(unsigned)} record(s) from here on are not sealed")
+        elif not isinstance(mac, str):
+            self.at(cid, r, "bad-seal", "sealed without a key (set JALUR_AUDIT__KEY on the proxy)")
+        elif not hmac.compare_digest(mac, seal_mac(self.key, cid, first, r.seq, r.prev)):
+            self.at(cid, r, "bad-seal", "the seal was not made with this key")
+
+    def _start(self, cid: str, r: _Rec) -> None:
+        """A new process's chain links to the line the file ended with (when it is here)."""
+        after = _obj(r).get("after")
+        if r.prev is None or not isinstance(after, dict):
+            return
+        c = self.chains.get(after.get("chain"))  # type: ignore[arg-type]
+        ref = c.recent.get(after.get("seq")) if c is not None else None  # type: ignore[arg-type]
+        if ref is not None and ref.hash != r.prev:
+            self.at(
+                cid, r, "edited", f"the record it continues ({ref.chain} seq {ref.seq}) changed"
+            )
+
+    def _evict(self, cid: str, c: _ChainState) -> None:
+        assert c.highest is not None
+        floor = c.highest.seq - REORDER_WINDOW
+        if len(c.recent) > 2 * REORDER_WINDOW:
+            c.recent = {s: r for s, r in c.recent.items() if s > floor}
+        while c.gaps and c.gaps[0].last <= floor:
+            self._report_gap(cid, c.gaps.pop(0))
+
+    def _report_gap(self, cid: str, gap: _Gap) -> None:
+        a, b = gap.after, gap.before
+        missing = gap.last - gap.first + 1 - gap.filled
+        if missing <= 0:
+            return
+        if a.file == b.file:
+            unparsed = sum(1 for n in self.bad_lines.get(a.file, ()) if a.line < n < b.line)
+            if unparsed < missing:
+                seqs = f"seq {gap.first}" + (f"..{gap.last}" if gap.last > gap.first else "")
+                self.at(cid, b, "missing", f"{missing} record(s) before this one ({seqs})")
+        elif a.file not in self.torn:
+            self.v.breaks.append(
+                Break(
+                    str(self.files[a.file]),
+                    a.line,
+                    "truncated",
+                    f"chain {cid}: the file ends after seq {a.seq}; {missing} record(s) up to "
+                    f"seq {gap.last} are gone (the chain goes on in {self.files[b.file]})",
+                )
+            )
+
+    def finish(self, live: bool) -> None:
+        last_file = len(self.files) - 1
+        for cid, c in self.chains.items():
+            for gap in c.gaps:
+                self._report_gap(cid, gap)
+            first, top = c.unsigned, c.highest
+            if first is None or top is None or top.file in self.torn:
+                continue  # sealed, or the truncation is already reported
+            if live and first.file == last_file:
+                self.v.warnings.append(
+                    f"chain {cid}: {c.unsigned_count} record(s) from "
+                    f"{self.files[first.file]}:{first.line} are not sealed yet (live file)"
+                )
+            else:
+                self.at(
+                    cid, first, "unsigned-tail",
+                    f"{c.unsigned_count} record(s) from here on are not sealed",
+                )  # fmt: skip
 
 
 def _obj(r: _Rec) -> dict[str, Any]:
     assert r.obj is not None  # the chain's own records are always parsed
     return r.obj
-
-
-def _find(chains: dict[str, list[_Rec]], cid: Any, seq: Any) -> _Rec | None:
-    recs = chains.get(cid) if isinstance(cid, str) else None
-    if recs is None or not isinstance(seq, int):
-        return None
-    i = bisect.bisect_left(recs, seq, key=lambda r: r.seq)
-    return recs[i] if i < len(recs) and recs[i].seq == seq else None
-
-
-def _last_seal_seq(ordered: list[_Rec]) -> int:
-    for r in reversed(ordered):
-        if r.decision == "seal":
-            return r.seq
-    return ordered[0].seq - 1
-
-
-def _check_seal(at: Any, r: _Rec, cid: str, key: bytes, segment_first: Any) -> None:
-    mac = _obj(r).get("mac")
-    first = _obj(r).get("segment_first")
-    if first != segment_first:
-        at(r, "edited", f"seal says its segment begins at seq {first}, not {segment_first}")
-        return
-    if not isinstance(mac, str):
-        at(r, "bad-seal", "sealed without a key (set JALUR_AUDIT__KEY on the proxy)")
-    elif not hmac.compare_digest(mac, seal_mac(key, cid, first, r.seq, r.prev)):
-        at(r, "bad-seal", "the seal was not made with this key")
 
 
 def records(paths: Sequence[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
