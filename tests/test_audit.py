@@ -339,3 +339,26 @@ def test_a_live_file_verifies_with_live_only(tmp_path: Path) -> None:
         with path.open("ab") as f:
             f.write(b'"}\n')  # let the writer's own lines follow whole ones
         log.close()
+
+
+@pytest.mark.parametrize("window", [audit.REORDER_WINDOW, 4])
+def test_a_record_moved_far_is_missing_where_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Within the reorder window a moved record is only out of order; beyond it (memory is
+    bounded), it is also missing at its place."""
+    monkeypatch.setattr(audit, "REORDER_WINDOW", window)
+    path = tmp_path / "audit.log"
+    log = AuditLog(cfg.Audit(path=str(path)), KEY)
+    log.start()
+    for i in range(20):
+        log.record(entry(i))
+    log.close()
+    content = lines(path)
+    moved = content.pop(3)
+    content.insert(len(content) - 1, moved)  # just before the seal
+    path.write_bytes(b"".join(content))
+    expected = [("audit.log", len(content) - 1, "reordered")]
+    if window == 4:
+        expected.insert(0, ("audit.log", 4, "missing"))
+    assert found([path]) == expected
