@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy import audit
+from proxy import audit, cli
 from proxy import config as cfg
 from proxy.compliance import AuditLog
 
@@ -362,3 +362,18 @@ def test_a_record_moved_far_is_missing_where_it_was(
     if window == 4:
         expected.insert(0, ("audit.log", 4, "missing"))
     assert found([path]) == expected
+
+
+def test_check_says_whether_the_trail_will_be_sealed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("compliance: {audit: {path: /var/log/jalur/audit.log}}\n")
+    monkeypatch.delenv("JALUR_AUDIT__KEY", raising=False)
+    assert cli.main(["check", str(path)]) == 0
+    assert "audit trail: /var/log/jalur/audit.log (NOT sealed: JALUR_AUDIT__KEY" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setenv("JALUR_AUDIT__KEY", KEY)
+    assert cli.main(["check", str(path)]) == 0
+    assert "audit trail: /var/log/jalur/audit.log (sealed)" in capsys.readouterr().out
