@@ -21,6 +21,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/jalur demo
 
+.PHONY: demo-trail audit-bench
+
+# `jalur demo` plus a scripted migration (a ramp, a rollback, blocked paths), stopped by PID;
+# then `jalur audit verify` and `jalur report` on its trail, into demo-trail/ (about two
+# minutes; docs/audit.md).
+demo-trail: $(STAMP)
+	$(BIN)/python scripts/demo_trail.py --dir demo-trail
+
+# What chaining costs per audited record (on and off) and how fast `jalur audit verify` reads
+# a million records (about a minute; loadtests/RESULTS.md).
+audit-bench: $(STAMP)
+	$(BIN)/python loadtests/audit_bench.py
+
 .PHONY: observe install-prometheus
 
 # The demo plus a real Prometheus (config/prometheus.yml) on 127.0.0.1:9090; Ctrl-C stops both.

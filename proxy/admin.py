@@ -28,6 +28,11 @@ from .migration import Migration, WeightError
 # Config fields whose values are never shown, whatever their nesting.
 SECRET_FIELDS: Final = frozenset({"token", "key", "secret", "password"})
 MASK: Final = "***"
+# Who asks for a weight change, as the operator names themself (the bearer token is shared,
+# so the audit trail records this beside the peer address); cut to MAX_ACTOR characters so
+# a record stays one short line.
+ACTOR_HEADER: Final = "X-Jalur-Actor"
+MAX_ACTOR: Final = 128
 
 
 @dataclass(slots=True)
@@ -64,6 +69,7 @@ class RampRequest:
     actor: str
     reason: str
     now: float
+    peer: str | None = None
 
 
 STATUS: Final = web.AppKey("status", Status)
@@ -185,8 +191,9 @@ async def migration_update(request: web.Request) -> web.Response:
             },
             400,
         )
-    who = f"{actor or 'admin'} via {request.remote or '-'}"
-    ask = RampRequest(route, weights, rollback, who[:200], why[:500], status.clock())
+    actor = (actor or request.headers.get(ACTOR_HEADER, ""))[:MAX_ACTOR] or "admin"
+    who = f"{actor} via {request.remote or '-'}"
+    ask = RampRequest(route, weights, rollback, actor, why[:500], status.clock(), request.remote)
     try:
         done = await status.ramp(ask)
     except (WeightError, RampError) as exc:

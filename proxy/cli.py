@@ -21,6 +21,7 @@ from .router import Router
 
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
 CONSENT_KEY_ENV: Final = "JALUR_BOUNDARY__CONSENT__KEY"
+AUDIT_KEY_ENV: Final = "JALUR_AUDIT__KEY"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
+    worker.add_argument("--slot", type=int, default=0, help="worker number (own audit trail)")
 
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("file", help="YAML config file")
@@ -72,6 +74,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the simulated back ends (run the proxy yourself, e.g. with --workers)",
     )
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check every hash chain and segment seal; exit 0 only if intact"
+    )
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="audit files (any order)")
+    _key_option(verify)
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="accept records not sealed yet in the newest file (a proxy still writing it)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
+    report = sub.add_parser("report", help="migration compliance report from a verified trail")
+    report.add_argument("--audit", nargs="+", required=True, metavar="PATH", help="audit files")
+    report.add_argument("--since", required=True, help="RFC 3339 time or date (inclusive)")
+    report.add_argument("--until", required=True, help="RFC 3339 time or date (exclusive)")
+    report.add_argument(
+        "--format", choices=("json", "markdown", "html"), default="markdown", help="output"
+    )
+    report.add_argument(
+        "--out", help="write here instead of stdout (Markdown: the chart goes beside it, .svg)"
+    )
+    report.add_argument("--live", action="store_true", help="as for `audit verify`")
+    _key_option(report)
 
     token = sub.add_parser(
         "consent-token", help="print a consent token letting one system receive another's id"
@@ -94,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default 3600)")
     migrationctl.add_parser(sub)
     return p
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--key-file",
+        help=f"file holding the audit key (default: ${AUDIT_KEY_ENV}; argv is visible in ps)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(serve(config, config_path=args.config))
         return 0
     if args.command == "worker":
-        return _worker(args.config, args.fd, args.ready_fd)
+        return _worker(args.config, args.fd, args.ready_fd, args.slot)
     if args.command == "demo":
-        from .demo.run import run_demo
+        from .demo.run import DEMO_AUDIT_KEY, run_demo
 
+        os.environ.setdefault(AUDIT_KEY_ENV, DEMO_AUDIT_KEY)
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
@@ -163,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)
+    if args.command == "audit":
+        return audit_verify(args, sys.stdout, sys.stderr)
+    if args.command == "report":
+        return report(args, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -194,6 +235,107 @@ def consent_token(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"consent-token: {exc}", file=err)
         return 2
     print(token, file=out)
+    return 0
+
+
+def _audit_key(args: argparse.Namespace, err: TextIO) -> bytes | None:
+    if args.key_file:
+        try:
+            return Path(args.key_file).read_text(encoding="utf-8").strip().encode()
+        except OSError as exc:
+            print(f"cannot read the key file: {exc.strerror}", file=err)
+            return None
+    key = os.environ.get(AUDIT_KEY_ENV)
+    if not key:
+        print(f"no audit key: set {AUDIT_KEY_ENV} or pass --key-file", file=err)
+        return None
+    return key.encode()
+
+
+def audit_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``jalur audit verify``: 0 intact, 1 a break, 2 cannot check (no key, unreadable)."""
+    import time
+
+    from . import audit
+
+    key = _audit_key(args, err)
+    if key is None:
+        return 2
+    started = time.perf_counter()
+    try:
+        verdict = audit.verify(args.paths, key, live=args.live)
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=err)
+        return 2
+    elapsed = time.perf_counter() - started
+    if args.json:
+        import json
+
+        body = {
+            "intact": verdict.intact,
+            "files": verdict.files,
+            "records": verdict.records,
+            "chains": verdict.chains,
+            "seals": verdict.seals,
+            "seconds": round(elapsed, 3),
+            "breaks": [
+                {"file": b.file, "line": b.line, "kind": b.kind, "detail": b.detail}
+                for b in verdict.breaks
+            ],
+            "warnings": verdict.warnings,
+        }
+        print(json.dumps(body, indent=2), file=out)
+    else:
+        for b in verdict.breaks:
+            print(b, file=out)
+        for w in verdict.warnings:
+            print(f"note: {w}", file=out)
+        state = "intact" if verdict.intact else f"NOT intact: {len(verdict.breaks)} break(s)"
+        print(
+            f"{state}: {verdict.records} records, {verdict.chains} chain(s), "
+            f"{verdict.seals} seal(s), {len(verdict.files)} file(s) in {elapsed:.2f}s",
+            file=out,
+        )
+    return 0 if verdict.intact else 1
+
+
+def report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``jalur report``: 0 written, 1 the trail is not intact (refused), 2 bad arguments."""
+    from . import report as report_mod
+
+    key = _audit_key(args, err)
+    if key is None:
+        return 2
+    try:
+        since = report_mod.parse_time(args.since)
+        until = report_mod.parse_time(args.until)
+    except ValueError as exc:
+        print(f"report: {exc}", file=err)
+        return 2
+    if until <= since:
+        print("report: --until must be after --since", file=err)
+        return 2
+    try:
+        built = report_mod.build(args.audit, key, since, until, live=args.live)
+    except OSError as exc:
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=err)
+        return 2
+    except report_mod.NotVerified as exc:
+        print(f"report refused: the trail is not intact ({len(exc.breaks)} break(s)):", file=err)
+        for b in exc.breaks[:20]:
+            print(f"  {b}", file=err)
+        print("run `jalur audit verify` on it for the whole list", file=err)
+        return 1
+    if args.out:
+        target = Path(args.out)
+        href = None
+        if args.format == "markdown":  # the chart beside it: Markdown cannot inline SVG
+            chart = target.with_suffix(".svg")
+            chart.write_text(report_mod.chart(built), encoding="utf-8")
+            href = chart.name
+        target.write_text(report_mod.render(built, args.format, chart_href=href), "utf-8")
+    else:
+        out.write(report_mod.render(built, args.format))
     return 0
 
 
@@ -232,12 +374,15 @@ def _multiprocess_metrics_dir() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jalur-metrics-")
 
 
-def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
+def _worker(config_path: str, fd: int, ready_fd: int | None, slot: int) -> int:
     import socket
+
+    from .audit import per_worker
 
     config = _load_or_report(config_path, sys.stderr)
     if config is None:
         return 1
+    config = per_worker(config, slot)
     from .server import serve
 
     sock = socket.socket(fileno=fd)
@@ -286,6 +431,8 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     for category, names in categories.items():
         mark = " (transaction)" if category in tx else ""
         print(f"  {category + mark:<26} {', '.join(names)}", file=out)
+    sealed = "sealed" if config.audit.key else f"NOT sealed: {AUDIT_KEY_ENV} is not set"
+    print(f"audit trail: {config.compliance.audit.path} ({sealed})", file=out)
     return 0
 
 

@@ -32,7 +32,8 @@ payment transactions. Jalur enforces that in four layers, each failing closed:
 4. :class:`AuditLog`: one JSON line per transaction-category request and per blocked
    request, written by a thread from a bounded queue. A record is never lost silently:
    with ``on_overflow: drop`` every dropped record is counted (``AuditLog.dropped``) and
-   the log itself gets a ``"decision": "dropped"`` line with the count.
+   the log itself gets a ``"decision": "dropped"`` line with the count. The lines form a
+   hash chain sealed per segment under ``audit.key`` (:mod:`proxy.audit`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
-import orjson
-
+from . import audit as chain
 from .config import Audit, Config, FieldError, Match
 from .config import Route as RouteSpec
 from .paths import MAX_TARGET_BYTES, PathError, canonicalize
@@ -584,6 +584,12 @@ AUDIT_FIELDS: Final = (
     "reason",
 )
 
+# Set by the chain only (:mod:`proxy.audit`).
+_CHAIN_FIELDS: Final = frozenset({"chain", "seq", "prev"})
+# Bytes a file keeps free for its seal (a seal line is about 330 bytes), so that a rotated
+# file, seal included, stays within ``max_bytes``.
+_SEAL_ROOM: Final = 512
+
 _Item = tuple[float, Mapping[str, Any]]
 
 
@@ -594,9 +600,7 @@ class _Stop:
 _STOP: Final = _Stop()
 
 
-def _rfc3339(epoch: float) -> str:
-    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+_rfc3339: Final = chain.rfc3339
 
 
 class AuditLog:
@@ -615,10 +619,19 @@ class AuditLog:
     stalled disk then stalls the proxy rather than losing an audit record. Records that
     cannot be written (an ``OSError`` such as a full disk) are counted in ``failed`` and
     logged. ``close`` writes everything queued, then joins the thread.
+
+    Chaining (:mod:`proxy.audit`) happens in the writer thread too: the first line a start
+    writes is a ``start`` record linked to the file's last line, each rotation writes a
+    ``seal`` as the old file's last line and a ``segment`` record as the new file's first,
+    and ``close`` ends with a ``seal``. ``key`` signs the seals (None: seals without a MAC,
+    which ``jalur audit verify`` refuses). ``chained=False`` writes plain lines (only to
+    measure what chaining costs).
     """
 
-    def __init__(self, cfg: Audit) -> None:
+    def __init__(self, cfg: Audit, key: str | None = None, *, chained: bool = True) -> None:
         self.cfg = cfg
+        self._chain = chain.Chain(key.encode() if key else None, enabled=chained)
+        self._after: tuple[str | None, int | None, str] | None = None
         self.dropped = 0  # records refused because the queue was full (or after close)
         self.failed = 0  # records the writer could not write
         self.written = 0
@@ -642,7 +655,15 @@ class AuditLog:
             if self._thread is not None:
                 return
             if self.cfg.path != "-":
+                self._after = chain.last_line(self.cfg.path)
                 self._open()
+            if self._chain.key is None and self._chain.enabled:
+                log.warning(
+                    "audit log %s: no audit.key (%s): segments are sealed without a MAC and "
+                    "`jalur audit verify` will not accept them",
+                    self.cfg.path,
+                    chain.KEY_ENV,
+                )
             self._thread = threading.Thread(target=self._run, name="jalur-audit", daemon=True)
             self._thread.start()
 
@@ -680,7 +701,9 @@ class AuditLog:
     def _run(self) -> None:
         interval = self.cfg.flush_interval
         last_flush = time.monotonic()
-        dirty = False
+        if self._chain.enabled:
+            self._append(self._chain.start(self._after), rotate=False)
+        dirty = True
         while True:
             item: _Item | _Stop | None
             try:
@@ -711,6 +734,17 @@ class AuditLog:
             if not isinstance(item, _Stop):
                 self._write_record(*item)
         self._report_drops()
+        if self._chain.enabled:
+            self._append(self._chain.seal(), rotate=False)
+            # An anchor outside the trail (the process log): whoever later removes the
+            # newest sealed segments whole cannot make this line disappear too.
+            log.info(
+                "audit trail %s sealed: chain %s, seq %d, last hash %s",
+                self.cfg.path,
+                self._chain.id,
+                self._chain.seq,
+                self._chain.prev,
+            )
         self._flush()
         if self._stream is not None:
             self._stream.close()
@@ -728,19 +762,40 @@ class AuditLog:
         for key in AUDIT_FIELDS[1:]:
             out[key] = entry.get(key)
         for key, value in entry.items():
-            out[key] = value  # extra fields, and an explicit "time"
+            if key not in _CHAIN_FIELDS:  # a record cannot forge its own link
+                out[key] = value  # extra fields, and an explicit "time"
         try:
-            line = orjson.dumps(
-                out, default=repr, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
-            )
+            written = self._append(out)
         except (TypeError, ValueError) as exc:  # e.g. a circular structure
             self.failed += 1
             log.error("audit record not encodable (%s): %r", exc, out.get("request_id"))
             return
-        if self._emit(line):
+        if written:
             self.written += 1
         else:
             self.failed += 1
+
+    def _append(self, out: dict[str, Any], *, rotate: bool = True) -> bool:
+        """Link ``out`` into the chain and write it; rotates first (seal, new file,
+        ``segment``) when the line would take the file past ``max_bytes``."""
+        line = self._chain.line(out)
+        if (
+            rotate
+            and self.cfg.path != "-"
+            and self._size > 0
+            and self._size + len(line) + 1 + _SEAL_ROOM > self.cfg.max_bytes
+        ):
+            try:
+                self._rotate()
+            except OSError as exc:
+                log.error("audit log %s: cannot rotate: %s", self.cfg.path, exc)
+                self._close_stream()
+                return False
+            line = self._chain.line(out)
+        if not self._emit(line + b"\n"):
+            return False
+        self._chain.advance(line)
+        return True
 
     def _report_drops(self) -> None:
         dropped = self.dropped
@@ -749,12 +804,10 @@ class AuditLog:
             return
         self._reported = dropped
         log.warning("audit queue full: %d records dropped (%d in total)", count, dropped)
-        notice = dict.fromkeys(AUDIT_FIELDS[1:])
+        notice: dict[str, Any] = {"time": _rfc3339(time.time())}
+        notice.update(dict.fromkeys(AUDIT_FIELDS[1:]))
         notice.update(decision="dropped", reason="audit-queue-full", count=count)
-        line = orjson.dumps(
-            {"time": _rfc3339(time.time()), **notice}, option=orjson.OPT_APPEND_NEWLINE
-        )
-        self._emit(line)
+        self._append(notice)
 
     def _emit(self, line: bytes) -> bool:
         try:
@@ -763,8 +816,6 @@ class AuditLog:
             else:
                 if self._stream is None:
                     self._open()
-                if self._size > 0 and self._size + len(line) > self.cfg.max_bytes:
-                    self._rotate()
                 assert self._stream is not None
                 self._write(line)
                 self._size += len(line)
@@ -805,7 +856,11 @@ class AuditLog:
                 stream.close()
 
     def _rotate(self) -> None:
+        """Seal the file (when chained), move it aside, open a new one that begins with a
+        ``segment`` record. The seal may take the old file a line past ``max_bytes``."""
         path = self.cfg.path
+        if self._chain.enabled:
+            self._append(self._chain.seal(), rotate=False)
         assert self._stream is not None
         self._stream.close()
         self._stream = None
@@ -819,3 +874,5 @@ class AuditLog:
         else:
             open(path, "wb").close()  # no backups: start the file over
         self._open()
+        if self._chain.enabled:
+            self._append(self._chain.segment(), rotate=False)

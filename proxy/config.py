@@ -28,6 +28,7 @@ from yarl import URL
 
 __all__ = [
     "Admin",
+    "AuditKey",
     "Backoff",
     "Boundary",
     "Cluster",
@@ -363,6 +364,13 @@ class Audit(_Base, frozen=True):
     flush_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
 
 
+class AuditKey(_Base, frozen=True):
+    # HMAC-SHA256 key sealing the audit trail's segments (proxy/audit.py): without it a
+    # trail cannot be shown untouched. Only from the environment (JALUR_AUDIT__KEY), never
+    # in the file: a key in the ConfigMap would be readable by whoever can rewrite the trail.
+    key: Annotated[str, msgspec.Meta(min_length=16)] | None = None
+
+
 class Compliance(_Base, frozen=True):
     transaction_categories: list[Name] = msgspec.field(
         default_factory=lambda: ["payment", "user-data", "merchant"]
@@ -476,6 +484,8 @@ class Config(_Base, frozen=True):
     migration: Migration = Migration()
     metrics: Metrics = Metrics()
     access_log: AccessLog = AccessLog()
+    # The audit trail's secret; the rest of the audit settings are compliance.audit.
+    audit: AuditKey = AuditKey()
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,7 +548,7 @@ def parse(
         raise ConfigError([FieldError("$", "the document must be a mapping")], source)
     if "idempotency" in data:
         raise ConfigError(_located([_MOVED_IDEMPOTENCY], node, {}), source)
-    errors: list[FieldError] = []
+    errors: list[FieldError] = list(_env_only(data))
     overridden: dict[str, str] = {}
     if env is not None:
         errors.extend(_apply_env(data, env, overridden))
@@ -565,6 +575,20 @@ _MOVED_IDEMPOTENCY: Final = FieldError(
 
 
 # -- environment overrides -------------------------------------------------------------
+
+# Settings a file may not hold: (path in the document, the variable that sets it).
+ENV_ONLY: Final = ((("audit", "key"), "JALUR_AUDIT__KEY"),)
+
+
+def _env_only(data: dict[str, Any]) -> Iterator[FieldError]:
+    for path, var in ENV_ONLY:
+        node: Any = data
+        for seg in path:
+            node = node.get(seg) if isinstance(node, dict) else None
+        if node is not None:
+            yield FieldError(
+                "$." + ".".join(path), f"set it from the environment ({var}), not in the file"
+            )
 
 
 def _apply_env(

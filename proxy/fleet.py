@@ -276,6 +276,7 @@ class Fleet:
         reason: str,
         rollback: bool,
         file_weights: Mapping[str, int] | None = None,
+        peer: str | None = None,
     ) -> LiveWeights | None:
         """Write a new version; None when another process wrote first (the next poll reads
         the winner). ``file_weights``: the config file's, if this write comes from it."""
@@ -308,6 +309,7 @@ class Fleet:
                 "version": record.version,
                 "actor": actor,
                 "why": reason,
+                "peer": peer,
             }
         )
         return record
@@ -321,6 +323,7 @@ class Fleet:
         actor: str,
         reason: str,
         rollback: bool,
+        peer: str | None = None,
     ) -> LiveWeights:
         """An operator's change. A smaller commerce share than the live one is refused
         unless ``rollback``. Raises RampError or StoreError."""
@@ -333,7 +336,9 @@ class Fleet:
                     f"the live {live.commerce_share:.2%}: shoppers would move back; send "
                     '"rollback": true to do that on purpose'
                 )
-            written = await self._write(route.name, weights, kinds, actor, reason, rollback)
+            written = await self._write(
+                route.name, weights, kinds, actor, reason, rollback, peer=peer
+            )
             if written is not None:
                 self.records[route.name] = written
                 return written

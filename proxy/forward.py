@@ -426,6 +426,7 @@ class Exchange:
         "body",
         "bytes_out",
         "cluster",
+        "consent",
         "endpoint",
         "flags",
         "host",
@@ -453,6 +454,7 @@ class Exchange:
         self.admitted: ClusterRuntime | None = None  # counted by its circuit breaker
         self.host: EndpointState | None = None  # the endpoint whose attempt it holds
         self.retrying = False  # holds a slot of the cluster's retry budget
+        self.consent: str | None = None  # the consent check's outcome, for the audit log
 
 
 class Forwarder:
@@ -569,6 +571,7 @@ class Forwarder:
         stripped = state.boundary.scrub(out_headers, cluster.system)
         if stripped.counts() or stripped.consent is not None:
             self._count_stripped(cluster.system, stripped)
+            ex.consent = stripped.consent
         if _is_websocket(request.headers):
             return await self._websocket(
                 state, request, ex, cluster, endpoint, upstream_target, out_headers
@@ -1166,6 +1169,7 @@ class Forwarder:
                     "duration": round(duration, 6),
                     "decision": "blocked" if ex.reason else "allowed",
                     "reason": ex.reason or None,
+                    "consent": ex.consent,
                 }
             )
 

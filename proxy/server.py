@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import accept
 from . import admin as admin_mod
+from . import audit as audit_mod
 from . import config as cfg
 from . import fleet as fleet_mod
 from . import idempotency as idem
@@ -219,7 +220,7 @@ class ProxyServer:
         self.services = Services(
             metrics=metrics or Metrics.from_config(config),
             access=AccessLog.from_config(config.access_log),
-            audit=AuditLog(config.compliance.audit),
+            audit=AuditLog(config.compliance.audit, config.audit.key),
             shadower=Shadower(config.migration.max_shadow_in_flight, self._count_shadow),
             idempotency=make_store(config.store),
         )
@@ -244,6 +245,7 @@ class ProxyServer:
         state = build_state(config, self.services.metrics)
         await self._reconcile(state, write=self.with_admin, first=True)
         self._count_reload(True)
+        self.services.audit.record(audit_mod.config_record(config, state.migration.weights))
         self.forwarder = Forwarder(state, self.services)
         listen = config.listen
         server = _Server(
@@ -348,7 +350,13 @@ class ProxyServer:
         weights = {t.cluster: t.weight for t in targets}
         route = state.router.by_name[ask.route]
         await self.fleet.ramp(
-            route, weights, kinds, actor=ask.actor, reason=ask.reason, rollback=ask.rollback
+            route,
+            weights,
+            kinds,
+            actor=ask.actor,
+            reason=ask.reason,
+            rollback=ask.rollback,
+            peer=ask.peer,
         )
         state.migration.apply(ask.route, targets)
         self.fleet.held[ask.route] = False
@@ -399,6 +407,7 @@ class ProxyServer:
         self.config = config
         self.status.config = config
         self._count_reload(True)
+        self.services.audit.record(audit_mod.config_record(config, new.migration.weights))
         task = asyncio.create_task(old.retire(config.drain.timeout))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

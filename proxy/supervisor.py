@@ -68,7 +68,7 @@ class Supervisor:
         self.status = admin_mod.Status()
         self.metrics = Metrics.from_config(config)
         # Weight changes made here (admin calls, file ramps) are audited by this process.
-        self.audit = AuditLog(config.compliance.audit)
+        self.audit = AuditLog(config.compliance.audit, config.audit.key)
         self.fleet = fleet_mod.Fleet(
             fleet_mod.make_weight_store(config.store, self.metrics.multiprocess_dir),
             self.audit.record,
@@ -164,6 +164,7 @@ class Supervisor:
             actor=ask.actor,
             reason=ask.reason,
             rollback=ask.rollback,
+            peer=ask.peer,
         )
         self.fleet.held[ask.route] = False
         self.metrics.set_migration_config(config.migration.weights, self.fleet.held)
@@ -240,6 +241,8 @@ class Supervisor:
             str(fd),
             "--ready-fd",
             str(ready_w),
+            "--slot",
+            str(w.slot),
             pass_fds=(fd, ready_w),
         )
         os.close(ready_w)

@@ -88,7 +88,9 @@ class Harness:
             await r.cleanup()
 
 
-def build_config(data: dict[str, Any], audit: Path | None = None) -> cfg.Config:
+def build_config(
+    data: dict[str, Any], audit: Path | None = None, env: dict[str, str] | None = None
+) -> cfg.Config:
     base: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
@@ -97,7 +99,7 @@ def build_config(data: dict[str, Any], audit: Path | None = None) -> cfg.Config:
         "compliance": {"audit": {"path": str(audit) if audit else "-"}},
     }
     base.update(data)
-    return cfg.parse(yaml.safe_dump(base))
+    return cfg.parse(yaml.safe_dump(base), env=env)
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from proxy import audit
+from proxy.demo.run import DEMO_AUDIT_KEY
+
 from .conftest import Harness, free_port
 
 DEMO = Path(__file__).parent.parent / "config" / "demo.yaml"
@@ -92,3 +95,7 @@ async def test_jalur_demo_serves_social_and_commerce_and_stops_on_sigint(tmp_pat
         async with asyncio.timeout(20):
             code = await proc.wait()
     assert code == 0
+    # The demo leaves a sealed trail that verifies under the demo key.
+    verdict = audit.verify([cwd / "jalur-audit.log"], DEMO_AUDIT_KEY.encode(), keep=True)
+    assert verdict.intact, verdict.breaks
+    assert [e["route"] for e in audit.iter_requests(verdict.entries)] == ["payment"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import threading
@@ -572,6 +573,9 @@ def test_variant_check_never_raises_on_path_like_text(decide: Decider, raw: str)
 # -- audit log ------------------------------------------------------------------------------
 
 
+CHAIN_RECORDS = frozenset({"start", "segment", "seal"})
+
+
 def audit_cfg(path: Path | str, **kw: Any) -> cfg.Audit:
     return cfg.Audit(path=str(path), **kw)
 
@@ -592,10 +596,11 @@ def entry(i: int, **extra: Any) -> dict[str, Any]:
 
 
 def lines_of(*files: Path) -> list[dict[str, Any]]:
+    """The records of ``files`` but the chain's own (start, segment, seal)."""
     out: list[dict[str, Any]] = []
     for f in files:
         out.extend(orjson.loads(line) for line in f.read_bytes().splitlines())
-    return out
+    return [r for r in out if r.get("decision") not in CHAIN_RECORDS]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -608,7 +613,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 class HeldAuditLog(AuditLog):
-    """The writer stops inside its first write until ``gate`` is set."""
+    """The writer stops inside its first write of a record (after the chain's ``start``)
+    until ``gate`` is set."""
 
     def __init__(self, audit: cfg.Audit) -> None:
         super().__init__(audit)
@@ -616,8 +622,9 @@ class HeldAuditLog(AuditLog):
         self.gate = threading.Event()
 
     def _write(self, line: bytes) -> None:
-        self.entered.set()
-        assert self.gate.wait(10)
+        if b'"decision":"start"' not in line:
+            self.entered.set()
+            assert self.gate.wait(10)
         super()._write(line)
 
 
@@ -776,8 +783,10 @@ def test_audit_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     log.start()
     log.record(entry(7))
     log.close()
-    (line,) = capsys.readouterr().err.splitlines()
-    assert orjson.loads(line)["request_id"] == "r7"
+    start, line, seal = (orjson.loads(x) for x in capsys.readouterr().err.splitlines())
+    assert line["request_id"] == "r7"
+    assert (start["decision"], seal["decision"]) == ("start", "seal")
+    assert line["prev"] == hashlib.sha256(orjson.dumps(start)).hexdigest()
 
 
 def test_audit_unwritable_path_fails_at_start(tmp_path: Path) -> None:
@@ -802,7 +811,7 @@ def test_audit_writer_survives_bad_records_and_write_errors(tmp_path: Path) -> N
         fail_next = True
 
         def _write(self, line: bytes) -> None:
-            if self.fail_next:
+            if self.fail_next and b'"decision":"start"' not in line:
                 self.fail_next = False
                 raise OSError(28, "No space left on device")
             super()._write(line)

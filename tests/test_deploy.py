@@ -169,6 +169,7 @@ def test_secret_example_is_obviously_fake() -> None:
     token = secret["stringData"]["token"]
     assert "example" in token
     assert "replace" in token
+    assert "replace" in secret["stringData"]["audit-key"]
     for doc in load_docs("secret-store.example.yaml"):
         for value in doc["stringData"].values():
             assert "example-not-a-real-password-replace-me" in value
@@ -283,6 +284,15 @@ def test_admin_token_comes_from_the_secret(variant: str) -> None:
     assert ref["name"] == secret["metadata"]["name"]
     assert ref["key"] in secret["stringData"]
     assert all("value" not in e or "token" not in e["name"].lower() for e in env.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_audit_key_comes_from_the_secret(variant: str) -> None:
+    env = {e["name"]: e for e in jalur_container(pod_spec(variant))["env"]}
+    ref = env["JALUR_AUDIT__KEY"]["valueFrom"]["secretKeyRef"]
+    secret = one("secret.example.yaml", "Secret")
+    assert ref["name"] == secret["metadata"]["name"]
+    assert len(secret["stringData"][ref["key"]]) >= 16  # audit.key's minimum
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

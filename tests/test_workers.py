@@ -8,10 +8,13 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+
+from proxy import audit
 
 from .conftest import SERVING, SYSTEMS, Harness, RedisServer, children
 
@@ -41,37 +44,52 @@ async def send(s: aiohttp.ClientSession, base: str, n: int) -> set[str]:
     return codes
 
 
-@pytest.mark.slow
-async def test_two_workers_share_the_port_and_metrics_add_up(
-    harness: Harness, tmp_path: Path, redis_server: RedisServer
-) -> None:
-    b = await harness.backend("pay", "tokopedia")
-    conf = {
+def pay_config(url: str, drain: float, redis: RedisServer, **audit: Any) -> dict[str, Any]:
+    """One payment route to ``url``; ``audit``: the compliance.audit settings; the workers
+    share ``redis`` as their store (payments are deduplicated across them)."""
+    return {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
-        "drain": {"delay": 0.2, "timeout": 5},
+        "drain": {"delay": drain, "timeout": 5},
         "access_log": {"enabled": False},
         "systems": SYSTEMS,
-        "clusters": {"pay": {"system": "tokopedia", "endpoints": [b.url]}},
+        "clusters": {"pay": {"system": "tokopedia", "endpoints": [url]}},
         "routes": [{"name": "pay", "match": {"prefix": "/"}, "category": "payment", "to": "pay"}],
-        "compliance": {"audit": {"path": str(tmp_path / "audit.log")}},
-        "store": {"kind": "redis", "url": redis_server.url},  # payments: one store for both
+        "compliance": {"audit": audit},
+        "store": {"kind": "redis", "url": redis.url},
     }
+
+
+async def run_workers(
+    tmp_path: Path, conf: dict[str, Any], **env_extra: str
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """``jalur run --workers 2`` on ``conf``, once it serves: (process, data URL, admin URL)."""
     path = tmp_path / "jalur.yaml"
     path.write_text(yaml.safe_dump(conf))
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "-c", str(path), "--workers", "2",
         stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-        env={**env, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
+        env={**env, "PYTHONUNBUFFERED": "1", **env_extra}, cwd=str(tmp_path),
     )  # fmt: skip
     assert proc.stderr is not None
+    async with asyncio.timeout(30):
+        while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
+            if not line:
+                raise AssertionError("jalur exited before serving")
+    return proc, f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
+
+
+@pytest.mark.slow
+async def test_two_workers_share_the_port_and_metrics_add_up(
+    harness: Harness, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    b = await harness.backend("pay", "tokopedia")
+    path = tmp_path / "jalur.yaml"
+    proc, base, admin = await run_workers(
+        tmp_path, pay_config(b.url, 0.2, redis_server, path=str(tmp_path / "audit.log"))
+    )
     try:
-        async with asyncio.timeout(30):
-            while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
-                if not line:
-                    raise AssertionError("jalur exited before serving")
-        base, admin = f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
         workers = children(proc.pid)
         assert len(workers) == 2
         async with aiohttp.ClientSession() as s:
@@ -105,3 +123,35 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
             code = await proc.wait()
     assert code == 0
     assert len(b.received) == 110
+
+
+async def test_each_worker_keeps_its_own_chain_and_the_trail_verifies(
+    harness: Harness, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    b = await harness.backend("pay", "tokopedia")
+    key = "workers-audit-key-0123456789"
+    # Small files: each worker rotates its own several times.
+    conf = pay_config(
+        b.url, 0, redis_server, path=str(tmp_path / "audit.log"), max_bytes=32768, backups=50
+    )
+    proc, base, _ = await run_workers(tmp_path, conf, JALUR_AUDIT__KEY=key)
+    try:
+        async with aiohttp.ClientSession() as s:
+            # Enough at once that each writer's buffer fills and is written in pieces.
+            for _ in range(20):
+                codes = await asyncio.gather(*(send(s, base, 1) for _ in range(20)))
+                assert set.union(*codes) == {"200"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            code = await proc.wait()
+    assert code == 0
+    files = [tmp_path / n for n in os.listdir(tmp_path) if n.startswith("audit.log")]
+    assert len(files) > 4  # rotated
+    verdict = audit.verify(files, key.encode(), keep=True)
+    assert verdict.breaks == []
+    # One chain per worker, and the supervisor's own (the fleet's weight changes it makes).
+    assert verdict.chains == 3
+    assert {f.name.split(".")[2] for f in files if f.name != "audit.log"} == {"w0", "w1"}
+    served = [e for e in audit.iter_requests(verdict.entries) if e["route"] == "pay"]
+    assert len(served) == len(b.received) == 400

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import signal
 import sys
-from typing import TextIO
+from typing import Final, TextIO
 
 from aiohttp import web
 from yarl import URL
@@ -19,6 +19,10 @@ from yarl import URL
 from ..config import Config
 from ..server import ProxyServer
 from .backend import BackendSpec, start_backend
+
+# The demo's audit key (used when JALUR_AUDIT__KEY is not set), so that `make demo` leaves a
+# trail that `jalur audit verify` accepts. A demo secret printed in the banner: never reuse it.
+DEMO_AUDIT_KEY: Final = "jalur-demo-audit-key"
 
 
 def _loopback(host: str) -> bool:
@@ -66,6 +70,15 @@ def print_banner(server: ProxyServer, config: Config, out: TextIO) -> None:
         f"{admin}/migration/checkout",
         "Ctrl-C stops everything.",
     ]
+    trail = config.compliance.audit.path
+    if trail != "-":
+        key = config.audit.key
+        prefix = f"JALUR_AUDIT__KEY={key} " if key == DEMO_AUDIT_KEY else ""
+        lines[-1:-1] = [
+            f"Audit trail in {trail} (sealed when the demo stops); then:",
+            f"  {prefix}jalur audit verify {trail}*",
+            f"  {prefix}jalur report --audit {trail}* --since 2020-01-01 --until 2100-01-01",
+        ]
     print("\n".join(lines), file=out, flush=True)
 
 
