@@ -246,6 +246,17 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     config = _load_or_report(path, err)
     if config is None:
         return 1
+    from .tls import check_files
+
+    for warning in check_files(config)[1]:  # the errors already refused the load
+        print(f"warning: {warning}", file=err)
+    for name, cluster in config.clusters.items():
+        if cluster.tls is not None and not cluster.tls.verify:
+            print(
+                f"warning: $.clusters.{name}.tls.verify: false: the upstream's certificate is "
+                "not checked",
+                file=err,
+            )
     print(f"{path}: OK", file=out)
     print(
         f"listen {config.listen.host}:{config.listen.port}  "
