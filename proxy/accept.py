@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -96,8 +97,12 @@ class Acceptor(asyncio.AbstractServer):
         *,
         batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._tls = tls  # HTTPS: every accepted connection is wrapped (listen.tls)
+        self._handshake_timeout = handshake_timeout
         self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
@@ -201,7 +206,15 @@ class Acceptor(asyncio.AbstractServer):
         # (a drain must see every connection it is to close). The transport owns the socket
         # from then on (it detaches it on close, so the close below is a no-op once it did).
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            if self._tls is None:
+                await self._loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    self._factory,
+                    conn,
+                    ssl=self._tls,
+                    ssl_handshake_timeout=self._handshake_timeout,
+                )
         except Exception as exc:
             conn.close()
             log.warning("accepted connection could not be set up: %r", exc)
@@ -210,7 +223,7 @@ class Acceptor(asyncio.AbstractServer):
 class AcceptSite(web.BaseSite):
     """aiohttp site serving a runner's server through an ``Acceptor`` on a bound socket."""
 
-    __slots__ = ("_batch", "_on_exhausted", "_sock")
+    __slots__ = ("_batch", "_handshake_timeout", "_on_exhausted", "_sock", "_tls")
 
     def __init__(
         self,
@@ -219,22 +232,34 @@ class AcceptSite(web.BaseSite):
         *,
         batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         super().__init__(runner)
         self._sock = sock
         self._batch = batch
         self._on_exhausted = on_exhausted
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return str(URL.build(scheme="http", host=host, port=port))
+        scheme = "https" if self._tls is not None else "http"
+        return str(URL.build(scheme=scheme, host=host, port=port))
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-        acceptor = Acceptor(self._sock, server, batch=self._batch, on_exhausted=self._on_exhausted)
+        acceptor = Acceptor(
+            self._sock,
+            server,
+            batch=self._batch,
+            on_exhausted=self._on_exhausted,
+            tls=self._tls,
+            handshake_timeout=self._handshake_timeout,
+        )
         await acceptor.start_serving()
         self._server = acceptor
 

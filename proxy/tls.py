@@ -63,6 +63,7 @@ __all__ = [
     "connect_context",
     "for_cluster",
     "for_listener",
+    "listener_context",
     "map_error",
     "refresh_all",
     "watch",
@@ -99,7 +100,15 @@ def _signature(paths: tuple[str, ...]) -> Signature:
 class Rotating:
     """One TLS context and the files it was built from (see the module docstring)."""
 
-    __slots__ = ("__weakref__", "_build", "_files", "_metrics", "_signature", "context", "section")
+    __slots__ = (
+        "__weakref__",
+        "_build",
+        "_files",
+        "_metrics",
+        "_signature",
+        "context",
+        "section",
+    )
 
     def __init__(
         self,
@@ -159,6 +168,37 @@ class Rotating:
             except (OSError, ValueError):
                 continue
             self._metrics.tls_expiry(self.section, role, path, expiry.timestamp())
+
+
+class _Live(ssl.SSLContext):
+    """The context a listener is created with: every new connection is wrapped by the
+    ``Rotating``'s *current* context (asyncio's and uvloop's SSL protocols only call
+    ``wrap_bio``; uvloop wants an ``SSLContext`` instance, hence the subclass)."""
+
+    rotating: Rotating
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        return self.rotating.context.wrap_bio(
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
+
+
+def listener_context(rotating: Rotating) -> ssl.SSLContext:
+    """The ``ssl=`` of a listener that follows ``rotating`` (and keeps it alive)."""
+    live = _Live(ssl.PROTOCOL_TLS_SERVER)
+    live.rotating = rotating
+    return live
 
 
 def refresh_all(force: bool = False) -> None:

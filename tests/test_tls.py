@@ -530,3 +530,52 @@ def test_jalur_check_warns_about_certificates_expiring_soon(
     assert "warning: $.listen.tls.cert_file:" in err
     assert "expires in 9.9 days" in err or "expires in 10.0 days" in err
     assert "$.admin.tls" not in err  # trustme's default lifetime is years
+
+
+async def test_rotated_client_certificate_is_used_by_new_connections(
+    harness: Harness, pki: Pki, tmp_path: Path
+) -> None:
+    """mTLS: after the client certificate files change, the next new connection presents
+    the new certificate (a full handshake: a session of the old context is not resumed)."""
+    from cryptography import x509
+
+    from proxy import tls
+
+    clients = Pki(tmp_path, "clients")
+    seen: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        seen.append(x509.load_der_x509_certificate(der).serial_number)
+        return web.Response(text="ok", headers={"Connection": "close"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ctx = pki.server_context(client_ca=clients.ca)
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    harness.runners.append(runner)
+    first, second = clients.ca.issue_cert("jalur-1"), clients.ca.issue_cert("jalur-2")
+    cert, key = clients.leaf_files(first, "client")
+    port = int(runner.addresses[0][1])
+    spec = tls_cluster(port, ca_file=pki.ca_file, server_name=NAME, cert_file=cert, key_file=key)
+    p = await harness.proxy(one_route({"pay": spec}, "pay", "promotion"))
+    base = f"http://127.0.0.1:{p.data_port}/"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.get(base) as r:
+                assert r.status == 200
+        clients.leaf_files(second, "client")  # the files change in place
+        tls.refresh_all()
+        for _ in range(2):
+            async with s.get(base) as r:
+                assert r.status == 200
+
+    def serial_of(leaf: trustme.LeafCert) -> int:
+        pem = leaf.cert_chain_pems[0].bytes()
+        return int(x509.load_pem_x509_certificate(pem).serial_number)
+
+    assert seen == [serial_of(first)] * 2 + [serial_of(second)] * 2
+    assert sample(p, "jalur_tls_reloads_total", result="success") == 1
