@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
     )
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="commerce clusters over mutual TLS with a CA generated now",
+    )
+    demo.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="where --tls writes its CA and certificates (default: a new temporary directory)",
+    )
 
     token = sub.add_parser(
         "consent-token", help="print a consent token letting one system receive another's id"
@@ -140,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
-        _run(run_demo(config))
+        _run(run_demo(config, tls=args.tls or args.tls_dir is not None, tls_dir=args.tls_dir))
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)

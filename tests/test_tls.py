@@ -26,7 +26,16 @@ from proxy.h1transport import H1Transport
 from proxy.server import ProxyServer
 from proxy.upstream import Endpoint
 
-from .conftest import SYSTEMS, Harness, Runner, build_config, cluster, one_route, until
+from .conftest import (
+    SYSTEMS,
+    Harness,
+    Runner,
+    build_config,
+    cluster,
+    jalur_demo,
+    one_route,
+    until,
+)
 
 NAME = "shop.internal"  # the name the upstream certificates are issued for
 
@@ -579,3 +588,27 @@ async def test_rotated_client_certificate_is_used_by_new_connections(
 
     assert seen == [serial_of(first)] * 2 + [serial_of(second)] * 2
     assert sample(p, "jalur_tls_reloads_total", result="success") == 1
+
+
+async def test_jalur_demo_tls_runs_commerce_over_mutual_tls(tmp_path: Path) -> None:
+    """`jalur demo --tls` as a user runs it: payments reach the commerce back end through
+    verified mutual TLS with a CA made at start; the back end refuses a client without a
+    certificate; the promotion side stays plain."""
+    certs = tmp_path / "certs"
+    async with jalur_demo(tmp_path, "--tls-dir", str(certs)) as (base, admin):
+        conf = yaml.safe_load((tmp_path / "demo.yaml").read_text())
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{base}/api/payment/charge", data=b"{}") as r:
+                assert r.status == 200
+                assert r.headers["x-backend-system"] == "tokopedia"
+            async with s.get(f"{base}/api/feed") as r:
+                assert r.status == 200
+            pay = conf["clusters"]["tokopedia-pay"]["endpoints"][0].replace("http:", "https:")
+            anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+            with pytest.raises(aiohttp.ClientError):  # no client certificate: refused
+                async with s.get(f"{pay}/api/payment/x", ssl=anonymous) as r:
+                    await r.read()
+            async with s.get(f"{admin}/metrics") as r:
+                text = await r.text()
+    assert 'role="cert",section="clusters.tokopedia-pay.tls"' in text
+    assert 'jalur_upstream_errors_total{cluster="tokopedia-pay"' not in text
