@@ -458,10 +458,10 @@ class _Conn(asyncio.Protocol):
             timer.cancel()
             self._timer = None
         if self._active and self._error is None:
-            tls_error = (
-                tls_mod.map_error(exc) if exc is not None and self._owner._tls is not None else None
-            )
-            if tls_error is not None:  # e.g. TLS 1.3: our client certificate refused
+            tls_error = None
+            if exc is not None and self._owner._tls is not None and not self._head_done:
+                tls_error = tls_mod.map_error(exc)  # e.g. TLS 1.3: our client cert refused
+            if tls_error is not None:
                 self._error = tls_error
             elif self._ssl_ctx is not None and self._uses == 1 and not self._head_bytes:
                 # A new TLS connection closed before a byte of the first answer: how a TLS
