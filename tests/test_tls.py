@@ -612,3 +612,50 @@ async def test_jalur_demo_tls_runs_commerce_over_mutual_tls(tmp_path: Path) -> N
                 text = await r.text()
     assert 'role="cert",section="clusters.tokopedia-pay.tls"' in text
     assert 'jalur_upstream_errors_total{cluster="tokopedia-pay"' not in text
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("unknown_ca", errors.TlsVerifyFailed),
+        ("plain_server", errors.TlsHandshakeFailed),
+        ("client_cert_required", errors.TlsHandshakeFailed),
+    ],
+)
+def test_transport_maps_tls_failures_on_both_loops(
+    run: Runner, pki: Pki, tmp_path: Path, case: str, expected: type[errors.UpstreamError]
+) -> None:
+    """The transport's own mapping, on stdlib asyncio and on uvloop (what `jalur run` uses):
+    the loops report these failures differently (an SSL error, a reset, a silent close)."""
+    from proxy import tls
+
+    async def main() -> errors.UpstreamError:
+        runner = web.AppRunner(make_app(BackendSpec(cluster="pay", system="x")), access_log=None)
+        await runner.setup()
+        ca_file = pki.ca_file
+        ctx: ssl.SSLContext | None = pki.server_context()
+        if case == "unknown_ca":
+            ca_file = Pki(tmp_path, "other").ca_file
+        elif case == "plain_server":
+            ctx = None
+        else:
+            ctx = pki.server_context(client_ca=Pki(tmp_path, "clients").ca)
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+        spec = cfg.Cluster(
+            system="tokopedia",
+            endpoints=[url],
+            tls=cfg.UpstreamTls(ca_file=ca_file, server_name=NAME),
+        )
+        transport = H1Transport(spec, cfg.Listen(), tls=tls.for_cluster("pay", spec))
+        try:
+            await transport.send(Endpoint.parse(url), "GET", "/", _headers(), None)
+        except errors.UpstreamError as exc:
+            return exc
+        finally:
+            await transport.close()
+            await runner.cleanup()
+        raise AssertionError("the request succeeded")
+
+    err = run(main())
+    assert type(err) is expected, repr(err)
