@@ -8,8 +8,12 @@ failures counted, ejected and never retried into a weaker trust decision.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import re
+import shutil
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -659,3 +663,45 @@ def test_transport_maps_tls_failures_on_both_loops(
 
     err = run(main())
     assert type(err) is expected, repr(err)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("wrk") is None
+    or (shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists()),
+    reason="wrk and nginx (Debian packages; make test installs them)",
+)
+async def test_bench_tls_resumes_every_handshake_against_nginx(tmp_path: Path) -> None:
+    """`loadtests/bench_tls.py` end to end (1 s cells): NGINX as the mutual-TLS upstream
+    counts ``$ssl_session_reused`` itself; behind Jalur, when each request needs a new
+    connection, nearly all handshakes must be resumed, and nothing fails."""
+    out = tmp_path / "tls.md"
+    script = Path(__file__).parent.parent / "loadtests" / "bench_tls.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(240):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    rows = {
+        (m.group(1), m.group(2)): m.groups()
+        for m in re.finditer(
+            r"^\| (\w+) \| (\w+) \| [\d,]+ \| [\d.]+ \| \d+ \| \d+ \| ([-\d%]+) \| (\d+) \|$",
+            out.read_text(),
+            re.M,
+        )
+    }
+    assert len(rows) == 6, out.read_text()
+    assert all(r[3] == "0" for r in rows.values()), out.read_text()
+    resumed = rows[("reconnect", "jalur")][2]
+    assert resumed.endswith("%"), out.read_text()
+    assert int(resumed[:-1]) >= 90, out.read_text()
