@@ -248,14 +248,15 @@ async def test_mutual_tls_with_and_without_a_client_certificate(
 # -- resumption, pooling, health -----------------------------------------------------------
 
 
-def reuse_backend() -> tuple[web.Application, list[bool]]:
-    """An upstream that records, per request, whether its TLS session was resumed, and
-    closes each connection (so every request needs a new one)."""
-    seen: list[bool] = []
+def reuse_backend() -> tuple[web.Application, list[tuple[bool, str | None]]]:
+    """An upstream that records, per request, whether its TLS session was resumed and the
+    ALPN protocol chosen, and closes each connection (so every request needs a new one)."""
+    seen: list[tuple[bool, str | None]] = []
 
     async def handler(request: web.Request) -> web.Response:
         assert request.transport is not None
-        seen.append(request.transport.get_extra_info("ssl_object").session_reused)
+        obj = request.transport.get_extra_info("ssl_object")
+        seen.append((obj.session_reused, obj.selected_alpn_protocol()))
         return web.Response(text="ok", headers={"Connection": "close"})
 
     app = web.Application()
@@ -268,12 +269,13 @@ def test_sessions_are_resumed_across_connections(run: Runner, pki: Pki, version:
     """The first connection does a full handshake; the following ones (new connections:
     the upstream closes each) resume the endpoint's last session, on both loops."""
 
-    async def main() -> list[bool]:
+    async def main() -> list[tuple[bool, str | None]]:
         app, seen = reuse_backend()
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         ctx = pki.server_context()
         ctx.maximum_version = ssl.TLSVersion[version.replace(".", "_")]
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
         await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
         url = f"https://127.0.0.1:{runner.addresses[0][1]}"
         spec = cfg.Cluster(
@@ -296,7 +298,8 @@ def test_sessions_are_resumed_across_connections(run: Runner, pki: Pki, version:
             await runner.cleanup()
         return seen
 
-    assert run(main()) == [False, True, True, True]
+    # ALPN: the upstream offers h2 first; Jalur asks for http/1.1 only.
+    assert run(main()) == [(False, "http/1.1")] + [(True, "http/1.1")] * 3
 
 
 def _headers() -> Any:
