@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print_config(config, args.print_config, sys.stdout)
             return 0
+        from .tls import check_files
+
+        for warning in check_files(config)[1]:  # e.g. a certificate expiring within 30 days
+            logging.getLogger("jalur.tls").warning("%s", warning)
         if not c_parser_in_use() and not args.allow_python_parser:
             print(
                 "refusing to start: aiohttp's C HTTP parser is not in use (the pure-Python "

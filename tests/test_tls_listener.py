@@ -346,3 +346,25 @@ async def test_sighup_rereads_the_certificate_files(harness: Harness, tmp_path: 
         await all_new_connections_see(port, ctx, serial(second))
     finally:
         assert await stop_jalur(proc) == 0
+
+
+async def test_jalur_run_logs_a_certificate_close_to_expiry(
+    harness: Harness, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    ca = trustme.CA()
+    secret = Secret(tmp_path / "secret", ca)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=5)
+    secret.publish(ca.issue_cert(HOST, not_after=soon))
+    b = await harness.backend("pay", "tokopedia")
+    proc, port, _, log = await start_jalur(
+        tmp_path, listener_conf(b.url, secret, tmp_path, watch=False), workers=1
+    )
+    try:
+        assert await served_serial(port, client_context(ca)) > 0  # it serves meanwhile
+    finally:
+        assert await stop_jalur(proc) == 0
+    text = log.read_text()
+    assert "WARNING jalur.tls: $.listen.tls.cert_file:" in text, text
+    assert "expires in 4.9 days" in text or "expires in 5.0 days" in text, text
