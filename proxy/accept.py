@@ -64,6 +64,10 @@ _SKIP: Final = frozenset(
     if hasattr(errno, name)
 )
 
+# What a client's failed TLS handshake raises from ``connect_accepted_socket`` (an alert, a
+# reset, a handshake timeout) on either loop.
+_HANDSHAKE_FAILURES: Final = (ssl.SSLError, ConnectionError, TimeoutError)
+
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket on the IP address ``host``, non-blocking. An IPv6 socket takes
@@ -99,10 +103,12 @@ class Acceptor(asyncio.AbstractServer):
         on_exhausted: Callable[[], None] = lambda: None,
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        on_handshake_failed: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._tls = tls  # HTTPS: every accepted connection is wrapped (listen.tls)
         self._handshake_timeout = handshake_timeout
+        self._on_handshake_failed = on_handshake_failed
         self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
@@ -217,13 +223,27 @@ class Acceptor(asyncio.AbstractServer):
                 )
         except Exception as exc:
             conn.close()
-            log.warning("accepted connection could not be set up: %r", exc)
+            if self._tls is not None and isinstance(exc, _HANDSHAKE_FAILURES):
+                # A client that cannot or will not complete the TLS handshake (plain HTTP to
+                # the HTTPS port, no or an untrusted client certificate, too slow): counted,
+                # not logged per connection (scanners would flood the log).
+                self._on_handshake_failed()
+                log.debug("TLS handshake with a client failed: %r", exc)
+            else:
+                log.warning("accepted connection could not be set up: %r", exc)
 
 
 class AcceptSite(web.BaseSite):
     """aiohttp site serving a runner's server through an ``Acceptor`` on a bound socket."""
 
-    __slots__ = ("_batch", "_handshake_timeout", "_on_exhausted", "_sock", "_tls")
+    __slots__ = (
+        "_batch",
+        "_handshake_timeout",
+        "_on_exhausted",
+        "_on_handshake_failed",
+        "_sock",
+        "_tls",
+    )
 
     def __init__(
         self,
@@ -234,8 +254,10 @@ class AcceptSite(web.BaseSite):
         on_exhausted: Callable[[], None] = lambda: None,
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
+        on_handshake_failed: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(runner)
+        self._on_handshake_failed = on_handshake_failed
         self._sock = sock
         self._batch = batch
         self._on_exhausted = on_exhausted
@@ -259,6 +281,7 @@ class AcceptSite(web.BaseSite):
             on_exhausted=self._on_exhausted,
             tls=self._tls,
             handshake_timeout=self._handshake_timeout,
+            on_handshake_failed=self._on_handshake_failed,
         )
         await acceptor.start_serving()
         self._server = acceptor

@@ -268,6 +268,7 @@ class ProxyServer:
             # The handshake is part of the request head's time budget (slow handshakes).
             tls=listener_tls("listen.tls", listen.tls, metrics),
             handshake_timeout=listen.header_read_timeout,
+            on_handshake_failed=lambda: metrics.rejected("tls_handshake"),
         )
         await site.start()
         self.data_port = _bound_port(self._data_runner)

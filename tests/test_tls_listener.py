@@ -11,6 +11,7 @@ and SIGHUP re-reads the files without a watch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import trustme
 import yaml
 
 from proxy import tls
+from proxy.server import ProxyServer
 
 from .conftest import SERVING, SYSTEMS, Harness, cluster, one_route, until
 
@@ -152,12 +154,52 @@ async def test_listener_client_certificates_required(harness: Harness, tmp_path:
         good = client_context(ca, clients.issue_cert("app.frontend"))
         async with s.get(url, ssl=good) as r:
             assert r.status == 200
-        stranger = client_context(ca, trustme.CA().issue_cert("app.frontend"))
-        for ctx in (client_context(ca), stranger):
-            with pytest.raises(aiohttp.ClientError):
-                async with s.get(url, ssl=ctx) as r:
-                    await r.read()
+    stranger = client_context(ca, trustme.CA().issue_cert("app.frontend"))
+    for ctx in (client_context(ca), stranger):  # no client certificate; an unknown issuer
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            reader, writer = await asyncio.open_connection(HOST, p.data_port, ssl=ctx)
+            writer.write(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                assert not (await reader.read()).startswith(b"HTTP/1.1")  # TLS 1.3: after
+            writer.close()
     assert len(b.received) == 1
+    await until(lambda: rejected(p, "tls_handshake") == 2)  # counted, not logged per client
+
+
+def rejected(p: ProxyServer, reason: str) -> float:
+    value = p.services.metrics.registry.get_sample_value(
+        "jalur_requests_rejected_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_client_that_never_completes_the_handshake_is_cut_and_counted(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The handshake counts against ``header_read_timeout``: a client that connects and
+    sends nothing (or plain HTTP) does not hold the connection."""
+    ca = trustme.CA()
+    secret = Secret(tmp_path / "data", ca)
+    secret.publish(ca.issue_cert(HOST))
+    b = await harness.backend("feed", "tiktok")
+    conf = {"listen": {**listen(secret), "header_read_timeout": 0.3}}
+    p = await harness.proxy({**conf, **one_route({"feed": cluster("tiktok", b.url)}, "feed")})
+    reader, writer = await asyncio.open_connection(HOST, p.data_port)
+    try:
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the proxy, nothing answered
+    finally:
+        writer.close()
+    await until(lambda: rejected(p, "tls_handshake") == 1)
+    reader, writer = await asyncio.open_connection(HOST, p.data_port)
+    try:
+        writer.write(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert not (await reader.read()).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    await until(lambda: rejected(p, "tls_handshake") == 2)
+    assert b.received == []
 
 
 async def test_bad_new_pair_keeps_the_old_one_and_is_counted(
