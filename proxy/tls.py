@@ -126,10 +126,6 @@ class Rotating:
         self._export_expiry()
         _LIVE.add(self)
 
-    @property
-    def files(self) -> dict[str, str]:
-        return dict(self._files)
-
     def refresh(self, force: bool = False) -> bool | None:
         """Rebuild the context if a file changed (or ``force``): True when swapped, False
         when the new files did not load (the old context stays), None when unchanged."""
