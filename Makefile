@@ -77,7 +77,7 @@ fuzz: $(STAMP)
 		tests/test_pathconfusion.py::test_no_generated_path_reaches_social_as_a_transaction \
 		tests/test_fuzz_components.py --hypothesis-show-statistics
 
-.PHONY: loadtest loadtest-distributed bench install-bench-tools
+.PHONY: loadtest loadtest-distributed bench bench-tls install-bench-tools
 
 # Locust shoppers against `jalur demo` (started and stopped by loadtests/run.py) for
 # LOADTEST_TIME; CSV + HTML reports in loadtests/reports/; fails on any failed request.
@@ -115,6 +115,11 @@ soak: $(STAMP) test-tools
 # wrk; writes loadtests/RESULTS.md (~14 min).
 bench: $(STAMP) install-bench-tools
 	$(BIN)/python loadtests/bench.py
+
+# TLS to the upstream: Jalur against NGINX's proxy_ssl (session reuse on), plain baseline in
+# the same run (loadtests/bench_tls.py, ~4 min); prints a Markdown table.
+bench-tls: $(STAMP) install-bench-tools
+	$(BIN)/python loadtests/bench_tls.py
 
 # nginx and wrk (Debian packages) for `make bench` and tests/test_loadtests.py. The package's
 # own nginx service is never used: bench.py runs nginx with its own -c config and -p prefix.

@@ -23,6 +23,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -63,6 +64,10 @@ _SKIP: Final = frozenset(
     if hasattr(errno, name)
 )
 
+# What a client's failed TLS handshake raises from ``connect_accepted_socket`` (an alert, a
+# reset, a handshake timeout) on either loop.
+_HANDSHAKE_FAILURES: Final = (ssl.SSLError, ConnectionError, TimeoutError)
+
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket on the IP address ``host``, non-blocking. An IPv6 socket takes
@@ -96,8 +101,14 @@ class Acceptor(asyncio.AbstractServer):
         *,
         batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+        on_handshake_failed: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._tls = tls  # HTTPS: every accepted connection is wrapped (listen.tls)
+        self._handshake_timeout = handshake_timeout
+        self._on_handshake_failed = on_handshake_failed
         self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
@@ -201,16 +212,38 @@ class Acceptor(asyncio.AbstractServer):
         # (a drain must see every connection it is to close). The transport owns the socket
         # from then on (it detaches it on close, so the close below is a no-op once it did).
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            if self._tls is None:
+                await self._loop.connect_accepted_socket(self._factory, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    self._factory,
+                    conn,
+                    ssl=self._tls,
+                    ssl_handshake_timeout=self._handshake_timeout,
+                )
         except Exception as exc:
             conn.close()
-            log.warning("accepted connection could not be set up: %r", exc)
+            if self._tls is not None and isinstance(exc, _HANDSHAKE_FAILURES):
+                # A client that cannot or will not complete the TLS handshake (plain HTTP to
+                # the HTTPS port, no or an untrusted client certificate, too slow): counted,
+                # not logged per connection (scanners would flood the log).
+                self._on_handshake_failed()
+                log.debug("TLS handshake with a client failed: %r", exc)
+            else:
+                log.warning("accepted connection could not be set up: %r", exc)
 
 
 class AcceptSite(web.BaseSite):
     """aiohttp site serving a runner's server through an ``Acceptor`` on a bound socket."""
 
-    __slots__ = ("_batch", "_on_exhausted", "_sock")
+    __slots__ = (
+        "_batch",
+        "_handshake_timeout",
+        "_on_exhausted",
+        "_on_handshake_failed",
+        "_sock",
+        "_tls",
+    )
 
     def __init__(
         self,
@@ -219,22 +252,37 @@ class AcceptSite(web.BaseSite):
         *,
         batch: int = ACCEPT_BATCH,
         on_exhausted: Callable[[], None] = lambda: None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+        on_handshake_failed: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(runner)
+        self._on_handshake_failed = on_handshake_failed
         self._sock = sock
         self._batch = batch
         self._on_exhausted = on_exhausted
+        self._tls = tls
+        self._handshake_timeout = handshake_timeout
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return str(URL.build(scheme="http", host=host, port=port))
+        scheme = "https" if self._tls is not None else "http"
+        return str(URL.build(scheme=scheme, host=host, port=port))
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-        acceptor = Acceptor(self._sock, server, batch=self._batch, on_exhausted=self._on_exhausted)
+        acceptor = Acceptor(
+            self._sock,
+            server,
+            batch=self._batch,
+            on_exhausted=self._on_exhausted,
+            tls=self._tls,
+            handshake_timeout=self._handshake_timeout,
+            on_handshake_failed=self._on_handshake_failed,
+        )
         await acceptor.start_serving()
         self._server = acceptor
 

@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
         "-c", "--config", default=str(DEMO_CONFIG), help="demo config (default: built in)"
     )
     demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="commerce clusters over mutual TLS with a CA generated now",
+    )
+    demo.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="where --tls writes its CA and certificates (default: a new temporary directory)",
+    )
+    demo.add_argument(
         "--backends-only",
         action="store_true",
         help="only the simulated back ends (run the proxy yourself, e.g. with --workers)",
@@ -159,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print_config(config, args.print_config, sys.stdout)
             return 0
+        from .tls import check_files
+
+        for warning in check_files(config)[1]:  # e.g. a certificate expiring within 30 days
+            logging.getLogger("jalur.tls").warning("%s", warning)
         if not c_parser_in_use() and not args.allow_python_parser:
             print(
                 "refusing to start: aiohttp's C HTTP parser is not in use (the pure-Python "
@@ -196,7 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
-        _run(run_demo(config, backends_only=args.backends_only))
+        _run(
+            run_demo(
+                config,
+                tls=args.tls or args.tls_dir is not None,
+                tls_dir=args.tls_dir,
+                backends_only=args.backends_only,
+            )
+        )
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)
@@ -410,6 +431,17 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     config = _load_or_report(path, err)
     if config is None:
         return 1
+    from .tls import check_files
+
+    for warning in check_files(config)[1]:  # the errors already refused the load
+        print(f"warning: {warning}", file=err)
+    for name, cluster in config.clusters.items():
+        if cluster.tls is not None and not cluster.tls.verify:
+            print(
+                f"warning: $.clusters.{name}.tls.verify: false: the upstream's certificate is "
+                "not checked",
+                file=err,
+            )
     print(f"{path}: OK", file=out)
     print(
         f"listen {config.listen.host}:{config.listen.port}  "

@@ -44,6 +44,7 @@ __all__ = [
     "HealthCheck",
     "LbPolicy",
     "Listen",
+    "ListenerTls",
     "Match",
     "Migration",
     "OutlierDetection",
@@ -55,6 +56,8 @@ __all__ = [
     "Sticky",
     "System",
     "Timeouts",
+    "TlsVersion",
+    "UpstreamTls",
     "load",
     "parse",
 ]
@@ -74,6 +77,46 @@ CookieName = HeaderName  # RFC 6265 cookie-name is an RFC 9110 token, like a fie
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every config object: immutable, hashable, unknown keys are errors."""
+
+
+# Oldest TLS version a connection may use (TLS 1.0 and 1.1 are deprecated by RFC 8996).
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+# A file path (certificate, key, CA bundle), relative to the working directory.
+FilePath = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ListenerTls(_Base, frozen=True):
+    """TLS on a listener (data or admin). The files are re-read when they change on disk
+    and on SIGHUP (``tls.Rotating``); a bad new pair keeps the old one."""
+
+    # PEM certificate chain the listener presents (leaf first).
+    cert_file: FilePath
+    # PEM private key of that certificate (unencrypted).
+    key_file: FilePath
+    # PEM CA bundle: when set, every client must present a certificate it signed (mTLS).
+    client_ca_file: FilePath | None = None
+    min_version: TlsVersion = "TLSv1.2"
+
+
+class UpstreamTls(_Base, frozen=True):
+    """TLS to a cluster's ``https://`` endpoints (Envoy's ``UpstreamTlsContext``, NGINX's
+    ``proxy_ssl_*``). One context per cluster, built at config load."""
+
+    # PEM CA bundle the upstream's chain is verified against; unset: the system trust store.
+    ca_file: FilePath | None = None
+    # Name sent as SNI and verified in the upstream's certificate; unset: the endpoint's host.
+    server_name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.:*-]{1,253}$")] | None = None
+    # Client certificate chain and key presented to the upstream (mutual TLS); both or none.
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    min_version: TlsVersion = "TLSv1.2"
+    # false turns off chain and name verification: anyone on the path can read and change
+    # the traffic. Logged loudly, and refused for a cluster serving a transaction category.
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
 
 
 class Listen(_Base, frozen=True):
@@ -103,6 +146,8 @@ class Listen(_Base, frozen=True):
     body_idle_timeout: Seconds = 30.0
     # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    # Serve HTTPS instead of plain HTTP (optional: a sidecar often gets plain loopback).
+    tls: ListenerTls | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +164,8 @@ class Admin(_Base, frozen=True):
     port: Port = 9901
     # Bearer token for mutating admin calls; unset means they are refused.
     token: str | None = None
+    # Serve the admin listener over HTTPS (its own certificate; client_ca_file for mTLS).
+    tls: ListenerTls | None = None
 
 
 class Reload(_Base, frozen=True):
@@ -264,6 +311,9 @@ class Cluster(_Base, frozen=True):
     # A sandbox cluster has no real side effects: it may receive shadow copies of
     # non-idempotent requests (POST/PATCH); other clusters only get safe methods.
     sandbox: bool = False
+    # TLS settings for ``https://`` endpoints (defaults apply when unset: system trust
+    # store, SNI and verified name = the endpoint's host, TLS 1.2 or newer).
+    tls: UpstreamTls | None = None
 
     def __post_init__(self) -> None:
         if (self.lb_policy == "hash") != (self.hash_on is not None):
@@ -561,6 +611,10 @@ def parse(
     from .compliance import static_violations  # compliance imports this module
 
     errors.extend(static_violations(config, now))
+    if not errors:
+        from .tls import check_files  # tls imports this module
+
+        errors.extend(check_files(config, now)[0])
     if errors:
         raise ConfigError(_located(errors, node, overridden), source)
     return config
@@ -708,10 +762,25 @@ def _check_references(config: Config) -> list[FieldError]:
             errors.append(
                 FieldError(f"$.clusters.{name}.system", f"unknown system {cluster.system!r}")
             )
+        schemes = set()
         for i, endpoint in enumerate(cluster.endpoints):
             problem = _endpoint_problem(endpoint)
             if problem:
                 errors.append(FieldError(f"$.clusters.{name}.endpoints[{i}]", problem))
+            else:
+                schemes.add(URL(endpoint).scheme)
+        if len(schemes) > 1:
+            errors.append(
+                FieldError(
+                    f"$.clusters.{name}.endpoints",
+                    "mixes http:// and https:// endpoints (one trust decision per cluster)",
+                )
+            )
+        elif cluster.tls is not None and schemes == {"http"}:
+            errors.append(
+                FieldError(f"$.clusters.{name}.tls", "set, but the endpoints are http://")
+            )
+    errors.extend(_check_unverified(config))
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
         at = f"$.routes[{i}]"
@@ -770,6 +839,31 @@ def _check_references(config: Config) -> list[FieldError]:
             )
         )
     return errors
+
+
+def _check_unverified(config: Config) -> list[FieldError]:
+    """``tls.verify: false`` is refused on a cluster that a transaction route (``to``,
+    ``split`` or ``shadow``) can reach: payments go only to an authenticated upstream."""
+    errors: dict[str, FieldError] = {}  # one per cluster
+    tx = set(config.compliance.transaction_categories)
+    for i, route in enumerate(config.routes):
+        if route.category not in tx:
+            continue
+        names = [route.to] if route.to is not None else [t.cluster for t in route.split or ()]
+        if route.shadow is not None:
+            names.append(route.shadow.cluster)
+        for name in names:
+            spec = config.clusters.get(name or "")
+            if spec is not None and spec.tls is not None and not spec.tls.verify:
+                errors.setdefault(
+                    name or "",
+                    FieldError(
+                        f"$.clusters.{name}.tls.verify",
+                        f"false on a cluster serving the transaction category "
+                        f"{route.category!r} ($.routes[{i}]): its upstream must be verified",
+                    ),
+                )
+    return list(errors.values())
 
 
 # Header names a system cannot own: cookies go under ``owns.cookies``; the rest frame the
@@ -873,8 +967,8 @@ def _endpoint_problem(endpoint: str) -> str | None:
         url = URL(endpoint)
     except ValueError as exc:
         return f"not a URL: {exc}"
-    if url.scheme != "http":
-        return "endpoint must be http://host:port (TLS to upstreams is not supported yet)"
+    if url.scheme not in ("http", "https"):
+        return "endpoint must be http://host:port or https://host:port"
     if not url.host or url.explicit_port is None:
         return "endpoint must name a host and a port, e.g. http://127.0.0.1:9001"
     if url.path not in ("", "/") or url.query_string or url.fragment or url.user:

@@ -13,7 +13,10 @@ The tree (status code, Envoy response flag, metric ``kind``)::
     │   └── Overflow            503  UO   the cluster's circuit breaker is open (too many requests)
     └── UpstreamError                the upstream exchange failed; ``kind`` labels metrics
         ├── ConnectFailed       502  UF   connect refused, unreachable, DNS failure
-        │   └── ConnectRefused  502  UF   the endpoint actively refused the connection
+        │   ├── ConnectRefused  502  UF   the endpoint actively refused the connection
+        │   └── TlsHandshakeFailed 502 UF  the TLS handshake failed (``reason: tls_handshake``)
+        │       └── TlsVerifyFailed 502 UF the upstream's certificate is not trusted:
+        │                                  unknown CA, wrong name, expired (``tls_verify``)
         ├── ConnectTimeout      504  UF   TCP connect did not finish in time
         ├── ResponseTimeout     504  UT   no response head (or a body chunk) in time
         ├── UpstreamReset       502  UC   upstream closed or reset before its response head
@@ -118,6 +121,20 @@ class ConnectFailed(UpstreamError):
 
 class ConnectRefused(ConnectFailed):
     """The endpoint answered the TCP connect with a reset (nothing listens there)."""
+
+
+class TlsHandshakeFailed(ConnectFailed):
+    """TCP connected but TLS did not come up (protocol or version mismatch, the upstream
+    refused our client certificate or wanted one). Never retried with a weaker context:
+    retries stay in the cluster, which has one context (``tls``)."""
+
+    kind = "tls_handshake"
+
+
+class TlsVerifyFailed(TlsHandshakeFailed):
+    """The upstream's certificate failed verification (unknown CA, wrong name, expired)."""
+
+    kind = "tls_verify"
 
 
 class ConnectTimeout(UpstreamError):

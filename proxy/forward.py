@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors, paths
+from . import errors, paths, tls
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
@@ -161,7 +161,12 @@ def build_state(config: Config, metrics: Metrics) -> State:
     clusters: dict[str, ClusterRuntime] = {}
     transports: list[Transport] = []
     for name, spec in config.clusters.items():
-        transport = H1Transport(spec, config.listen, pool_idle_timeout=spec.keepalive_idle_timeout)
+        transport = H1Transport(
+            spec,
+            config.listen,
+            pool_idle_timeout=spec.keepalive_idle_timeout,
+            tls=tls.for_cluster(name, spec, metrics),
+        )
         transports.append(transport)
         clusters[name] = ClusterRuntime(
             name, spec, config.systems[spec.system], transport, bound.clusters[name]
@@ -216,6 +221,8 @@ def new_request_id(incoming: str | None) -> str:
 
 def error_response(status: int, message: str, request_id: str, **extra: str) -> web.Response:
     body = {"error": message, "request_id": request_id, **extra}
+    if "reason" not in body and "kind" in body:  # an upstream failure: its kind says why
+        body["reason"] = body["kind"]
     return web.Response(
         status=status,
         body=orjson.dumps(body),

@@ -7,6 +7,18 @@ connections (so it runs on uvloop's C transports) and parses responses with llht
 object, one future for the response head and the parser reused for the life of the
 connection. WebSocket upgrades are not handled here.
 
+TLS (a cluster with ``https://`` endpoints; contexts built by ``tls.for_cluster``): each
+new connection is wrapped with the cluster's current context (``Rotating.context``, so a
+rotated client certificate applies to new connections only), SNI and the verified name
+being ``tls.server_name`` or the endpoint's host. The TLS session of the first exchange on
+a connection is kept per endpoint and offered by the endpoint's next new connection
+(resumption: no full handshake while the upstream honours it); a session from a context
+that has since been rotated is not offered. The handshake counts against
+``timeouts.connect``. TLS failures -- during the handshake, or an alert after it such as
+TLS 1.3's "certificate required" -- become ``TlsVerifyFailed``/``TlsHandshakeFailed``
+through ``tls.map_error`` in ``_connect`` and ``connection_lost``, the two places socket
+errors are mapped here.
+
 Wiring (in ``forward.build_state``)::
 
     transport = H1Transport(spec, config.listen)
@@ -87,6 +99,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Final, cast
@@ -96,6 +109,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import config as cfg
 from . import errors
+from . import tls as tls_mod
 
 if TYPE_CHECKING:
     from .upstream import Endpoint
@@ -166,17 +180,20 @@ class _SkipBody(Exception):
 
 
 class _Pool:
-    """One endpoint's idle connections and constant request bytes."""
+    """One endpoint's idle connections, constant request bytes and TLS session."""
 
-    __slots__ = ("host", "host_line", "idle", "port", "url")
+    __slots__ = ("host", "host_line", "idle", "port", "server_name", "session", "url")
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, server_name: str | None) -> None:
         self.url = endpoint.url
         self.host = endpoint.host
         self.port = endpoint.port
         host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
         self.host_line = f"Host: {host}:{endpoint.port}\r\n"
         self.idle: deque[_Conn] = deque()
+        self.server_name = server_name or endpoint.host  # SNI and verified name
+        # The last TLS session the endpoint gave, with the context it belongs to.
+        self.session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
 
 
 class _Response:
@@ -320,6 +337,7 @@ class _Conn(asyncio.Protocol):
         "_reused",
         "_sent",
         "_skip_body",
+        "_ssl_ctx",
         "_timer",
         "_timer_at",
         "_timer_kind",
@@ -342,6 +360,8 @@ class _Conn(asyncio.Protocol):
         self._active = False  # an exchange is in progress
         self._uses = 0
         self._reused = False
+        # TLS: the context used, until the connection's session was saved for resumption
+        self._ssl_ctx: ssl.SSLContext | None = None
         # timer
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -438,7 +458,20 @@ class _Conn(asyncio.Protocol):
             timer.cancel()
             self._timer = None
         if self._active and self._error is None:
-            if not self._head_done:
+            tls_error = None
+            if exc is not None and self._owner._tls is not None and not self._head_done:
+                tls_error = tls_mod.map_error(exc)  # e.g. TLS 1.3: our client cert refused
+            if tls_error is not None:
+                self._error = tls_error
+            elif self._ssl_ctx is not None and self._uses == 1 and not self._head_bytes:
+                # A new TLS connection closed before a byte of the first answer: how a TLS
+                # 1.3 upstream that refuses our client certificate looks when it does not
+                # send the alert (the handshake completes on our side first).
+                self._error = errors.TlsHandshakeFailed(
+                    "the upstream closed the new TLS connection without answering "
+                    "(did it refuse the client certificate?)"
+                )
+            elif not self._head_done:
                 detail = f": {exc}" if exc is not None else ""
                 self._error = errors.UpstreamReset(
                     f"upstream closed the connection before the response head{detail}"
@@ -635,6 +668,15 @@ class _Conn(asyncio.Protocol):
 
     def _finish(self, reuse: bool) -> None:
         """The response was released (``reuse``) or closed."""
+        ctx = self._ssl_ctx
+        if ctx is not None and self._msg_done and self._transport is not None:
+            # The first complete exchange (TLS 1.3 tickets come after the handshake): keep
+            # the session for the endpoint's next connection, pooled here or not.
+            self._ssl_ctx = None
+            obj = self._transport.get_extra_info("ssl_object")
+            session = obj.session if obj is not None else None
+            if session is not None:
+                self._pool.session = (ctx, session)
         self._active = False
         self._resp = None
         task = self._pump_task
@@ -864,8 +906,11 @@ class H1Transport:
         *,
         pool_idle_timeout: float = POOL_IDLE_TIMEOUT,
         max_head_bytes: int | None = None,
+        tls: tls_mod.Rotating | None = None,
     ) -> None:
         timeouts = cluster.timeouts
+        self._tls = tls
+        self._server_name = cluster.tls.server_name if cluster.tls is not None else None
         self._t_connect = timeouts.connect
         self._t_head = timeouts.response_headers
         self._t_idle = timeouts.idle
@@ -903,7 +948,7 @@ class H1Transport:
     ) -> _Response:
         pool = self._pools.get(endpoint.url)
         if pool is None:
-            pool = self._pools[endpoint.url] = _Pool(endpoint)
+            pool = self._pools[endpoint.url] = _Pool(endpoint, self._server_name)
         head, length = _request_head(method, target, headers, pool.host_line, body is not None)
         idle = pool.idle
         if idle and not self._closed and not idle[-1]._closed:
@@ -962,11 +1007,36 @@ class H1Transport:
 
     async def _connect(self, pool: _Pool, loop: asyncio.AbstractEventLoop) -> _Conn:
         self._open += 1
+        tls = self._tls
+        ctx: ssl.SSLContext | None = None
         try:
             async with asyncio.timeout(self._t_connect):
-                _, conn = await loop.create_connection(
-                    lambda: _Conn(self, pool, loop), pool.host, pool.port
-                )
+                if tls is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Conn(self, pool, loop), pool.host, pool.port
+                    )
+                else:
+                    ctx = tls.context
+                    saved = pool.session
+                    session = saved[1] if saved is not None and saved[0] is ctx else None
+                    _, conn = await loop.create_connection(
+                        lambda: _Conn(self, pool, loop),
+                        pool.host,
+                        pool.port,
+                        ssl=tls_mod.connect_context(ctx, session),
+                        server_hostname=pool.server_name,
+                        ssl_handshake_timeout=self._t_connect,
+                    )
+                    conn._ssl_ctx = ctx
+        except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError) as exc:
+            mapped = tls_mod.map_error(exc, handshake=True) if tls is not None else None
+            if mapped is None:
+                self._release_slot()
+                raise _stamp(
+                    errors.ConnectFailed(f"upstream connect to {pool.url} failed: {exc}"), 0, False
+                ) from exc
+            self._release_slot()
+            raise _stamp(mapped, 0, False) from exc
         except TimeoutError:
             self._release_slot()
             raise _stamp(

@@ -503,9 +503,25 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.tls_reloads = Counter(
+            "jalur_tls_reloads_total",
+            "Certificate file reloads (changed on disk or SIGHUP), by result (success; "
+            "failure: the new files did not load and the previous ones are still served).",
+            ["result"],
+            registry=reg,
+        )
+        self.tls_certificate_expiry = Gauge(
+            "jalur_tls_certificate_expiry_seconds",
+            "Unix time at which a loaded certificate expires (the earliest of a CA bundle), "
+            "by TLS section (listen.tls, admin.tls, clusters.NAME.tls), role and file.",
+            ["section", "role", "file"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
         self.build_info.labels(version).set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+            self.tls_reloads.labels(result)
 
     @classmethod
     def from_config(cls, config: cfg.Config, registry: CollectorRegistry | None = None) -> Metrics:
@@ -635,6 +651,14 @@ class Metrics:
         self.config_reloads.labels("success" if ok else "failure").inc()
         if ok:
             self.config_last_reload_success.set(time.time() if timestamp is None else timestamp)
+
+    def tls_reload(self, ok: bool) -> None:
+        """Count one certificate reload (``tls.Rotating.refresh``)."""
+        self.tls_reloads.labels("success" if ok else "failure").inc()
+
+    def tls_expiry(self, section: str, role: str, file: str, timestamp: float) -> None:
+        """Export a loaded certificate's expiry (Unix seconds)."""
+        self.tls_certificate_expiry.labels(section, role, file).set(timestamp)
 
     # -- exposition ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -21,7 +22,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from . import accept
+from . import accept, tls
 from . import admin as admin_mod
 from . import audit as audit_mod
 from . import config as cfg
@@ -271,6 +272,10 @@ class ProxyServer:
             data_sock,
             batch=batch,
             on_exhausted=lambda: metrics.rejected("accept_failed"),
+            # The handshake is part of the request head's time budget (slow handshakes).
+            tls=listener_tls("listen.tls", listen.tls, metrics),
+            handshake_timeout=listen.header_read_timeout,
+            on_handshake_failed=lambda: metrics.rejected("tls_handshake"),
         )
         await site.start()
         self.data_port = _bound_port(self._data_runner)
@@ -448,9 +453,24 @@ async def start_admin(
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(admin_mod.make_app(status, metrics), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.admin.host, config.admin.port, reuse_address=True)
+    site = web.TCPSite(
+        runner,
+        config.admin.host,
+        config.admin.port,
+        reuse_address=True,
+        ssl_context=listener_tls("admin.tls", config.admin.tls, metrics),
+    )
     await site.start()
     return runner, _bound_port(runner)
+
+
+def listener_tls(
+    section: str, spec: cfg.ListenerTls | None, metrics: Metrics
+) -> ssl.SSLContext | None:
+    """The rotating server context of a listener's ``tls`` section (None: plain HTTP)."""
+    if spec is None:
+        return None
+    return tls.listener_context(tls.for_listener(section, spec, metrics))
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -516,6 +536,7 @@ async def serve(
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_hup() -> None:
+        tls.refresh_all(force=True)  # certificate files: re-read now, even if unchanged
         task = asyncio.create_task(server.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -527,7 +548,13 @@ async def serve(
         watcher = asyncio.create_task(
             watch_config(config_path, config.reload.interval, server.reload, loaded)
         )
+    # Certificate files are watched by every process, workers too (each owns its contexts).
+    cert_watch = None
+    if config.reload.watch:
+        cert_watch = asyncio.create_task(tls.watch(config.reload.interval))
     await stop.wait()
+    if cert_watch is not None:
+        cert_watch.cancel()
     if watcher is not None:
         watcher.cancel()
     await server.stop(drain_delay=0 if worker else None)

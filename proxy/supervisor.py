@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import accept
+from . import accept, tls
 from . import admin as admin_mod
 from . import config as cfg
 from . import fleet as fleet_mod
@@ -181,8 +181,9 @@ class Supervisor:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         if self.config.reload.watch:
+            self._spawn_task(tls.watch(self.config.reload.interval))  # the admin's files
             self._spawn_task(
                 watch_config(self.config_path, self.config.reload.interval, self.reload)
             )
@@ -217,6 +218,10 @@ class Supervisor:
         sock.close()
         await self.fleet.store.close()
         await asyncio.to_thread(self.audit.close)
+
+    def _on_hup(self) -> None:
+        tls.refresh_all(force=True)  # the admin listener's certificate files
+        self._spawn_task(self.reload())
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

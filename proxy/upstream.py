@@ -41,7 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import config as cfg
-from . import errors
+from . import errors, tls
 from .balancer import Balancer, make_balancer
 from .health import ClusterHealth, EndpointState
 from .retry import RetryPolicy
@@ -161,6 +161,10 @@ class AiohttpTransport:
 
     def __init__(self, cluster: cfg.Cluster, limits: cfg.Listen) -> None:
         self._timeouts = cluster.timeouts
+        # https:// endpoints: the cluster's own trust decision (tls.for_cluster), never
+        # aiohttp's default context; SNI and the verified name as in H1Transport.
+        self._tls = tls.for_cluster("websocket", cluster, warn=False)
+        self._server_name = cluster.tls.server_name if cluster.tls is not None else None
         connector = aiohttp.TCPConnector(
             limit=cluster.max_connections,
             limit_per_host=0,
@@ -218,8 +222,18 @@ class AiohttpTransport:
         url = URL(endpoint.url + target, encoded=True)
         try:
             async with asyncio.timeout(self._timeouts.response_headers):
+                if self._tls is None:
+                    return await self._session.ws_connect(
+                        url, headers=headers, protocols=protocols, autoping=True, max_msg_size=0
+                    )
                 return await self._session.ws_connect(
-                    url, headers=headers, protocols=protocols, autoping=True, max_msg_size=0
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    autoping=True,
+                    max_msg_size=0,
+                    ssl=self._tls.context,
+                    server_hostname=self._server_name or endpoint.host,
                 )
         except aiohttp.WSServerHandshakeError as exc:
             raise errors.UpstreamProtocolError(
@@ -236,6 +250,12 @@ def map_exception(exc: BaseException) -> errors.ProxyError:
     """The one place a foreign exception becomes a ``ProxyError``."""
     if isinstance(exc, errors.ProxyError):
         return exc
+    cause = exc
+    if isinstance(exc, aiohttp.ClientSSLError):  # ClientConnectorCertificateError too
+        cause = getattr(exc, "certificate_error", None) or exc.os_error or exc
+    tls_error = tls.map_error(cause)
+    if tls_error is not None:
+        return tls_error
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return errors.ConnectTimeout(f"upstream connect timed out: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):

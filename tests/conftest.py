@@ -381,3 +381,47 @@ async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+DEMO_CONFIG = Path(__file__).parent.parent / "config" / "demo.yaml"
+
+
+@contextlib.asynccontextmanager
+async def jalur_demo(tmp: Path, *args: str) -> AsyncIterator[tuple[str, str]]:
+    """`jalur demo [args]` as a user runs it, on the demo config moved to free loopback
+    ports: yields the proxy's and the admin listener's base URLs and the config, then
+    stops it with SIGINT (which must exit 0)."""
+    conf = yaml.safe_load(DEMO_CONFIG.read_text())
+    conf["listen"]["port"] = conf["admin"]["port"] = 0
+    ports: dict[str, int] = {}
+    for spec in conf["clusters"].values():
+        spec["endpoints"] = [
+            f"http://127.0.0.1:{ports.setdefault(u, free_port())}" for u in spec["endpoints"]
+        ]
+    path = tmp / "demo.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "demo",
+        "-c",
+        str(path),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=str(tmp),
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            first = (await proc.stdout.readline()).decode()
+        m = re.search(r"proxy on (http://\S+), admin on (http://\S+)", first)
+        assert m, first
+        yield m.group(1), m.group(2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            code = await proc.wait()
+    assert code == 0

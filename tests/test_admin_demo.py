@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import signal
-import sys
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from proxy import audit
 from proxy.demo.run import DEMO_AUDIT_KEY
 
-from .conftest import Harness, free_port
+from .conftest import Harness, jalur_demo
 
 DEMO = Path(__file__).parent.parent / "config" / "demo.yaml"
 
@@ -51,51 +45,14 @@ async def test_admin_health_readiness_and_masked_config(harness: Harness) -> Non
 
 
 async def test_jalur_demo_serves_social_and_commerce_and_stops_on_sigint(tmp_path: Path) -> None:
-    conf = yaml.safe_load(DEMO.read_text())
-    conf["listen"]["port"] = 0
-    conf["admin"]["port"] = 0
-    ports: dict[str, int] = {}
-    for cluster in conf["clusters"].values():
-        new = []
-        for url in cluster["endpoints"]:
-            ports.setdefault(url, free_port())
-            new.append(f"http://127.0.0.1:{ports[url]}")
-        cluster["endpoints"] = new
-    path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    cwd = tmp_path
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "demo",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=str(cwd),
-    )
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(20):
-            first = (await proc.stdout.readline()).decode()
-        m = re.search(r"proxy on (http://\S+), admin on (http://\S+)", first)
-        assert m, first
-        base = m.group(1)
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{base}/api/feed") as r:
-                assert r.status == 200
-                assert r.headers["x-backend-system"] == "tiktok"
-            async with s.post(f"{base}/api/payment/charge", data=b"{}") as r:
-                assert r.status == 200
-                assert r.headers["x-backend-system"] == "tokopedia"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            code = await proc.wait()
-    assert code == 0
+    async with jalur_demo(tmp_path) as (base, _), aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/api/feed") as r:
+            assert r.status == 200
+            assert r.headers["x-backend-system"] == "tiktok"
+        async with s.post(f"{base}/api/payment/charge", data=b"{}") as r:
+            assert r.status == 200
+            assert r.headers["x-backend-system"] == "tokopedia"
     # The demo leaves a sealed trail that verifies under the demo key.
-    verdict = audit.verify([cwd / "jalur-audit.log"], DEMO_AUDIT_KEY.encode(), keep=True)
+    verdict = audit.verify([tmp_path / "jalur-audit.log"], DEMO_AUDIT_KEY.encode(), keep=True)
     assert verdict.intact, verdict.breaks
     assert [e["route"] for e in audit.iter_requests(verdict.entries)] == ["payment"]

@@ -368,6 +368,8 @@ def labels_by_series() -> dict[str, set[str]]:
     metrics.set_migration_config({"payment": 0.6}, {"checkout": False})
     metrics.migration_child("payment", "commerce").inc()
     metrics.config_reload(True)
+    metrics.tls_reload(True)
+    metrics.tls_expiry("listen.tls", "cert", "/etc/jalur/tls.crt", 1.8e9)
     out: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(metrics.render(None)[0].decode()):
         assert family.samples, f"{family.name} has no samples; populate it above"

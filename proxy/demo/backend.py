@@ -27,6 +27,7 @@ import hashlib
 import random
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Sequence
@@ -435,7 +436,10 @@ async def _websocket_echo(request: web.Request) -> web.StreamResponse:
 
 
 async def start_backend(
-    spec: BackendSpec, host: str = "127.0.0.1", port: int = 0
+    spec: BackendSpec,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start a back end for ``spec`` on ``host:port``; return its runner and actual bound port.
 
@@ -445,7 +449,7 @@ async def start_backend(
     runner = web.AppRunner(make_app(spec), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         # runner.addresses reads getsockname() of the site's listening sockets.
         addresses = runner.addresses

@@ -11,14 +11,19 @@ import asyncio
 import ipaddress
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Final, TextIO
 
+import msgspec
+import yaml
 from aiohttp import web
 from yarl import URL
 
-from ..config import Config
+from ..config import Config, parse
 from ..server import ProxyServer
 from .backend import BackendSpec, start_backend
+from .pki import DemoPki, make_pki, over_tls
 
 # The demo's audit key (used when JALUR_AUDIT__KEY is not set), so that `make demo` leaves a
 # trail that `jalur audit verify` accepts. A demo secret printed in the banner: never reuse it.
@@ -48,7 +53,20 @@ def backend_specs(config: Config) -> dict[tuple[str, int], BackendSpec]:
     return specs
 
 
-def print_banner(server: ProxyServer, config: Config, out: TextIO) -> None:
+def tls_endpoints(config: Config) -> set[tuple[str, int]]:
+    """The (host, port) of every ``https://`` endpoint."""
+    out = set()
+    for cluster in config.clusters.values():
+        for endpoint in cluster.endpoints:
+            url = URL(endpoint)
+            if url.scheme == "https" and url.host is not None and url.port is not None:
+                out.add((url.host, url.port))
+    return out
+
+
+def print_banner(
+    server: ProxyServer, config: Config, out: TextIO, pki: DemoPki | None = None
+) -> None:
     base = f"http://{config.listen.host}:{server.data_port}"
     admin = f"http://{config.admin.host}:{server.admin_port}"
     lines = [
@@ -79,16 +97,42 @@ def print_banner(server: ProxyServer, config: Config, out: TextIO) -> None:
             f"  {prefix}jalur audit verify {trail}*",
             f"  {prefix}jalur report --audit {trail}* --since 2020-01-01 --until 2100-01-01",
         ]
+    if pki is not None:
+        port = min(p for _, p in tls_endpoints(config))
+        lines[-1:-1] = [
+            f"Commerce clusters over mutual TLS (throw-away CA in {pki.ca_file.parent}):",
+            f"  openssl s_client -connect 127.0.0.1:{port} -CAfile {pki.ca_file} "
+            f"-cert {pki.client_cert} -key {pki.client_key} -brief </dev/null",
+            f"  curl -s {admin}/metrics | grep jalur_tls_",
+        ]
     print("\n".join(lines), file=out, flush=True)
 
 
 async def run_demo(
-    config: Config, *, out: TextIO = sys.stdout, backends_only: bool = False
+    config: Config,
+    *,
+    out: TextIO = sys.stdout,
+    tls_dir: Path | None = None,
+    tls: bool = False,
+    backends_only: bool = False,
 ) -> None:
+    """Serve the demo; with ``tls`` the commerce clusters run over mutual TLS with a CA made
+    now (files in ``tls_dir``, default a new temporary directory); with ``backends_only``
+    only the simulated back ends (the proxy is run separately, e.g. with --workers)."""
     runners: list[web.AppRunner] = []
+    pki = None
+    if tls:
+        pki = make_pki(tls_dir or Path(tempfile.mkdtemp(prefix="jalur-demo-tls-")))
+        # Through the loader again: the new sections and files are validated like any config.
+        data = msgspec.to_builtins(over_tls(config, pki))
+        key = (data.get("audit") or {}).pop("key", None)  # only from the environment
+        env = {"JALUR_AUDIT__KEY": key} if key else None
+        config = parse(yaml.safe_dump(data), "demo --tls", env=env)
+    secure = tls_endpoints(config)
     try:
         for (host, port), spec in backend_specs(config).items():
-            runner, _ = await start_backend(spec, host=host, port=port)
+            ctx = pki.server_context() if pki is not None and (host, port) in secure else None
+            runner, _ = await start_backend(spec, host=host, port=port, ssl_context=ctx)
             runners.append(runner)
         server = None
         if backends_only:
@@ -96,7 +140,7 @@ async def run_demo(
         else:
             server = ProxyServer(config)
             await server.start()
-            print_banner(server, config, out)
+            print_banner(server, config, out, pki)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
