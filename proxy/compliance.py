@@ -54,6 +54,7 @@ from typing import IO, Any, Final
 
 import orjson
 
+from .accesslog import printable
 from .config import Audit, Config, FieldError, Match
 from .config import Route as RouteSpec
 from .paths import MAX_TARGET_BYTES, PathError, canonicalize
@@ -729,10 +730,12 @@ class AuditLog:
             out[key] = entry.get(key)
         for key, value in entry.items():
             out[key] = value  # extra fields, and an explicit "time"
+        option = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
         try:
-            line = orjson.dumps(
-                out, default=repr, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
-            )
+            try:
+                line = orjson.dumps(out, default=repr, option=option)
+            except orjson.JSONEncodeError:  # a request's bytes were not UTF-8: escape them
+                line = orjson.dumps(printable(out), default=repr, option=option)
         except (TypeError, ValueError) as exc:  # e.g. a circular structure
             self.failed += 1
             log.error("audit record not encodable (%s): %r", exc, out.get("request_id"))

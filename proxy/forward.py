@@ -509,13 +509,14 @@ class Forwarder:
             message = "unsupported Transfer-Encoding; only chunked is accepted"
             return self._reject(ex, 501, message, "transfer_encoding")
         try:
+            host = paths.canonical_host(headers.getall("Host", []))
             target = paths.canonicalize(request.raw_path, headers.get("Host"))
         except paths.PathError as exc:
-            return self._reject(ex, 400, f"invalid request path: {exc}", exc.reason)
+            return self._reject(ex, 400, f"invalid request: {exc}", exc.reason)
         problem = state.boundary.check_names(headers)
         if problem is not None:
             return self._reject(ex, 400, problem, "underscore_header")
-        route = state.router.match(request.method, headers.get("Host", ""), target.path, headers)
+        route = state.router.match(request.method, host, target.path, headers)
         if route is None:
             ex.flags = "NR"
             return self._reject(ex, 404, "no route matches this request", "no_route")
