@@ -12,19 +12,38 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy import config as cfg
 from proxy.server import ProxyServer
 
 from .conftest import (
     Backend,
     Harness,
+    RawUpstream,
     cluster,
     raw_request,
+    raw_upstream,
+    read_request,
     until,
 )
 
 COMMERCE_SECRET = "S3cr3tCommerce"
 SOCIAL_SECRET = "S3cr3tSocial"
 PAY_HOST = "pay.shop.example"
+
+
+# A social identity that commerce may receive with the user's consent only.
+BOUNDARY: dict[str, Any] = {
+    "consent": {
+        "identities": [
+            {
+                "header": "x-social-user-id",
+                "from_system": "tiktok",
+                "to_system": "tokopedia",
+                "scope": "checkout",
+            }
+        ]
+    }
+}
 
 
 def routes() -> list[dict[str, Any]]:
@@ -48,25 +67,16 @@ def routes() -> list[dict[str, Any]]:
     ]
 
 
-async def start(h: Harness, social_url: str | None = None, **extra: Any) -> ProxyServer:
+async def start(
+    h: Harness, social_url: str | None = None, pay_url: str | None = None, **extra: Any
+) -> ProxyServer:
     social = social_url or (await h.backend("social", "tiktok")).url
-    pay = await h.backend("pay", "tokopedia")
+    pay = pay_url or (await h.backend("pay", "tokopedia")).url
     conf: dict[str, Any] = {
-        "clusters": {"social": cluster("tiktok", social), "pay": cluster("tokopedia", pay.url)},
+        "clusters": {"social": cluster("tiktok", social), "pay": cluster("tokopedia", pay)},
         "routes": routes(),
         "access_log": {"path": str(h.tmp / "access.log"), "flush_interval": 0.01},
-        "boundary": {
-            "consent": {
-                "identities": [
-                    {
-                        "header": "x-social-user-id",
-                        "from_system": "tiktok",
-                        "to_system": "tokopedia",
-                        "scope": "checkout",
-                    }
-                ]
-            }
-        },
+        "boundary": BOUNDARY,
     }
     conf.update(extra)
     return await h.proxy(conf)
@@ -204,3 +214,221 @@ async def test_an_invalid_host_is_400_and_never_forwarded(harness: Harness) -> N
     assert (await raw_request(p.data_port, two)).status == 400
     assert not harness.backends["social"].received
     assert not harness.backends["pay"].received
+
+
+# -- request lines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET /x HTTP/2.0", b"GET /x HTTP/0.9", b"GET /x HTTP/1.2", b"GET /x HTTP/3.0", b"GET /x"],
+)
+async def test_only_http_1_0_and_1_1_request_lines_are_served(
+    harness: Harness, line: bytes
+) -> None:
+    """Issue #18: ``GET /x`` with an HTTP/0.9 or ``HTTP/2.0`` request line was proxied."""
+    p = await start(harness)
+    resp = await raw_request(p.data_port, line + b"\r\nHost: shop.example\r\n\r\n")
+    # llhttp itself refuses 1.2 and 3.0 as a bad request line (400, never proxied).
+    assert resp.status == (400 if line.endswith((b"1.2", b"3.0")) else 505), resp
+    assert not harness.backends["social"].received
+    ok = await raw_request(p.data_port, b"GET /x HTTP/1.0\r\nHost: shop.example\r\n\r\n")
+    assert ok.status == 200
+
+
+# -- cookies, both directions ----------------------------------------------------------------
+
+# Separators a lenient parser splits at and RFC 6265 does not; spellings PHP folds.
+SEPARATORS = (" ", ",", "\t", ", ", " ,", ",\t")
+
+
+def spellings(owned: str) -> list[str]:
+    """Names some stack reads as ``owned`` (PHP folds '.', ' ' and '[' into '_',
+    percent-decodes and reads ``a[x]`` as ``a``; several compare without case)."""
+    i = owned.index("_", 1)  # an inner '_'
+    return [
+        owned,
+        *(owned[:i] + c + owned[i + 1 :] for c in (".", "[", " ", "%5F", "%5f", "%2E")),
+        owned.upper(),
+        owned + "[x]",
+        " " + owned,
+    ]
+
+
+def foreign_cookies(owned: str, secret: str) -> list[str]:
+    out = [f"a=1{sep}{name}={secret}" for sep in SEPARATORS for name in spellings(owned)]
+    out += [f"a=1; {name}={secret}" for name in spellings(owned)]
+    out += [f'a="1 {owned}={secret}"', f"{owned}{secret}", f"a=1;{owned}={secret},b=2"]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "system", "owned", "secret"),
+    [
+        ("/feed", "social", "_SID_Tokopedia_", COMMERCE_SECRET),
+        ("/api/payment/charge", "pay", "tt_session", SOCIAL_SECRET),
+    ],
+)
+async def test_no_spelling_of_a_foreign_cookie_crosses(
+    harness: Harness, path: str, system: str, owned: str, secret: str
+) -> None:
+    """Issue #18: ``Cookie: a=1 _SID_Tokopedia_=S`` (space, comma or tab instead of ``; ``)
+    passed unchanged and aiohttp read the commerce session at social; PHP read
+    ``_SID[Tokopedia_=x`` as ``_SID_Tokopedia_``. The same in the other direction."""
+    p = await start(harness)
+    cookies = foreign_cookies(owned, secret)
+    for cookie in cookies:
+        resp = await raw_request(p.data_port, request("GET", path, ("Cookie", cookie)))
+        assert resp.status == 200, cookie
+    got = received(harness.backends[system])
+    assert len(got) == len(cookies)
+    for cookie, req in zip(cookies, got, strict=True):
+        assert secret not in req.get("cookie", ""), cookie
+        # What is left is one canonical spelling: strict pairs joined by "; ".
+        assert req.get("cookie", "a=1") in ("a=1", "a=1; b=2"), (cookie, req.get("cookie"))
+
+
+# -- header names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reject", "drop"])
+async def test_header_names_outside_letters_digits_dash_never_cross(
+    harness: Harness, mode: str
+) -> None:
+    """Issue #18: ``X-Shop.User`` was not stripped (PHP reads ``HTTP_X_SHOP_USER``); a
+    consent-gated identity crossed the same way without a token."""
+    boundary = {"header_names": mode, "underscore_headers": mode}
+    p = await start(harness, boundary={**BOUNDARY, **boundary})
+    names = [
+        ("X-TT.User", "/api/payment/charge", "pay"),
+        ("X-Social.User-Id", "/api/payment/charge", "pay"),
+        ("x-social.user.id", "/api/payment/charge", "pay"),
+        ("X-TT User", "/api/payment/charge", "pay"),
+        ("Authorization.", "/feed", "social"),
+        ("Authori~zation", "/feed", "social"),
+        ("X-TT_User", "/api/payment/charge", "pay"),
+        ("X-Shop.User", "/feed", "social"),
+        ("X-Shop+User", "/feed", "social"),
+        ("X-Shop!User", "/feed", "social"),
+    ]
+    for name, path, _ in names:
+        if " " in name:
+            continue  # not a field name at all: the parser refuses it (400)
+        resp = await raw_request(p.data_port, request("GET", path, (name, "u-42")))
+        assert resp.status == (400 if mode == "reject" else 200), name
+        if mode == "reject":
+            body = orjson.loads(resp.body)
+            assert body["reason"] in ("header_name", "underscore_header")
+    for b in harness.backends.values():
+        for req in received(b):
+            assert "u-42" not in req.values(), req
+    if mode == "drop":
+        assert len(received(harness.backends["pay"])) + len(
+            received(harness.backends["social"])
+        ) == sum(" " not in n for n, _, _ in names)
+
+
+# -- Set-Cookie from a back end ----------------------------------------------------------------
+
+
+def plants(owned: str) -> list[str]:
+    """Set-Cookie lines after which a browser holds a cookie some stack reads as ``owned``."""
+    i = owned.index("_", 1)
+    return [
+        f"={owned}=x",  # nameless: sent back as "_SID_Tokopedia_=x"
+        f"{owned[:i]}[{owned[i + 1 :]}=x",
+        f"{owned[:i]}.{owned[i + 1 :]}=x",
+        f"{owned[:i]}%5F{owned[i + 1 :]}=x",
+        f"tt_x=1 {owned}=x",
+        f"tt_x=1,{owned}=x",
+        f"tt_x=1\t{owned}=x; Path=/",
+        f'tt_x="1 {owned}=x"',
+        f" {owned} =x; Path=/",
+        f"{owned.upper()}=x; HttpOnly",
+        f"{owned}=x; Domain=shop.example",
+        f"{owned}",  # nameless, value only
+        f"{owned}[a]=x",
+    ]
+
+
+SAFE_SET_COOKIES = ["lang=id; Path=/", "theme=dark", 'q="v"; Secure']
+
+
+async def set_cookie_upstream(lines: list[str]) -> RawUpstream:
+    async def answer(up: RawUpstream, reader: Any, writer: Any) -> None:
+        while True:
+            await read_request(reader)
+            head = ["HTTP/1.1 200 OK", "Content-Length: 2"]
+            head += [f"Set-Cookie: {line}" for line in lines]
+            writer.write(("\r\n".join(head) + "\r\n\r\nok").encode("latin-1"))
+            await writer.drain()
+
+    return await raw_upstream(answer)
+
+
+@pytest.mark.parametrize(
+    ("system", "path", "owned"),
+    [("social", "/feed", "_SID_Tokopedia_"), ("pay", "/api/payment/x", "tt_session")],
+)
+async def test_a_back_end_cannot_plant_another_systems_cookie(
+    harness: Harness, system: str, path: str, owned: str
+) -> None:
+    """Issue #18: the social back end planted the commerce session with
+    ``=_SID_Tokopedia_=x``, ``_SID[Tokopedia_=x`` and ``tt_x=1 _SID_Tokopedia_=x``."""
+    up = await set_cookie_upstream([*plants(owned), *SAFE_SET_COOKIES])
+    if system == "social":
+        p = await start(harness, social_url=up.url)
+    else:
+        p = await start(harness, pay_url=up.url)
+    try:
+        resp = await raw_request(p.data_port, request("GET", path))
+    finally:
+        up.server.close()
+    assert resp.status == 200
+    got = [v for k, v in resp.headers if k.lower() == "set-cookie"]
+    assert got == SAFE_SET_COOKIES
+
+
+# -- forwarding and override headers -----------------------------------------------------------
+
+OVERRIDES = {
+    "Forwarded": "for=10.9.9.9;host=pay.shop.example",
+    "X-Real-IP": "10.9.9.9",
+    "True-Client-IP": "10.9.9.9",
+    "X-Original-URL": "/api/payment/charge",
+    "X-Rewrite-URL": "/api/payment/charge",
+    "X-HTTP-Method-Override": "DELETE",
+    "X-HTTP-Method": "DELETE",
+    "X-Method-Override": "DELETE",
+}
+
+
+@pytest.mark.parametrize(
+    ("hops", "passed", "xff"),
+    [
+        (0, [], "127.0.0.1"),
+        (1, ["X-Real-IP"], "10.0.0.2, 127.0.0.1"),
+        (2, [], "10.0.0.1, 10.0.0.2, 127.0.0.1"),
+    ],
+)
+async def test_forwarding_and_override_headers_are_the_proxys_own(
+    harness: Harness, hops: int, passed: list[str], xff: str
+) -> None:
+    """Issue #18: a client's X-Forwarded-For was trusted; Forwarded, X-Real-IP,
+    True-Client-IP and the URL / method overrides passed unchanged."""
+    forwarding = {"xff_num_trusted_hops": hops, "pass_headers": passed}
+    p = await start(harness, boundary={**BOUNDARY, "forwarding": forwarding})
+    sent = [("X-Forwarded-For", "6.6.6.6, 10.0.0.1"), ("X-Forwarded-For", "10.0.0.2")]
+    sent += list(OVERRIDES.items())
+    resp = await raw_request(p.data_port, request("GET", "/feed", *sent))
+    assert resp.status == 200
+    (got,) = received(harness.backends["social"])
+    assert got["x-forwarded-for"] == xff
+    left = {name for name in OVERRIDES if name.lower() in got}
+    assert left == set(passed)
+    assert got[":path"] == "/feed"
+
+
+async def test_pass_headers_names_only_forwarding_headers(harness: Harness) -> None:
+    with pytest.raises(cfg.ConfigError, match=r"\$\.boundary\.forwarding\.pass_headers\[0\]"):
+        await start(harness, boundary={"forwarding": {"pass_headers": ["authorization"]}})
