@@ -191,8 +191,8 @@ def _shadowing(config: Config, tx: frozenset[str]) -> list[FieldError]:
     social: list[tuple[int, RouteSpec, str]] = []  # earlier routes with a social target
     for i, route in enumerate(config.routes):
         if route.category in tx:
-            if _path_kind(route.match) is None:
-                continue  # matches every path: told apart by host/method/headers, not path
+            if _path_kind(route.match) is None and route.match.host is None:
+                continue  # every path and host: told apart by method/headers only
             for j, earlier, system in social:
                 if _overlap(earlier.match, route.match):
                     errors.append(
@@ -233,9 +233,9 @@ def _overlap(earlier: Match, later: Match) -> bool:
     ):
         return False
     e_kind, l_kind = _path_kind(earlier), _path_kind(later)
-    if e_kind is None:
-        return True
-    if e_kind == "regex" or l_kind == "regex" or l_kind is None:
+    if e_kind is None or l_kind is None:
+        return True  # one takes every path: any path of the other is shared
+    if e_kind == "regex" or l_kind == "regex":
         return False
     fold: Callable[[str], str] = (
         (lambda s: s) if earlier.case_sensitive and later.case_sensitive else str.lower
@@ -254,7 +254,7 @@ def _overlap(earlier: Match, later: Match) -> bool:
 def _hosts_overlap(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return True
-    a, b = a.lower(), b.lower()
+    a, b = a.lower().removesuffix("."), b.lower().removesuffix(".")
     # "*.shop.test" takes every host ending in ".shop.test" (as the router does).
     a_suffix = a[1:] if a.startswith("*.") else None
     b_suffix = b[1:] if b.startswith("*.") else None

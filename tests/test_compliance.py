@@ -271,6 +271,36 @@ def test_an_earlier_social_route_must_not_shadow_a_transaction_route(
     assert "$.routes[1]" in error.message
 
 
+@pytest.mark.parametrize(
+    ("earlier", "shadowed"),
+    [
+        ({}, True),
+        ({"prefix": "/"}, True),
+        ({"prefix": "/api/feed"}, True),  # pay.example/api/feed would reach social
+        ({"regex": "/api/.*"}, True),
+        ({"exact": "/"}, True),
+        ({"prefix": "/", "host": "PAY.example."}, True),
+        ({"prefix": "/", "host": "*.example"}, True),
+        ({"prefix": "/", "host": "feed.example"}, False),
+        ({"prefix": "/", "methods": ["GET"]}, False),  # payment is POST only
+    ],
+)
+def test_a_host_only_transaction_route_after_a_broader_social_route(
+    earlier: dict[str, Any], shadowed: bool
+) -> None:
+    """Issue #18: a payment route matched by host alone, placed after a social route that
+    takes some of that host's requests, is flagged by ``jalur check``."""
+    pay = payment(to="pay")
+    pay["match"] = {"host": "pay.example", "methods": ["POST"]}
+    text = document([social_route("early", earlier), pay])
+    if not shadowed:
+        cfg.parse(text)
+        return
+    (error,) = errors_of(text)
+    assert error.path == "$.routes[0].match"
+    assert "'payment'" in error.message
+
+
 def test_a_later_catch_all_to_social_is_fine() -> None:
     cfg.parse(document([payment(to="pay"), social_route("all", {})]))
 
