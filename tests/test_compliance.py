@@ -470,6 +470,10 @@ VARIANTS = [
     "/api/Merchant/x",
 ]
 
+# The exact route /api/pay names a resource: path-info routing (PHP's pay.php/ment, a
+# servlet mapped to /api/pay/*) serves it with trailing segments too (issue #18).
+VARIANTS += ["/api/pay;x/ment", "/api/pay/ment", "/api/pay.json"]
+
 NOT_VARIANTS = [
     "/",
     "/api/feed",
@@ -477,8 +481,6 @@ NOT_VARIANTS = [
     "/api/feed/x?next=/api/pay",  # the query is not the path
     "/api/feed;jsessionid=1",
     "/api/payx",
-    "/api/pay;x/ment",  # stripping ';x' gives /api/pay/ment, not /api/payment
-    "/api/pay/ment",
     "/api/pa%C3%BF",
     "/api/pay/../feed",  # forwarded as /api/feed
     "/api/orders/x",

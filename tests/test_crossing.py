@@ -432,3 +432,40 @@ async def test_forwarding_and_override_headers_are_the_proxys_own(
 async def test_pass_headers_names_only_forwarding_headers(harness: Harness) -> None:
     with pytest.raises(cfg.ConfigError, match=r"\$\.boundary\.forwarding\.pass_headers\[0\]"):
         await start(harness, boundary={"forwarding": {"pass_headers": ["authorization"]}})
+
+
+# -- paths as other stacks route them -----------------------------------------------------------
+
+PATH_READINGS = [
+    "/ap%C4%B1/payment/charge",  # dotless i: Java's equalsIgnoreCase reads "api"
+    "/AP%C4%B0/PAYMENT",  # dotted I: lower-cases to "i" in Java
+    "/ap%C4%B1/cart",
+    "/AP%C4%B0/orders/7",
+    "/api/orders/+1",  # Long.parseLong("+1") == 1
+    "/api/orders/%D9%A1",  # Arabic-Indic one
+    "/api/orders/%DB%B1",  # extended Arabic-Indic one
+    "/api/orders/%E0%A5%A7",  # Devanagari one
+    "/api/orders/%EF%BC%91",  # fullwidth one
+    "/api/orders/1.json",  # format suffix
+    "/api/orders/1.xml",
+    "/api/orders/1/items",  # trailing segment
+    "/api/cart.json",
+    "/API/CART.JSON",
+    "/api/cart/x",
+    "/api/cart/",
+]
+
+
+async def test_no_reading_of_a_transaction_path_reaches_social(harness: Harness) -> None:
+    """Issue #18: each of these went to the social catch-all, and a Java, PHP or Go back end
+    read it as a payment, an order or the cart. Now 400 ``transaction-variant``, audited."""
+    p = await start(harness)
+    for target in PATH_READINGS:
+        resp = await raw_request(p.data_port, request("POST", target, body=b"{}"))
+        assert resp.status == 400, (target, resp.status, resp.body)
+        assert orjson.loads(resp.body)["reason"] == "transaction-variant", target
+    assert not harness.backends["social"].received
+    await p.stop(drain_delay=0)
+    records = jsonlines(harness.tmp / "audit.log")
+    assert len(records) == len(PATH_READINGS)
+    assert {r["decision"] for r in records} == {"blocked"}
