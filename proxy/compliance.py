@@ -372,9 +372,12 @@ _SLASHES: Final = re.compile(r"/{2,}")
 _CUT: Final = re.compile("[?#\x00]")
 
 
-# A numeric segment as some stack parses it: sign, leading zeros, any Unicode decimal digits
-# (Java's Long.parseLong takes Character.digit, Python's int() takes \d).
-_NUMBER: Final = re.compile(r"(?<=/)[+-]?\d+(?=[/.]|\Z)")
+# A segment that some stack parses as a number: blanks, a sign, leading zeros, any Unicode
+# decimal digits (Java's Long.parseLong takes Character.digit, Python's int() takes \d),
+# then anything (JavaScript's parseInt and PHP's (int) read the leading digits only).
+_NUMBER: Final = re.compile(r"(?<=/)\s*([+-]?\d+)[^/]*")
+# A reading none of whose segments is spelled other than its number: the common case.
+_ODD_NUMBER: Final = re.compile(r"/(?:\s|[+-]\d|0\d|\d+[^\d/])").search
 # A resource route (exact or regex) also takes a format suffix and trailing segments.
 _RESOURCE_TAIL: Final = r"(?:\.[^/]*)?(?:/.*)?"
 
@@ -398,15 +401,16 @@ _ASCII_FOLDS: Final = _ascii_folds()
 
 
 def _canonical_number(m: re.Match[str]) -> str:
-    return str(int(m.group()))
+    return str(int(m.group(1)))
 
 
 def _numbers(reading: str) -> str:
-    """``reading`` with each numeric segment as the number it parses to, when some
-    segment is spelled other than its number (a sign, a leading zero, non-ASCII digits)."""
-    if "+" in reading or "/-" in reading or "/0" in reading or not reading.isascii():
-        return _NUMBER.sub(_canonical_number, reading)
-    return reading
+    """``reading`` with each segment that starts as a number read as that number, when
+    some segment is spelled other than its number (a sign, a leading zero or blank,
+    non-ASCII digits, a tail after the digits)."""
+    if reading.isascii() and _ODD_NUMBER(reading) is None:
+        return reading
+    return _NUMBER.sub(_canonical_number, reading)
 
 
 def _decode_run(m: re.Match[str]) -> str:
