@@ -401,7 +401,8 @@ _ASCII_FOLDS: Final = _ascii_folds()
 
 
 def _canonical_number(m: re.Match[str]) -> str:
-    return str(int(m.group(1)))
+    # Without its sign: a back end routes "/orders/-1" to its orders handler all the same.
+    return str(abs(int(m.group(1))))
 
 
 def _numbers(reading: str) -> str:

@@ -442,6 +442,8 @@ PATH_READINGS = [
     "/ap%C4%B1/cart",
     "/AP%C4%B0/orders/7",
     "/api/orders/+1",  # Long.parseLong("+1") == 1
+    "/api/orders/-01abc%20",  # parseInt: -1, routed to the orders handler all the same
+    "/api/orders/7abc",  # parseInt / (int): 7
     "/api/orders/%D9%A1",  # Arabic-Indic one
     "/api/orders/%DB%B1",  # extended Arabic-Indic one
     "/api/orders/%E0%A5%A7",  # Devanagari one
