@@ -723,3 +723,65 @@ def test_property_set_cookie_filter(cookies: list[tuple[tuple[str, str], str]]) 
     kept = [v for v, ((n, _), _) in zip(values, cookies, strict=True) if n.lower() != "tt_session"]
     assert h.getall("Set-Cookie", []) == kept
     assert dropped == len(values) - len(kept)
+
+
+# -- strict spelling (issue #18) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", [" ", ",", "\t", ", ", " ,", ";,"])
+def test_a_pair_a_lenient_parser_splits_is_dropped_as_malformed(sep: str) -> None:
+    h = headers(("Cookie", f"a=1{sep}_SID_Tokopedia_=S; b=2"))
+    got = boundary().scrub(h, "tiktok")
+    assert "_SID_Tokopedia_" not in h.get("Cookie", "")
+    assert h.getall("Cookie") == ["b=2"] or h.getall("Cookie") == ["a=1; b=2"]
+    assert got.malformed_cookies + got.cookies >= 1
+
+
+@pytest.mark.parametrize(
+    "name", ["X-Shop.User", "X-TT.User", "x-social.user-id", "X+Y", "X~Y", "X!Y", "X'Y"]
+)
+def test_header_names_outside_the_safe_set(name: str) -> None:
+    assert boundary().check_names({name: "1", "Accept": "a"}) is not None
+    b = boundary(underscore="drop")
+    drop = Boundary(
+        cfg.parse(yaml.safe_dump({"systems": SYSTEMS, "boundary": {"header_names": "drop"}}))
+    )
+    assert drop.check_names({name: "1"}) is None
+    h = headers(("Accept", "a"), (name, "1"))
+    assert drop.scrub(h, "tokopedia") == Stripped(header_names=1)
+    assert list(h.items()) == [("Accept", "a")]
+    assert b.check_names({"X-Ok-1": "1"}) is None
+
+
+def test_forwarding_headers_removed_unless_passed() -> None:
+    names = ["Forwarded", "X-Real-IP", "True-Client-IP", "X-Original-URL", "X-Rewrite-URL"]
+    names += ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"]
+    h = headers(*((n, "v") for n in names), ("Accept", "a"))
+    assert boundary().scrub(h, "tiktok") == Stripped(forwarding=len(names))
+    assert list(h.items()) == [("Accept", "a")]
+    passing = Boundary(
+        cfg.parse(
+            yaml.safe_dump(
+                {"systems": SYSTEMS, "boundary": {"forwarding": {"pass_headers": ["x-real-ip"]}}}
+            )
+        )
+    )
+    h = headers(*((n, "v") for n in names))
+    assert passing.scrub(h, "tiktok") == Stripped(forwarding=len(names) - 1)
+    assert list(h.keys()) == ["X-Real-IP"]
+
+
+@pytest.mark.parametrize(
+    ("line", "stored"),
+    [
+        ("a=1; Path=/", ("a", "1")),
+        ("=_SID_Tokopedia_=x", ("", "_SID_Tokopedia_=x")),
+        ("bare", ("", "bare")),
+        ("  a = 1 ;x", ("a", "1")),
+        ("a=1\x01", None),
+        ("=", None),
+        ("tt_x=1 _SID_Tokopedia_=x", ("tt_x", "1 _SID_Tokopedia_=x")),
+    ],
+)
+def test_browser_cookie(line: str, stored: tuple[str, str] | None) -> None:
+    assert boundary_module.browser_cookie(line) == stored
