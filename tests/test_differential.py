@@ -1,14 +1,15 @@
 """Differential tests: real back ends of other stacks behind Jalur, each saying what IT read.
 
 PHP (``php -S``: ``$_COOKIE``, ``$_SERVER``), Java (``com.sun.net.httpserver``,
-``equalsIgnoreCase``, ``Long.parseLong``), Node (``http`` and the npm ``cookie`` package) and
-Go (``net/http``) each run twice, as the social and as the commerce system, behind a Jalur
-proxy (the routes of tests/test_crossing.py). A generator feeds every family of issue #18
-(paths, cookies, header names, Set-Cookie, Host) with many spellings; each back end answers
-with its own reading (route, id, cookies, headers), and the tests assert that
+``equalsIgnoreCase``, ``Long.parseLong``), Node (``http`` and the npm ``cookie`` package),
+Go (``net/http``) and Python (aiohttp's ``request.cookies``) each run twice, as the social
+and as the commerce system, behind a Jalur proxy (the routes of tests/test_crossing.py). A
+generator feeds every family of issue #18 (paths, cookies, header names, Set-Cookie, Host)
+with many spellings; each back end answers with its own reading (route, id, cookies,
+headers), and the tests assert that
 
-- no back end reads another system's identity (the secret sent under any spelling of an
-  owned cookie or header name never shows up in what it read),
+- no back end reads another system's cookie or header under any spelling (as that stack
+  names what it read),
 - a cookie a back end planted through Set-Cookie is never read by the other system,
 - no transaction reading (payment, orders, cart, the payment host) ever reaches social.
 
@@ -30,6 +31,7 @@ import selectors
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ STACKS_DIR: Path = Path(__file__).parent / "stacks"
 CACHE = Path(os.environ.get("JALUR_TEST_CACHE", Path.home() / ".cache" / "jalur-tests"))
 EXAMPLES = int(os.environ.get("JALUR_DIFF_EXAMPLES", "40"))
 NODE_COOKIE = "cookie@0.7.2"  # the version Express 4 depends on
-STACKS = ("php", "java", "node", "go")
+STACKS = ("php", "java", "node", "go", "python")
 SYSTEMS = ("social", "commerce")
 # Owned names as tests/conftest.py's SYSTEMS (and the consent-gated identity) define them.
 COOKIE_OF = {"social": "tt_session", "commerce": "_SID_Tokopedia_"}
@@ -135,7 +137,12 @@ def _php() -> Callable[[str], tuple[list[str], dict[str, str]]]:
     return lambda system: ([php, "-S", "127.0.0.1:{port}", router], {"JALUR_SYSTEM": system})
 
 
-BUILDERS = {"php": _php, "java": _java, "node": _node, "go": _go}
+def _python() -> Callable[[str], tuple[list[str], dict[str, str]]]:
+    script = str(STACKS_DIR / "backend_aiohttp.py")
+    return lambda system: ([sys.executable, script, system], {})
+
+
+BUILDERS = {"php": _php, "java": _java, "node": _node, "go": _go, "python": _python}
 
 
 @dataclass
