@@ -397,6 +397,13 @@ FORWARDING_HEADERS: Final = (
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    # Spring's ForwardedHeaderFilter, Symfony and Rails build URLs (and Spring its path) from
+    # these; Jalur sets X-Forwarded-For/Proto/Host itself.
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
 )
 
 
@@ -406,8 +413,9 @@ class Forwarding(_Base, frozen=True):
     # appended. 0 (the default): the peer address replaces whatever the client sent.
     xff_num_trusted_hops: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
     # Headers of FORWARDING_HEADERS (Forwarded, X-Real-IP, True-Client-IP, X-Original-URL,
-    # X-Rewrite-URL, X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override) to forward
-    # anyway, e.g. X-Real-IP set by a trusted load balancer in front of Jalur.
+    # X-Rewrite-URL, X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override,
+    # X-Forwarded-Prefix/Port/Ssl/Scheme/Server) to forward anyway, e.g. X-Real-IP set by a
+    # trusted load balancer in front of Jalur.
     pass_headers: list[HeaderName] = []
 
 

@@ -276,6 +276,8 @@ def upstream_headers(
     host = incoming.get("Host")
     if host is not None:
         out["X-Forwarded-Host"] = host
+    else:
+        out.popall("X-Forwarded-Host", None)  # never the client's own claim
     via = incoming.get("Via")
     out["Via"] = f"{via}, {VIA}" if via else VIA
     out["X-Request-Id"] = request_id

@@ -400,6 +400,11 @@ OVERRIDES = {
     "X-HTTP-Method-Override": "DELETE",
     "X-HTTP-Method": "DELETE",
     "X-Method-Override": "DELETE",
+    "X-Forwarded-Prefix": "/api/payment",
+    "X-Forwarded-Port": "8443",
+    "X-Forwarded-Ssl": "on",
+    "X-Forwarded-Scheme": "https",
+    "X-Forwarded-Server": "pay.shop.example",
 }
 
 
@@ -471,3 +476,12 @@ async def test_no_reading_of_a_transaction_path_reaches_social(harness: Harness)
     records = jsonlines(harness.tmp / "audit.log")
     assert len(records) == len(PATH_READINGS)
     assert {r["decision"] for r in records} == {"blocked"}
+
+
+async def test_a_clients_x_forwarded_host_never_passes(harness: Harness) -> None:
+    """Without a Host (HTTP/1.0) the client's X-Forwarded-Host was forwarded as is."""
+    p = await start(harness)
+    data = b"GET /feed HTTP/1.0\r\nX-Forwarded-Host: pay.shop.example\r\n\r\n"
+    assert (await raw_request(p.data_port, data)).status == 200
+    (got,) = received(harness.backends["social"])
+    assert "x-forwarded-host" not in got
