@@ -375,7 +375,8 @@ async def test_a_back_end_cannot_plant_another_systems_cookie(
 ) -> None:
     """Issue #18: the social back end planted the commerce session with
     ``=_SID_Tokopedia_=x``, ``_SID[Tokopedia_=x`` and ``tt_x=1 _SID_Tokopedia_=x``."""
-    up = await set_cookie_upstream([*plants(owned), *SAFE_SET_COOKIES])
+    own = "tt_session=mine; Path=/" if system == "social" else "_SID_Tokopedia_=mine; Secure"
+    up = await set_cookie_upstream([*plants(owned), *SAFE_SET_COOKIES, own])
     if system == "social":
         p = await start(harness, social_url=up.url)
     else:
@@ -386,7 +387,7 @@ async def test_a_back_end_cannot_plant_another_systems_cookie(
         up.server.close()
     assert resp.status == 200
     got = [v for k, v in resp.headers if k.lower() == "set-cookie"]
-    assert got == SAFE_SET_COOKIES
+    assert got == [*SAFE_SET_COOKIES, own]  # the sender's own cookie still passes
 
 
 # -- forwarding and override headers -----------------------------------------------------------
