@@ -375,7 +375,8 @@ _CUT: Final = re.compile("[?#\x00]")
 # A segment that some stack parses as a number: blanks, a sign, leading zeros, any Unicode
 # decimal digits (Java's Long.parseLong takes Character.digit, Python's int() takes \d),
 # then anything (JavaScript's parseInt and PHP's (int) read the leading digits only).
-_NUMBER: Final = re.compile(r"(?<=/)\s*([+-]?\d+)[^/]*")
+# Only the first 64 digits are read: int() refuses over 4300, and no id is that long.
+_NUMBER: Final = re.compile(r"(?<=/)\s*([+-]?\d{1,64})[^/]*")
 # A reading none of whose segments is spelled other than its number: the common case.
 _ODD_NUMBER: Final = re.compile(r"/(?:\s|[+-]\d|0\d|\d+[^\d/])").search
 # A resource route (exact or regex) also takes a format suffix and trailing segments.

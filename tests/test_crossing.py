@@ -450,6 +450,7 @@ PATH_READINGS = [
     "/api/orders/+1",  # Long.parseLong("+1") == 1
     "/api/orders/-01abc%20",  # parseInt: -1, routed to the orders handler all the same
     "/api/orders/7abc",  # parseInt / (int): 7
+    "/api/orders/" + "1" * 5000 + "x",  # longer than int() reads: never an exception
     "/api/orders/%D9%A1",  # Arabic-Indic one
     "/api/orders/%DB%B1",  # extended Arabic-Indic one
     "/api/orders/%E0%A5%A7",  # Devanagari one
