@@ -623,6 +623,20 @@ def entry(i: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+def test_audit_escapes_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    """A field holding a request's non-UTF-8 byte (a lone surrogate) is written escaped:
+    the record is never lost to an encoding error (issue #18)."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(audit_cfg(path))
+    log.start()
+    raw = b"\xff".decode("utf-8", "surrogateescape")
+    log.record({"request_id": "r-1", "decision": "blocked", "reason": "x", "host": raw})
+    log.close()
+    (record,) = lines_of(path)
+    assert record["host"] == "\\xff"
+    assert log.failed == 0
+
+
 def lines_of(*files: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for f in files:
