@@ -56,7 +56,9 @@ test: lint test-tools
 
 # The real components the tests run (Debian packages), installed once when missing:
 # promtool + prometheus (metrics tests), redis-server (idempotency store), nginx + wrk
-# (benchmark smoke). Nothing is started as a system service; tests start their own.
+# (benchmark smoke), php-cli + default-jdk-headless + nodejs + npm + golang (the back ends
+# of tests/test_differential.py; it installs the npm `cookie` package into its own cache).
+# Nothing is started as a system service; tests start their own.
 .PHONY: test-tools
 test-tools:
 	@missing=""; \
@@ -64,18 +66,26 @@ test-tools:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || missing="$$missing nginx"; \
+	command -v php >/dev/null || missing="$$missing php-cli"; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v go >/dev/null || missing="$$missing golang"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
 
-# The long property test: 100,000 generated request targets through a running proxy, none of
-# which may reach the social back end as a transaction path (make test runs 2,000).
-fuzz: $(STAMP)
+# The long property tests: 100,000 generated request targets through a running proxy, none of
+# which may reach the social back end as a transaction path (make test runs 2,000); and the
+# differential suite with 2,000 generated spellings per family and stack (make test: 40)
+# against the PHP, Java, Node and Go back ends. JALUR_DIFF_SEED picks another sample.
+fuzz: $(STAMP) test-tools
 	JALUR_FUZZ_EXAMPLES=100000 $(BIN)/pytest -q -p no:cacheprovider \
 		tests/test_pathconfusion.py::test_no_generated_path_reaches_social_as_a_transaction \
 		tests/test_fuzz_components.py --hypothesis-show-statistics
+	JALUR_DIFF_EXAMPLES=2000 $(BIN)/pytest -q -p no:cacheprovider tests/test_differential.py
 
 .PHONY: loadtest loadtest-distributed bench bench-tls install-bench-tools
 

@@ -59,11 +59,25 @@ import orjson
 
 from . import config as cfg
 
-__all__ = ["AccessLog"]
+__all__ = ["AccessLog", "printable"]
 
 log = logging.getLogger("jalur.accesslog")
 
 STDOUT: Final = "-"
+
+
+def printable(value: Any) -> Any:
+    """``value`` with every string in it made encodable: a request's bytes that are not
+    UTF-8 (aiohttp keeps them as lone surrogates, ``surrogateescape``) become ``\\xNN``
+    text, so a hostile byte is shown, never an exception. Only called after a line failed
+    to encode: the common line pays nothing for it."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(v) for v in value]
+    return value
 
 
 class AccessLog:
@@ -181,32 +195,33 @@ class AccessLog:
             return
         if start_time is None:
             start_time = time.time() - duration
-        line = orjson.dumps(
-            {
-                "start_time": self._timestamp(start_time),
-                "method": method,
-                "path": path,
-                "protocol": protocol,
-                "response_code": response_code,
-                "response_flags": response_flags,
-                "bytes_received": bytes_received,
-                "bytes_sent": bytes_sent,
-                "duration": int(duration * 1000),
-                "upstream_service_time": (
-                    None if upstream_service_time is None else int(upstream_service_time * 1000)
-                ),
-                "x_forwarded_for": x_forwarded_for,
-                "user_agent": user_agent,
-                "request_id": request_id,
-                "authority": authority,
-                "upstream_host": upstream_host,
-                "route": route,
-                "category": category,
-                "cluster": cluster,
-                "system": system,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
+        fields = {
+            "start_time": self._timestamp(start_time),
+            "method": method,
+            "path": path,
+            "protocol": protocol,
+            "response_code": response_code,
+            "response_flags": response_flags,
+            "bytes_received": bytes_received,
+            "bytes_sent": bytes_sent,
+            "duration": int(duration * 1000),
+            "upstream_service_time": (
+                None if upstream_service_time is None else int(upstream_service_time * 1000)
+            ),
+            "x_forwarded_for": x_forwarded_for,
+            "user_agent": user_agent,
+            "request_id": request_id,
+            "authority": authority,
+            "upstream_host": upstream_host,
+            "route": route,
+            "category": category,
+            "cluster": cluster,
+            "system": system,
+        }
+        try:
+            line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:  # a header's bytes were not UTF-8
+            line = orjson.dumps(printable(fields), option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._accepted += 1
         if len(self._buf) >= self.batch_lines:

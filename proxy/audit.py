@@ -48,6 +48,7 @@ from typing import Any, Final
 import msgspec
 import orjson
 
+from .accesslog import printable
 from .config import Config
 from .router import Target
 
@@ -119,7 +120,10 @@ class Chain:
             out["chain"] = self.id
             out["seq"] = self.seq + 1
             out["prev"] = self.prev
-        return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS)
+        try:
+            return orjson.dumps(out, default=repr, option=orjson.OPT_NON_STR_KEYS)
+        except orjson.JSONEncodeError:  # a request's bytes were not UTF-8: escape them
+            return orjson.dumps(printable(out), default=repr, option=orjson.OPT_NON_STR_KEYS)
 
     def advance(self, line: bytes) -> None:
         if self.enabled:

@@ -13,17 +13,31 @@ Invariants (for a request forwarded to system ``S`` after ``Boundary.scrub(heade
   mangling PHP applies (``.`` and space read as ``_``, ``name[x]`` read as ``name``), so a
   spelling some back end would read as an owned cookie counts as that cookie. Kept pairs keep
   their order and bytes; several ``Cookie`` headers become one; no empty ``Cookie`` is sent.
-- No header whose name contains ``_`` remains (``X_TT_User`` is read as ``x-tt-user`` by some
-  servers, as NGINX knows: it ignores them by default). ``check_names`` rejects such a
-  request up front when ``boundary.underscore_headers`` is ``reject``; ``scrub`` drops them
-  in either mode, so a caller that skips ``check_names`` still cannot leak through them.
+- A ``Cookie`` header is parsed strictly (RFC 6265 section 4.2.1: ``name=value`` pairs
+  separated by ``;``, a name of token characters other than ``.``, ``%`` and ``$``, a value
+  of cookie-octets, optionally quoted) and rebuilt from the pairs that pass, joined by
+  ``"; "``. A pair a lenient parser could split or fold differently (``a=1 b=2``,
+  ``a=1,b=2``, ``a[b=1``, ``a.b=1``, a bare ``value``) is dropped and counted
+  (``malformed_cookies``). A request whose cookies need no change is forwarded untouched.
+- No header whose name has a character other than ``[A-Za-z0-9-]`` remains: ``X_TT_User``
+  is read as ``x-tt-user`` by some servers (NGINX ignores them by default), and PHP reads
+  ``X-Shop.User`` as ``HTTP_X_SHOP_USER``. ``check_names`` rejects such a request up front
+  when ``boundary.underscore_headers`` (for ``_``) or ``boundary.header_names`` (for the
+  rest) is ``reject``; ``scrub`` drops them in every mode, so a caller that skips
+  ``check_names`` still cannot leak through them.
+- The forwarding and routing-override headers (``config.FORWARDING_HEADERS``: ``Forwarded``,
+  ``X-Real-IP``, ``True-Client-IP``, ``X-Original-URL``, ``X-Rewrite-URL``, the method
+  overrides) are removed unless ``boundary.forwarding.pass_headers`` names them.
 - A cross-system identity header (``boundary.consent.identities``) reaches its
   ``to_system`` only with a valid consent token for exactly that user, direction and scope;
   it never reaches a third system; its ``from_system`` (its owner) always gets it. Without
   ``consent.key`` it never crosses.
 - The consent header itself is never forwarded upstream, to any system.
-- ``filter_response`` removes every ``Set-Cookie`` from ``S``'s response that would set a
-  cookie owned by another system (same ``cookie_key`` comparison, nameless cookies included).
+- ``filter_response`` reads each ``Set-Cookie`` line as a browser stores it (RFC 6265bis
+  section 5.6: the pair before the first ``;``, split at the first ``=``, a pair without
+  ``=`` being a nameless cookie, blanks trimmed) and removes the line when that cookie is
+  owned by another system (``cookie_key``), nameless, or not a strict pair as above
+  (``tt_x=1 _SID_Tokopedia_=x`` would come back as a ``Cookie`` a lenient server splits).
 - An unknown system name is treated as owning nothing: everything owned is stripped.
 
 Everything is decided in ``Boundary.__init__``; per request the work is set lookups.
@@ -49,7 +63,7 @@ from urllib.parse import unquote
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import Config, CrossIdentity
+from .config import FORWARDING_HEADERS, Config, CrossIdentity
 
 __all__ = [
     "CONSENT_RESULTS",
@@ -73,7 +87,15 @@ CONSENT_RESULTS: Final[tuple[ConsentResult, ...]] = (
     "expired",
     "mismatch",
 )
-KINDS: Final = ("headers", "cookies", "identities", "underscore")
+KINDS: Final = (
+    "headers",
+    "cookies",
+    "identities",
+    "underscore",
+    "header_names",
+    "malformed_cookies",
+    "forwarding",
+)
 # Longest consent token looked at; anything longer is ``invalid`` without further work.
 MAX_TOKEN_LENGTH: Final = 4096
 # Verified tokens remembered per Boundary (an app resends one token for its whole TTL);
@@ -85,6 +107,21 @@ _B64URL: Final = re.compile(r"[A-Za-z0-9_-]+").fullmatch
 _NAME_MANGLE: Final = str.maketrans({" ": "_", ".": "_"})
 # A lower-cased cookie name without these is its own key (the fast, common case).
 _NEEDS_CANONICAL: Final = re.compile(r"[%\[. \t]").search
+# One cookie pair every stack reads alike (RFC 6265 section 4.1.1): a token name without
+# the characters some stack folds or decodes ("." and "%": PHP; "$": RFC 2109 attributes),
+# "=", a value of cookie-octets (no blank, '"', ",", ";" or "\\"), optionally quoted.
+_COOKIE_PAIR: Final = re.compile(
+    r"([A-Za-z0-9!#&'*+^_`|~-]+)=(\"?)[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*\2"
+).fullmatch
+# A whole Cookie header of strict pairs (see _COOKIE_PAIR) joined by "; ".
+_STRICT_COOKIES: Final = re.compile(
+    r"(?:{pair})(?:; (?:{pair}))*".format(
+        pair=r"[A-Za-z0-9!#&'*+^_`|~-]+=(?:[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+        r'|"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")'
+    )
+).fullmatch
+# Characters that make a browser ignore a whole Set-Cookie line (RFC 6265bis 5.6 step 1).
+_CONTROL: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 class Stripped(NamedTuple):
@@ -98,14 +135,48 @@ class Stripped(NamedTuple):
     cookies: int = 0
     identities: int = 0
     underscore: int = 0
+    header_names: int = 0
+    malformed_cookies: int = 0
+    forwarding: int = 0
     consent: ConsentResult | None = None
 
     def counts(self) -> tuple[tuple[str, int], ...]:
         """``(kind, n)`` for each kind with ``n > 0``, kinds as in ``KINDS``."""
-        return tuple((kind, n) for kind, n in zip(KINDS, self[:4], strict=True) if n)
+        counts = (
+            self.headers,
+            self.cookies,
+            self.identities,
+            self.underscore,
+            self.header_names,
+            self.malformed_cookies,
+            self.forwarding,
+        )
+        return tuple((kind, n) for kind, n in zip(KINDS, counts, strict=True) if n)
 
 
 _NOTHING: Final = Stripped()
+
+
+def _safe_names(joined: str) -> bool:
+    """Whether header names joined into one string use only ``[A-Za-z0-9-]`` (isalnum is
+    Unicode: isascii first; two C calls, cheaper than a regex scan)."""
+    return joined.isascii() and (joined.replace("-", "").isalnum() or not joined)
+
+
+def browser_cookie(set_cookie: str) -> tuple[str, str] | None:
+    """The (name, value) a browser stores for one ``Set-Cookie`` line (RFC 6265bis section
+    5.6, before attributes), or None when it stores nothing (a control character, or an
+    empty name and value). A nameless cookie has name ``""``."""
+    if _CONTROL(set_cookie) is not None:
+        return None
+    pair = set_cookie.partition(";")[0]
+    name, eq, value = pair.partition("=")
+    if not eq:
+        name, value = "", name
+    name, value = name.strip(" \t"), value.strip(" \t")
+    if not name and not value:
+        return None
+    return name, value
 
 
 def cookie_key(name: str) -> str:
@@ -250,7 +321,7 @@ def verify_token(
 class _Rules:
     """Everything ``scrub``/``filter_response`` need for one destination system."""
 
-    headers: tuple[str, ...]  # owned by another system: always stripped
+    headers: tuple[str, ...]  # owned by another system, or forwarding: always stripped
     identities: tuple[str, ...]  # another pair's identity headers: always stripped
     gated: tuple[CrossIdentity, ...]  # identities this system may get with consent
     cookies: frozenset[str]  # cookie_key of cookies owned by another system
@@ -263,16 +334,23 @@ class Boundary:
     __slots__ = (
         "_clock",
         "_consent_header",
+        "_forwarding",
         "_key",
         "_rules",
         "_tokens",
         "_unknown",
+        "names_reject",
+        "trusted_hops",
         "underscore_reject",
     )
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         spec = config.boundary
         self.underscore_reject: Final = spec.underscore_headers == "reject"
+        self.names_reject: Final = spec.header_names == "reject"
+        self.trusted_hops: Final = spec.forwarding.xff_num_trusted_hops
+        passed = {h.lower() for h in spec.forwarding.pass_headers}
+        self._forwarding: Final = tuple(h for h in FORWARDING_HEADERS if h not in passed)
         self._consent_header: Final = spec.consent.header.lower()
         key = spec.consent.key
         self._key: Final = key.encode("utf-8") if key else None
@@ -314,28 +392,44 @@ class Boundary:
 
     # -- requests ----------------------------------------------------------------------
 
-    def check_names(self, headers: Mapping[str, str] | CIMultiDictProxy[str]) -> str | None:
-        """In ``reject`` mode, the error to answer (400) for a request with a header name
-        containing ``_``; ``None`` when it may proceed."""
-        if not self.underscore_reject or "_" not in "".join(headers.keys()):
+    def check_names(
+        self, headers: Mapping[str, str] | CIMultiDictProxy[str]
+    ) -> tuple[str, str] | None:
+        """``(reason, message)`` to answer 400 with for a request with a header name outside
+        ``[A-Za-z0-9-]`` whose kind is in ``reject`` mode; ``None`` when it may proceed."""
+        if _safe_names("".join(headers.keys())):
             return None
-        name = next(n for n in headers if "_" in n)
-        shown = name if len(name) <= 64 else name[:64] + "..."
-        return f"header name {shown!r} contains '_'; header names must use '-'"
+        for name in headers:
+            if _safe_names(name):
+                continue
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            if "_" in name and self.underscore_reject:
+                return "underscore_header", f"header name {shown!r} contains '_'; use '-'"
+            if self.names_reject and not _safe_names(name.replace("_", "")):
+                return "header_name", (
+                    f"header name {shown!r} has a character other than letters, digits and '-'"
+                )
+        return None
 
     def scrub(self, headers: CIMultiDict[str], system: str) -> Stripped:
         """Remove from the outgoing request headers what ``system`` must not see."""
         rules = self._rules.get(system, self._unknown)
         tokens = headers.popall(self._consent_header, ())
 
-        underscore = 0
-        if "_" in "".join(headers.keys()):
-            for name in {n for n in headers if "_" in n}:
-                underscore += len(headers.popall(name, ()))
+        underscore = unsafe = 0
+        if not _safe_names("".join(headers.keys())):
+            for name in {n for n in headers if not _safe_names(n)}:
+                if "_" in name:
+                    underscore += len(headers.popall(name, ()))
+                else:
+                    unsafe += len(headers.popall(name, ()))
 
         removed = 0
         for name in rules.headers:
             removed += len(headers.popall(name, ()))
+        forwarding = 0
+        for name in self._forwarding:
+            forwarding += len(headers.popall(name, ()))
         identities = 0
         for name in rules.identities:
             identities += len(headers.popall(name, ()))
@@ -367,10 +461,14 @@ class Boundary:
                 if consent is None or consent == "valid":
                     consent = result
 
-        cookies = self._scrub_cookies(headers, rules.cookies)
-        if not (removed or cookies or identities or underscore or consent):
+        cookies, malformed = self._scrub_cookies(headers, rules.cookies)
+        if not (removed or cookies or identities or underscore or unsafe or consent) and not (
+            malformed or forwarding
+        ):
             return _NOTHING
-        return Stripped(removed, cookies, identities, underscore, consent)
+        return Stripped(
+            removed, cookies, identities, underscore, unsafe, malformed, forwarding, consent
+        )
 
     def _claims(self, tokens: list[str] | tuple[()]) -> ConsentClaims | ConsentResult:
         if not tokens:
@@ -389,29 +487,44 @@ class Boundary:
         return claims
 
     @staticmethod
-    def _scrub_cookies(headers: CIMultiDict[str], foreign: frozenset[str]) -> int:
+    def _scrub_cookies(headers: CIMultiDict[str], foreign: frozenset[str]) -> tuple[int, int]:
+        """Rebuild the ``Cookie`` header from its strict pairs not owned by another system;
+        (owned pairs dropped, malformed pairs dropped)."""
         values = headers.getall("Cookie", ())
-        if not values or (len(values) == 1 and not foreign):
-            return 0
-        kept: list[str] = []
-        dropped = 0
+        if not values:
+            return 0, 0
+        if len(values) == 1 and _STRICT_COOKIES(values[0]) is not None:
+            # Already in the one spelling (the common case): only ownership to decide, and
+            # a strict pair holds no "; " and no "=" in its name.
+            pairs = values[0].split("; ")
+            kept = [p for p in pairs if p.partition("=")[0].lower() not in foreign]
+            if len(kept) == len(pairs):
+                return 0, 0
+            headers.popall("Cookie")
+            if kept:
+                headers["Cookie"] = "; ".join(kept)
+            return len(pairs) - len(kept), 0
+        kept = []
+        dropped = malformed = 0
         for value in values:
             for raw in value.split(";"):
                 pair = raw.strip(" \t")
                 if not pair:
                     continue
-                # A pair without "=" is all name: several servers read the nameless cookie
-                # a browser sends back as a bare value as a name.
-                if cookie_key(pair.partition("=")[0]) in foreign:
+                match = _COOKIE_PAIR(pair)
+                if match is None:
+                    malformed += 1
+                elif match.group(1).lower() in foreign:
                     dropped += 1
                 else:
                     kept.append(pair)
-        if not dropped and len(values) == 1:
-            return 0  # untouched, byte for byte
+        rebuilt = "; ".join(kept)
+        if len(values) == 1 and rebuilt == values[0]:
+            return 0, 0  # untouched, byte for byte
         headers.popall("Cookie")
         if kept:
-            headers["Cookie"] = "; ".join(kept)
-        return dropped
+            headers["Cookie"] = rebuilt
+        return dropped, malformed
 
     # -- responses ---------------------------------------------------------------------
 
@@ -422,12 +535,22 @@ class Boundary:
         if not values:
             return 0
         foreign = self._rules.get(system, self._unknown).cookies
-        kept = [
-            v for v in values if cookie_key(v.partition(";")[0].partition("=")[0]) not in foreign
-        ]
+        kept = [v for v in values if _stored_safely(v, foreign)]
         if len(kept) == len(values):
             return 0
         headers.popall("Set-Cookie")
         for value in kept:
             headers.add("Set-Cookie", value)
         return len(values) - len(kept)
+
+
+def _stored_safely(set_cookie: str, foreign: frozenset[str]) -> bool:
+    """Whether the cookie a browser stores for this ``Set-Cookie`` line is a named strict
+    pair (see ``_COOKIE_PAIR``) that no other system owns."""
+    stored = browser_cookie(set_cookie)
+    if stored is None or not stored[0]:
+        return False  # ignored by browsers, maybe not by an app's HTTP client; nameless
+    name, value = stored
+    if _COOKIE_PAIR(f"{name}={value}") is None:
+        return False
+    return cookie_key(name) not in foreign

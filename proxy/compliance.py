@@ -24,8 +24,15 @@ payment transactions. Jalur enforces that in four layers, each failing closed:
    route matched): the raw target and the canonical path that is forwarded are read the
    ways a back end might read them (case-folded, ``;params`` stripped, percent-decoded once
    more, NFKC, trailing dots and spaces trimmed, backslashes as slashes, cut at a decoded
-   ``?``/``#``/NUL, dot segments resolved or not); if any reading matches a transaction
-   route's path (prefix, exact or regex, case-insensitively), the caller answers 400. The
+   ``?``/``#``/NUL, dot segments resolved or not, non-ASCII letters whose Java or Turkish
+   case mapping is an ASCII letter read as that letter: the dotless and dotted i, U+0131 and
+   U+0130, the long s, the Kelvin sign); a numeric segment is read as the number
+   ``Long.parseLong`` or ``strconv`` would return (``+1``, ``01``, Arabic-Indic one U+0661
+   are ``1``); a route that names a resource
+   (exact or regex) also takes that resource with a format suffix (``/api/cart.json``) or
+   with trailing segments (``/api/orders/1/items``), as suffix-pattern and path-info
+   routing do. If any reading matches a transaction route's path (prefix, exact or regex,
+   case-insensitively), the caller answers 400. The
    check is path-only on purpose: a social back end does not care which Host or method a
    legacy payment handler was reached through. A plain lower-case path has one reading,
    itself, and costs one regex match.
@@ -190,8 +197,8 @@ def _shadowing(config: Config, tx: frozenset[str]) -> list[FieldError]:
     social: list[tuple[int, RouteSpec, str]] = []  # earlier routes with a social target
     for i, route in enumerate(config.routes):
         if route.category in tx:
-            if _path_kind(route.match) is None:
-                continue  # matches every path: told apart by host/method/headers, not path
+            if _path_kind(route.match) is None and route.match.host is None:
+                continue  # every path and host: told apart by method/headers only
             for j, earlier, system in social:
                 if _overlap(earlier.match, route.match):
                     errors.append(
@@ -232,9 +239,9 @@ def _overlap(earlier: Match, later: Match) -> bool:
     ):
         return False
     e_kind, l_kind = _path_kind(earlier), _path_kind(later)
-    if e_kind is None:
-        return True
-    if e_kind == "regex" or l_kind == "regex" or l_kind is None:
+    if e_kind is None or l_kind is None:
+        return True  # one takes every path: any path of the other is shared
+    if e_kind == "regex" or l_kind == "regex":
         return False
     fold: Callable[[str], str] = (
         (lambda s: s) if earlier.case_sensitive and later.case_sensitive else str.lower
@@ -253,7 +260,7 @@ def _overlap(earlier: Match, later: Match) -> bool:
 def _hosts_overlap(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return True
-    a, b = a.lower(), b.lower()
+    a, b = a.lower().removesuffix("."), b.lower().removesuffix(".")
     # "*.shop.test" takes every host ending in ".shop.test" (as the router does).
     a_suffix = a[1:] if a.startswith("*.") else None
     b_suffix = b[1:] if b.startswith("*.") else None
@@ -362,6 +369,49 @@ _ABSOLUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 _ESCAPES: Final = re.compile("(?:%[0-9A-Fa-f]{2})+")
 _SLASHES: Final = re.compile(r"/{2,}")
 _CUT: Final = re.compile("[?#\x00]")
+
+
+# A segment that some stack parses as a number: blanks, a sign, leading zeros, any Unicode
+# decimal digits (Java's Long.parseLong takes Character.digit, Python's int() takes \d),
+# then anything (JavaScript's parseInt and PHP's (int) read the leading digits only).
+# Only the first 64 digits are read: int() refuses over 4300, and no id is that long.
+_NUMBER: Final = re.compile(r"(?<=/)\s*([+-]?\d{1,64})[^/]*")
+# A reading none of whose segments is spelled other than its number: the common case.
+_ODD_NUMBER: Final = re.compile(r"/(?:\s|[+-]\d|0\d|\d+[^\d/])").search
+# A resource route (exact or regex) also takes a format suffix and trailing segments.
+_RESOURCE_TAIL: Final = r"(?:\.[^/]*)?(?:/.*)?"
+
+
+def _ascii_folds() -> dict[int, str]:
+    """Non-ASCII characters (Java's ``char`` range) whose upper- or lower-case mapping is an
+    ASCII letter (U+0131 -> I, U+0130 -> i, long s U+017F -> S, Kelvin sign U+212A -> k):
+    ``equalsIgnoreCase`` and Turkish-locale case mapping read them as that letter."""
+    table: dict[int, str] = {}
+    for code in range(0x80, 0x10000):
+        char = chr(code)
+        upper = char.upper()  # one char, as Character.toUpperCase ("ß" -> "SS" is not)
+        for mapped in (char.lower()[:1], upper if len(upper) == 1 else ""):
+            if mapped.isascii() and mapped.isalpha():
+                table[code] = mapped.lower()
+                break
+    return table
+
+
+_ASCII_FOLDS: Final = _ascii_folds()
+
+
+def _canonical_number(m: re.Match[str]) -> str:
+    # Without its sign: a back end routes "/orders/-1" to its orders handler all the same.
+    return str(abs(int(m.group(1))))
+
+
+def _numbers(reading: str) -> str:
+    """``reading`` with each segment that starts as a number read as that number, when
+    some segment is spelled other than its number (a sign, a leading zero or blank,
+    non-ASCII digits, a tail after the digits)."""
+    if reading.isascii() and _ODD_NUMBER(reading) is None:
+        return reading
+    return _NUMBER.sub(_canonical_number, reading)
 
 
 def _decode_run(m: re.Match[str]) -> str:
@@ -473,12 +523,13 @@ def readings(raw_target: str, *, unresolved: bool = False) -> set[str] | None:
                 return None
     out: set[str] = set()
     for v in variants:
-        low = v.lower()
-        if not low.startswith("/"):
-            low = "/" + low
-        out.add(_resolve(low))
-        if unresolved:
-            out.add(_SLASHES.sub("/", low))
+        lows = (v.lower(),) if v.isascii() else (v.lower(), v.translate(_ASCII_FOLDS).lower())
+        for low in lows:
+            if not low.startswith("/"):
+                low = "/" + low
+            out.add(_resolve(low))
+            if unresolved:
+                out.add(_SLASHES.sub("/", low))
     return out
 
 
@@ -497,17 +548,18 @@ class VariantCheck:
                 continue
             m = route.spec.match
             if m.exact is not None:
-                # An exact path, with or without a trailing slash.
-                literals.append(f"(?:{re.escape(m.exact.lower().rstrip('/'))}/?\\Z)")
+                # The resource, with a format suffix, a trailing slash or more segments.
+                exact = re.escape(m.exact.lower().rstrip("/"))
+                literals.append(f"(?:{exact}(?:\\.[^/]*)?(?:/|\\Z))")
             elif m.regex is not None:
                 rx = re.compile(m.regex, re.IGNORECASE)
                 # A regex that takes "/" takes everything: it cannot tell a variant apart.
                 if rx.fullmatch("/") is None:
-                    regexes.append(rx.fullmatch)
+                    regexes.append(_resource_regex(m.regex).fullmatch)
             elif m.prefix is not None and m.prefix != "/":
                 prefix = m.prefix.lower()
-                if prefix.endswith("/"):  # '/api/merchant/' also takes '/api/merchant'
-                    literals.append(f"(?:{re.escape(prefix[:-1])}(?:/|\\Z))")
+                if prefix.endswith("/"):  # '/api/merchant/' also takes '/api/merchant(.json)'
+                    literals.append(f"(?:{re.escape(prefix[:-1])}(?:\\.[^/]*)?(?:/|\\Z))")
                 else:
                     literals.append(f"(?:{re.escape(prefix)})")
             # No path matcher, or prefix "/": told apart by host/method/headers, not path.
@@ -559,14 +611,22 @@ class VariantCheck:
         return None
 
     def _hit(self, reading: str) -> bool:
+        number = _numbers(reading)
+        return self._match(reading) or (number != reading and self._match(number))
+
+    def _match(self, reading: str) -> bool:
         if self._literal is not None and self._literal(reading) is not None:
             return True
-        if self._regexes:
-            bare = reading[:-1] if len(reading) > 1 and reading.endswith("/") else reading
-            for fullmatch in self._regexes:
-                if fullmatch(reading) is not None or fullmatch(bare) is not None:
-                    return True
-        return False
+        return any(fullmatch(reading) is not None for fullmatch in self._regexes)
+
+
+def _resource_regex(regex: str) -> re.Pattern[str]:
+    """A transaction route's regex that also takes a format suffix and trailing segments
+    (the regex alone when it cannot be wrapped, e.g. it starts with global flags)."""
+    try:
+        return re.compile(f"(?:{regex}){_RESOURCE_TAIL}", re.IGNORECASE | re.DOTALL)
+    except re.error:
+        return re.compile(regex, re.IGNORECASE)
 
 
 # -- audit log ----------------------------------------------------------------------------

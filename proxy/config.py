@@ -450,10 +450,49 @@ class Consent(_Base, frozen=True):
     identities: list[CrossIdentity] = []
 
 
+# Request headers that tell a back end who the client is or which URL / method to serve
+# instead of the request line's. Removed before forwarding unless named in
+# ``boundary.forwarding.pass_headers``: a client sets them at will.
+FORWARDING_HEADERS: Final = (
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    # Spring's ForwardedHeaderFilter, Symfony and Rails build URLs (and Spring its path) from
+    # these; Jalur sets X-Forwarded-For/Proto/Host itself.
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+)
+
+
+class Forwarding(_Base, frozen=True):
+    # Proxies in front of Jalur whose X-Forwarded-For entries are kept, as Envoy's
+    # xff_num_trusted_hops: the last N entries a client sent stay, then the peer address is
+    # appended. 0 (the default): the peer address replaces whatever the client sent.
+    xff_num_trusted_hops: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
+    # Headers of FORWARDING_HEADERS (Forwarded, X-Real-IP, True-Client-IP, X-Original-URL,
+    # X-Rewrite-URL, X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override,
+    # X-Forwarded-Prefix/Port/Ssl/Scheme/Server) to forward anyway, e.g. X-Real-IP set by a
+    # trusted load balancer in front of Jalur.
+    pass_headers: list[HeaderName] = []
+
+
 class Boundary(_Base, frozen=True):
     # What to do with a request header whose name contains "_" (X_TT_User): some back ends
     # read it as "-" and it would slip past the owned-header rules.
     underscore_headers: Literal["reject", "drop"] = "reject"
+    # What to do with a request header whose name has a character other than letters,
+    # digits, "-" and "_" (X-Shop.User): PHP reads it as HTTP_X_SHOP_USER, past the
+    # owned-header rules. reject: 400; drop: removed before forwarding.
+    header_names: Literal["reject", "drop"] = "reject"
+    forwarding: Forwarding = Forwarding()
     consent: Consent = Consent()
 
 
@@ -892,6 +931,15 @@ def _check_boundary(config: Config) -> list[FieldError]:
         else:
             return True
         return False
+
+    for i, item in enumerate(config.boundary.forwarding.pass_headers):
+        if item.lower() not in FORWARDING_HEADERS:
+            errors.append(
+                FieldError(
+                    f"$.boundary.forwarding.pass_headers[{i}]",
+                    f"{item!r} is not one of {', '.join(FORWARDING_HEADERS)}",
+                )
+            )
 
     header_owner: dict[str, str] = {}
     cookie_owner: dict[str, str] = {}

@@ -236,6 +236,10 @@ def error_response(status: int, message: str, request_id: str, **extra: str) -> 
 _NOT_NOMINABLE: Final = frozenset({"host", "idempotency-key"})
 
 
+# Request-line versions served (RFC 9112); anything else is 505 before routing.
+_SERVED_VERSIONS: Final = frozenset({aiohttp.HttpVersion10, aiohttp.HttpVersion11})
+
+
 def _connection_named(values: list[str]) -> frozenset[str]:
     """Hop-by-hop fields plus every field named by any of the ``Connection`` header
     ``values`` (a field may be repeated: RFC 9110 §5.3 makes the lines one list)."""
@@ -243,7 +247,12 @@ def _connection_named(values: list[str]) -> frozenset[str]:
     return HOP_BY_HOP | (named - _NOT_NOMINABLE) if named else HOP_BY_HOP
 
 
-def upstream_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+def upstream_headers(
+    request: web.BaseRequest, request_id: str, trusted_hops: int = 0
+) -> CIMultiDict[str]:
+    """The request's headers as forwarded (before the boundary's ``scrub``): hop-by-hop
+    fields removed, X-Forwarded-* and Via set. Of a client's X-Forwarded-For only the last
+    ``trusted_hops`` entries are kept (Envoy's ``xff_num_trusted_hops``)."""
     incoming = request.headers
     drop = _connection_named(incoming.getall("Connection", []))
     out: CIMultiDict[str] = CIMultiDict()
@@ -252,12 +261,18 @@ def upstream_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[s
             out.add(name, value)
     out.popall("Expect", None)  # Jalur answers 100-continue itself
     peer = request.remote or ""
-    xff = incoming.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
+    xff = incoming.getall("X-Forwarded-For", ()) if trusted_hops else ()
+    if xff:
+        hops = [h.strip() for line in xff for h in line.split(",")][-trusted_hops:]
+        out["X-Forwarded-For"] = ", ".join([*hops, peer])
+    else:
+        out["X-Forwarded-For"] = peer
     out["X-Forwarded-Proto"] = request.scheme
     host = incoming.get("Host")
     if host is not None:
         out["X-Forwarded-Host"] = host
+    else:
+        out.popall("X-Forwarded-Host", None)  # never the client's own claim
     via = incoming.get("Via")
     out["Via"] = f"{via}, {VIA}" if via else VIA
     out["X-Request-Id"] = request_id
@@ -491,6 +506,9 @@ class Forwarder:
         self, state: State, request: web.BaseRequest, ex: Exchange
     ) -> web.StreamResponse:
         headers = request.headers
+        if request.version not in _SERVED_VERSIONS:
+            # llhttp takes "HTTP/2.0" and "HTTP/0.9"-style lines; a back end may not.
+            return self._reject(ex, 505, "only HTTP/1.0 and HTTP/1.1 are served", "version")
         coding = headers.get("Transfer-Encoding")
         if coding is not None and coding.lower() != "chunked":
             # llhttp reads "identity, chunked" as chunked; a peer may not. Only the one
@@ -498,13 +516,14 @@ class Forwarder:
             message = "unsupported Transfer-Encoding; only chunked is accepted"
             return self._reject(ex, 501, message, "transfer_encoding")
         try:
+            host = paths.canonical_host(headers.getall("Host", []))
             target = paths.canonicalize(request.raw_path, headers.get("Host"))
         except paths.PathError as exc:
-            return self._reject(ex, 400, f"invalid request path: {exc}", exc.reason)
+            return self._reject(ex, 400, f"invalid request: {exc}", exc.reason)
         problem = state.boundary.check_names(headers)
         if problem is not None:
-            return self._reject(ex, 400, problem, "underscore_header")
-        route = state.router.match(request.method, headers.get("Host", ""), target.path, headers)
+            return self._reject(ex, 400, problem[1], problem[0])
+        route = state.router.match(request.method, host, target.path, headers)
         if route is None:
             ex.flags = "NR"
             return self._reject(ex, 404, "no route matches this request", "no_route")
@@ -572,7 +591,7 @@ class Forwarder:
             )
         ex.host = host
         endpoint = ex.endpoint = host.endpoint
-        out_headers = upstream_headers(request, rid)
+        out_headers = upstream_headers(request, rid, state.boundary.trusted_hops)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         copy = self._shadow_copy(state, request, route, upstream_target, out_headers)
         stripped = state.boundary.scrub(out_headers, cluster.system)

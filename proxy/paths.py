@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["MAX_TARGET_BYTES", "PathError", "Target", "canonicalize"]
+__all__ = ["MAX_TARGET_BYTES", "PathError", "Target", "canonical_host", "canonicalize"]
 
 # Upper bound on the raw request-target, in bytes. It bounds the work (regex scans,
 # splitting, UTF-8 decoding) and memory spent per request on attacker-controlled input
@@ -87,6 +87,8 @@ _MESSAGES: Final[dict[str, str]] = {
     "invalid-utf8": "percent-encoded bytes in path are not valid UTF-8",
     "dot-segment-above-root": "'..' segment climbs above the root",
     "path-parameter": "';' path parameter in path",
+    "invalid-host": "invalid Host header (RFC 9112 section 3.2: a host and an optional port)",
+    "several-hosts": "more than one Host header",
 }
 
 
@@ -145,6 +147,12 @@ _HOST_PORT_RE: Final = re.compile(
     f"(\\[[0-9A-Fa-f:.]+\\]|[{_UNRESERVED}{_SUB_DELIMS_NO_SEMI};]+)(?::([0-9]*))?"
 )
 _DEFAULT_PORTS: Final[dict[str, int]] = {"http": 80, "https": 443}
+# A Host already in its canonical spelling (lower case, no trailing dot), port optional.
+_PLAIN_HOST_RE: Final = re.compile("([a-z0-9-]+(?:\\.[a-z0-9-]+)*)(?::[0-9]{1,5})?")
+# Any valid Host (RFC 9112 section 3.2, RFC 3986 section 3.2.2): an IP literal or a name of
+# unreserved characters (no userinfo, path, query, escape or sub-delimiter a lenient server
+# could cut at), an optional port.
+_HOST_RE: Final = re.compile(f"(\\[[0-9A-Fa-f:.]+\\]|[{_UNRESERVED}]+)(?::([0-9]{{0,5}}))?")
 
 
 def _build_escape_tables() -> tuple[dict[str, str], dict[str, str]]:
@@ -207,6 +215,33 @@ def _parse_host_port(value: str, scheme: str) -> tuple[str, int] | None:
     if port > 65535:
         return None
     return match.group(1).lower(), port
+
+
+def canonical_host(values: list[str]) -> str:
+    """The one spelling of a request's Host that routes are matched on: lower case, without
+    its port and without one trailing dot (``PAY.shop.EXAMPLE.:443`` is
+    ``pay.shop.example``); ``""`` when the request has none. ``values`` are the request's
+    Host header lines. Raises :class:`PathError` for several Host lines or an invalid one
+    (userinfo, a path, a second trailing dot, an empty label, a port over 65535)."""
+    if not values:
+        return ""
+    if len(values) != 1:
+        raise PathError("several-hosts")
+    value = values[0]
+    if not value:
+        return ""  # a target without an authority (RFC 9112 section 3.2)
+    plain = _PLAIN_HOST_RE.fullmatch(value)
+    if plain is not None and (value.find(":") == -1 or int(value.rpartition(":")[2]) <= 65535):
+        return plain.group(1)
+    match = _HOST_RE.fullmatch(value)
+    if match is None or (match.group(2) and int(match.group(2)) > 65535):
+        raise PathError("invalid-host")
+    host = match.group(1).lower()
+    if host.endswith(".") and not host.startswith("["):
+        host = host[:-1]
+    if not host.startswith("[") and (not host or "" in host.split(".")):
+        raise PathError("invalid-host")  # "", "a..b", ".a", "a.." (two trailing dots)
+    return host
 
 
 def _check_authority(scheme: str, authority: str, host: str | None) -> None:

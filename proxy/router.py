@@ -55,6 +55,8 @@ class Router:
         self.by_name: dict[str, Route] = {r.name: r for r in self.routes}
 
     def match(self, method: str, host: str, path: str, headers: HeaderGetter) -> Route | None:
+        """The first route matching; ``host`` is ``paths.canonical_host`` of the request,
+        ``path`` its canonical path."""
         lower = path.lower()
         for route in self.routes:
             if route.matches(method, host, path, lower, headers):
@@ -106,20 +108,12 @@ def _path_matcher(m: cfg.Match) -> Callable[[str, str], bool]:
 
 
 def _host_matcher(pattern: str) -> Callable[[str], bool]:
-    pattern = pattern.lower()
+    """Matched on ``paths.canonical_host``: lower case, no port, no trailing dot."""
+    pattern = pattern.lower().removesuffix(".")
     if pattern.startswith("*."):
         suffix = pattern[1:]  # ".example.com"
-        return lambda host: _strip_port(host).endswith(suffix)
-    return lambda host: _strip_port(host) == pattern
-
-
-def _strip_port(host: str) -> str:
-    host = host.lower()
-    if host.startswith("["):  # [::1]:8080
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    colon = host.rfind(":")
-    return host[:colon] if colon != -1 else host
+        return lambda host: host.endswith(suffix)
+    return lambda host: host == pattern
 
 
 def _header_matcher(h: cfg.HeaderMatch) -> Callable[[HeaderGetter], bool]:

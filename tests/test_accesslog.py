@@ -161,6 +161,23 @@ def test_hostile_values_stay_one_valid_line() -> None:
     assert record["path"] == "/x?" + nasty
 
 
+def test_bytes_that_are_not_utf8_are_escaped_not_raised() -> None:
+    """aiohttp keeps a header's non-UTF-8 bytes as lone surrogates; orjson refuses them.
+    Each byte 0x80-0xff in every request field is written as ``\\xNN`` (issue #18)."""
+    out = io.BytesIO()
+    access = AccessLog(stream=out)
+    for byte in range(0x80, 0x100):
+        raw = bytes([byte]).decode("utf-8", "surrogateescape")
+        access.log(**entry(user_agent=raw, x_forwarded_for=raw, authority=raw, path="/" + raw))
+    access.close()
+    records = lines(out.getvalue())
+    assert len(records) == 128
+    for byte, record in zip(range(0x80, 0x100), records, strict=True):
+        shown = f"\\x{byte:02x}"
+        assert record["user_agent"] == record["x_forwarded_for"] == record["authority"] == shown
+        assert record["path"] == "/" + shown
+
+
 def test_sampling_keeps_errors() -> None:
     out = io.BytesIO()
     access = AccessLog(sample=0.0, stream=out)

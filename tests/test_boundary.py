@@ -148,16 +148,23 @@ def msgspec_config(systems: dict[str, Any]) -> cfg.Config:
 
 
 def test_cookie_rewrite_keeps_neutral_and_own_cookies_in_order() -> None:
-    cookie = 'a=1; tt_session=abc; _SID_Tokopedia_=s; b="x y=z"; lang=id'
+    cookie = 'a=1; tt_session=abc; _SID_Tokopedia_=s; b="xyz"; lang=id'
     h = headers(("Cookie", cookie))
     got = boundary().scrub(h, "tokopedia")
-    assert h.getall("Cookie") == ['a=1; _SID_Tokopedia_=s; b="x y=z"; lang=id']
+    assert h.getall("Cookie") == ['a=1; _SID_Tokopedia_=s; b="xyz"; lang=id']
     assert got == Stripped(cookies=1)
 
     h = headers(("Cookie", cookie))
     got = boundary().scrub(h, "tiktok")
-    assert h.getall("Cookie") == ['a=1; tt_session=abc; b="x y=z"; lang=id']
+    assert h.getall("Cookie") == ['a=1; tt_session=abc; b="xyz"; lang=id']
     assert got == Stripped(cookies=1)
+
+
+def test_a_quoted_value_with_a_blank_is_malformed() -> None:
+    """``b="x y=z"``: a parser splitting at blanks reads a cookie ``y``."""
+    h = headers(("Cookie", 'a=1; b="x y=z"; lang=id'))
+    assert boundary().scrub(h, "tokopedia") == Stripped(malformed_cookies=1)
+    assert h.getall("Cookie") == ["a=1; lang=id"]
 
 
 @pytest.mark.parametrize(
@@ -177,10 +184,11 @@ def test_cookie_rewrite_keeps_neutral_and_own_cookies_in_order() -> None:
     ],
 )
 def test_foreign_cookie_spellings_are_stripped(pair: str) -> None:
+    """Each is dropped: as the owned cookie, or as a pair that is not strict."""
     h = headers(("Cookie", f"a=1; {pair}; b=2"))
     got = boundary().scrub(h, "tokopedia")
     assert h.getall("Cookie") == ["a=1; b=2"]
-    assert got.cookies == 1
+    assert got.cookies + got.malformed_cookies == 1
 
 
 def test_cookie_header_removed_when_nothing_is_left() -> None:
@@ -206,16 +214,17 @@ def test_two_cookie_headers_are_merged_even_when_nothing_is_stripped() -> None:
 
 
 def test_cookie_header_untouched_byte_for_byte_when_nothing_is_stripped() -> None:
-    odd = "a=1;b=2;;  c ; d==4"
-    h = headers(("Cookie", odd))
-    boundary().scrub(h, "tokopedia")
-    assert h.getall("Cookie") == [odd]
+    plain = 'a=1; b=2; d==4; e="q"; f='
+    h = headers(("Cookie", plain))
+    assert boundary().scrub(h, "tokopedia") == Stripped()
+    assert h.getall("Cookie") == [plain]
 
 
-def test_kept_pairs_keep_their_bytes_when_separators_are_odd() -> None:
+def test_odd_separators_are_rebuilt_into_the_one_spelling() -> None:
     h = headers(("Cookie", "a=1;tt_session=2;\tb=x=y ;;c"))
-    boundary().scrub(h, "tokopedia")
-    assert h.getall("Cookie") == ["a=1; b=x=y; c"]
+    got = boundary().scrub(h, "tokopedia")
+    assert h.getall("Cookie") == ["a=1; b=x=y"]
+    assert got == Stripped(cookies=1, malformed_cookies=1)  # "c": a bare value
 
 
 def test_cookie_key() -> None:
@@ -230,16 +239,17 @@ def test_cookie_key() -> None:
 
 def test_underscore_header_rejected_by_default() -> None:
     b = boundary()
-    message = b.check_names(CIMultiDictProxy(headers(("Accept", "a"), ("X_TT_User", "1"))))
-    assert message is not None
-    assert "X_TT_User" in message
+    problem = b.check_names(CIMultiDictProxy(headers(("Accept", "a"), ("X_TT_User", "1"))))
+    assert problem is not None
+    assert problem[0] == "underscore_header"
+    assert "X_TT_User" in problem[1]
     assert b.check_names({"Accept": "a", "X-TT-User": "1"}) is None
 
 
 def test_underscore_rejection_message_is_bounded() -> None:
-    message = boundary().check_names({"x_" + "a" * 500: "1"})
-    assert message is not None
-    assert len(message) < 200
+    problem = boundary().check_names({"x_" + "a" * 500: "1"})
+    assert problem is not None
+    assert len(problem[1]) < 200
 
 
 def test_underscore_header_dropped_in_drop_mode() -> None:
@@ -606,7 +616,15 @@ def test_config_rejects_ambiguous_ownership(
 def test_config_accepts_the_design_systems() -> None:
     config = make_config()
     assert config.boundary.consent.identities[0].scope == "checkout"
-    assert KINDS == ("headers", "cookies", "identities", "underscore")
+    assert KINDS == (
+        "headers",
+        "cookies",
+        "identities",
+        "underscore",
+        "header_names",
+        "malformed_cookies",
+        "forwarding",
+    )
 
 
 # -- properties ------------------------------------------------------------------------
@@ -626,7 +644,7 @@ NEUTRAL_HEADER = st.from_regex(r"\Ax-[a-z0-9]{1,10}(-[a-z0-9]{1,6})?\Z").filter(
     lambda n: n not in TIKTOK_HEADERS and n != "x-jalur-consent"
 )
 HEADER_VALUE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)
-COOKIE_NAME = st.from_regex(r"\A[A-Za-z0-9!#$&'*+^`|~-]{1,12}\Z").filter(
+COOKIE_NAME = st.from_regex(r"\A[A-Za-z0-9!#&'*+^`|~-]{1,12}\Z").filter(
     lambda n: n.lower() not in {c.lower() for c in OWNED_COOKIES}
 )
 COOKIE_VALUE = st.from_regex(r"\A[A-Za-z0-9!#$%&'()*+./:<=>?@^_`{|}~-]{0,12}\Z")
@@ -705,3 +723,65 @@ def test_property_set_cookie_filter(cookies: list[tuple[tuple[str, str], str]]) 
     kept = [v for v, ((n, _), _) in zip(values, cookies, strict=True) if n.lower() != "tt_session"]
     assert h.getall("Set-Cookie", []) == kept
     assert dropped == len(values) - len(kept)
+
+
+# -- strict spelling (issue #18) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", [" ", ",", "\t", ", ", " ,", ";,"])
+def test_a_pair_a_lenient_parser_splits_is_dropped_as_malformed(sep: str) -> None:
+    h = headers(("Cookie", f"a=1{sep}_SID_Tokopedia_=S; b=2"))
+    got = boundary().scrub(h, "tiktok")
+    assert "_SID_Tokopedia_" not in h.get("Cookie", "")
+    assert h.getall("Cookie") == ["b=2"] or h.getall("Cookie") == ["a=1; b=2"]
+    assert got.malformed_cookies + got.cookies >= 1
+
+
+@pytest.mark.parametrize(
+    "name", ["X-Shop.User", "X-TT.User", "x-social.user-id", "X+Y", "X~Y", "X!Y", "X'Y"]
+)
+def test_header_names_outside_the_safe_set(name: str) -> None:
+    assert boundary().check_names({name: "1", "Accept": "a"}) is not None
+    b = boundary(underscore="drop")
+    drop = Boundary(
+        cfg.parse(yaml.safe_dump({"systems": SYSTEMS, "boundary": {"header_names": "drop"}}))
+    )
+    assert drop.check_names({name: "1"}) is None
+    h = headers(("Accept", "a"), (name, "1"))
+    assert drop.scrub(h, "tokopedia") == Stripped(header_names=1)
+    assert list(h.items()) == [("Accept", "a")]
+    assert b.check_names({"X-Ok-1": "1"}) is None
+
+
+def test_forwarding_headers_removed_unless_passed() -> None:
+    names = ["Forwarded", "X-Real-IP", "True-Client-IP", "X-Original-URL", "X-Rewrite-URL"]
+    names += ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"]
+    h = headers(*((n, "v") for n in names), ("Accept", "a"))
+    assert boundary().scrub(h, "tiktok") == Stripped(forwarding=len(names))
+    assert list(h.items()) == [("Accept", "a")]
+    passing = Boundary(
+        cfg.parse(
+            yaml.safe_dump(
+                {"systems": SYSTEMS, "boundary": {"forwarding": {"pass_headers": ["x-real-ip"]}}}
+            )
+        )
+    )
+    h = headers(*((n, "v") for n in names))
+    assert passing.scrub(h, "tiktok") == Stripped(forwarding=len(names) - 1)
+    assert list(h.keys()) == ["X-Real-IP"]
+
+
+@pytest.mark.parametrize(
+    ("line", "stored"),
+    [
+        ("a=1; Path=/", ("a", "1")),
+        ("=_SID_Tokopedia_=x", ("", "_SID_Tokopedia_=x")),
+        ("bare", ("", "bare")),
+        ("  a = 1 ;x", ("a", "1")),
+        ("a=1\x01", None),
+        ("=", None),
+        ("tt_x=1 _SID_Tokopedia_=x", ("tt_x", "1 _SID_Tokopedia_=x")),
+    ],
+)
+def test_browser_cookie(line: str, stored: tuple[str, str] | None) -> None:
+    assert boundary_module.browser_cookie(line) == stored

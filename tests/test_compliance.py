@@ -272,6 +272,36 @@ def test_an_earlier_social_route_must_not_shadow_a_transaction_route(
     assert "$.routes[1]" in error.message
 
 
+@pytest.mark.parametrize(
+    ("earlier", "shadowed"),
+    [
+        ({}, True),
+        ({"prefix": "/"}, True),
+        ({"prefix": "/api/feed"}, True),  # pay.example/api/feed would reach social
+        ({"regex": "/api/.*"}, True),
+        ({"exact": "/"}, True),
+        ({"prefix": "/", "host": "PAY.example."}, True),
+        ({"prefix": "/", "host": "*.example"}, True),
+        ({"prefix": "/", "host": "feed.example"}, False),
+        ({"prefix": "/", "methods": ["GET"]}, False),  # payment is POST only
+    ],
+)
+def test_a_host_only_transaction_route_after_a_broader_social_route(
+    earlier: dict[str, Any], shadowed: bool
+) -> None:
+    """Issue #18: a payment route matched by host alone, placed after a social route that
+    takes some of that host's requests, is flagged by ``jalur check``."""
+    pay = payment(to="pay")
+    pay["match"] = {"host": "pay.example", "methods": ["POST"]}
+    text = document([social_route("early", earlier), pay])
+    if not shadowed:
+        cfg.parse(text)
+        return
+    (error,) = errors_of(text)
+    assert error.path == "$.routes[0].match"
+    assert "'payment'" in error.message
+
+
 def test_a_later_catch_all_to_social_is_fine() -> None:
     cfg.parse(document([payment(to="pay"), social_route("all", {})]))
 
@@ -441,6 +471,10 @@ VARIANTS = [
     "/api/Merchant/x",
 ]
 
+# The exact route /api/pay names a resource: path-info routing (PHP's pay.php/ment, a
+# servlet mapped to /api/pay/*) serves it with trailing segments too (issue #18).
+VARIANTS += ["/api/pay;x/ment", "/api/pay/ment", "/api/pay.json"]
+
 NOT_VARIANTS = [
     "/",
     "/api/feed",
@@ -448,8 +482,6 @@ NOT_VARIANTS = [
     "/api/feed/x?next=/api/pay",  # the query is not the path
     "/api/feed;jsessionid=1",
     "/api/payx",
-    "/api/pay;x/ment",  # stripping ';x' gives /api/pay/ment, not /api/payment
-    "/api/pay/ment",
     "/api/pa%C3%BF",
     "/api/pay/../feed",  # forwarded as /api/feed
     "/api/orders/x",
@@ -593,6 +625,20 @@ def entry(i: int, **extra: Any) -> dict[str, Any]:
         "reason": None,
         **extra,
     }
+
+
+def test_audit_escapes_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    """A field holding a request's non-UTF-8 byte (a lone surrogate) is written escaped:
+    the record is never lost to an encoding error (issue #18)."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(audit_cfg(path))
+    log.start()
+    raw = b"\xff".decode("utf-8", "surrogateescape")
+    log.record({"request_id": "r-1", "decision": "blocked", "reason": "x", "host": raw})
+    log.close()
+    (record,) = lines_of(path)
+    assert record["host"] == "\\xff"
+    assert log.failed == 0
 
 
 def lines_of(*files: Path) -> list[dict[str, Any]]:
