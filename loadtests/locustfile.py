@@ -137,7 +137,16 @@ def fail(resp: ResponseContextManager, message: str) -> None:
         request_id = resp.headers.get("x-request-id")
     except AttributeError:  # no response at all
         request_id = None
-    line = {"request_id": request_id, "status": resp.status_code, "error": message[:200]}
+    try:  # a payment's key: the soak ties a repeat's failure to its first attempt's fault
+        key = resp.request.headers.get("Idempotency-Key")
+    except AttributeError:
+        key = None
+    line = {
+        "request_id": request_id,
+        "key": key,
+        "status": resp.status_code,
+        "error": message[:200],
+    }
     with open(FAILURE_LOG, "a") as f:
         f.write(json.dumps(line) + "\n")
 

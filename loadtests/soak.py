@@ -16,7 +16,11 @@ What it runs (every process started here is stopped by PID, whatever happens):
 * every ``--restart-every`` seconds (60) one back-end process, in rotation, is stopped
   (SIGTERM by PID) and started again on the same port; its ``/_sim/executions`` and
   ``/_sim/faults`` counters are read before the stop and accumulated (a restart loses them);
-* every 5 s Jalur's RSS (``/proc/PID/status``) and open descriptors (``/proc/PID/fd``).
+* every 5 s Jalur's RSS (``/proc/PID/status``) and open descriptors (``/proc/PID/fd``);
+* the commerce back ends answer ``--late-rate`` (2 %) of keyed payments ``LATE_DELAY`` (3 s)
+  *after* executing them, past the commerce clusters' 2 s answer timeout: Jalur answers 504
+  and keeps the key as "outcome unknown"; the shopper's repeat of that key must be answered
+  from that record (never executed again); the fleet's store is a real redis-server.
 
 How failures are attributed: every request Jalur answered is a line of its access log with
 its ``request_id``, which Jalur also sends upstream as ``X-Request-Id`` (the same on every
@@ -24,7 +28,9 @@ attempt). A non-2xx answer is **injected (reset)** when a back end journalled a 
 request id (it could not be retried: a POST without ``Idempotency-Key``, or every attempt
 was reset), **injected (restart)** when it is a 502/503 of a cluster whose endpoint was
 being restarted at that moment (SIGTERM sent - 1 s .. back up + 3 s), and **unexplained**
-otherwise. Each Locust failure is matched to those answers by request id: the shoppers
+otherwise; **injected (late answer)** when a back end journalled a late answer of that
+request id, or the answer is a repeat of such a payment's key (the shoppers journal each
+failure's key). Each Locust failure is matched to those answers by request id: the shoppers
 append every failure with the response's ``x-request-id`` to ``<reports>/failures.jsonl``
 (``LOADTEST_FAILURE_LOG``). A failure is explained only when its id is one of Jalur's non-2xx
 answers with an injected cause; every other one is unexplained: a transaction served by a
@@ -39,7 +45,7 @@ descriptors grow less than 10 % from the start (after warm-up) to the end (each 
 of the samples in a window, so one momentary spike does not decide); every restart came back.
 
     .venv/bin/python loadtests/soak.py [--time 10m] [--users 50] [--restart-every 60]
-        [--reset-rate 0.01] [--reports DIR]
+        [--reset-rate 0.01] [--late-rate 0.02] [--reports DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +88,11 @@ READY_DEADLINE = 15.0  # seconds a (re)started back end may take to answer
 SAMPLE_EVERY = 5.0  # seconds between two RSS / descriptor samples
 GROWTH_BAR = 0.10  # RSS and descriptors may grow less than this from start to end
 RESTART_WINDOW = (1.0, 3.0)  # seconds before the stop / after the restart a failure is blamed on
+# Commerce clusters give up on an answer after this long; a late answer comes LATE_DELAY
+# after the back end executed the payment: Jalur answers 504 and keeps the key as "outcome
+# unknown", and the shopper's repeat must be answered from that record, never executed.
+COMMERCE_ANSWER_TIMEOUT = 2.0
+LATE_DELAY = 3.0
 # What every soak cluster gets on top of the demo config (see the module docstring).
 RESILIENCE: dict[str, Any] = {
     "retry": {
@@ -167,6 +178,11 @@ def soak_config(reports: Path) -> tuple[Path, dict[str, Any], list[Endpoint]]:
             endpoints[url].clusters.append(name)
         cluster["endpoints"] = urls
         cluster.update(RESILIENCE)
+        if kinds[cluster["system"]] == "commerce":
+            cluster["timeouts"] = {
+                **cluster.get("timeouts", {}),
+                "response_headers": COMMERCE_ANSWER_TIMEOUT,
+            }
     conf["listen"] = {**conf["listen"], "host": "127.0.0.1", "port": 0}
     conf["admin"] = {**conf["admin"], "host": "127.0.0.1", "port": 0}
     conf["reload"] = {"watch": False}
@@ -184,13 +200,17 @@ def soak_config(reports: Path) -> tuple[Path, dict[str, Any], list[Endpoint]]:
     return path, conf, order
 
 
-def start_backend(procs: Processes, ep: Endpoint, reset_rate: float, seed: int) -> None:
+def start_backend(
+    procs: Processes, ep: Endpoint, reset_rate: float, seed: int, late_rate: float = 0.0
+) -> None:
+    late = ["--late-rate", str(late_rate), "--late-delay", str(LATE_DELAY)]
     ep.proc = procs.start(
         f"back end {ep.cluster} :{ep.port}",
         [
             sys.executable, "-m", "proxy.demo.backend", "--cluster", ep.cluster,
             "--system", ep.system, "--port", str(ep.port), "--reset-rate", str(reset_rate),
             "--seed", str(seed + ep.port + 7919 * ep.restarts), "--journal", str(ep.journal),
+            *(late if ep.kind == "commerce" and late_rate > 0 else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -226,11 +246,20 @@ def window_median(samples: list[tuple[float, int, int]], lo: float, hi: float) -
     )
 
 
-def read_journals(eps: list[Endpoint]) -> tuple[dict[str, int], Counter[str]]:
-    """Resets per request id (health checks carry none: ``"None"``), and executions per
-    Idempotency-Key on the commerce back ends, from every journal."""
+@dataclass
+class Journals:
+    resets: Counter[str]  # per request id (health checks carry none: "None")
+    executed: Counter[str]  # per Idempotency-Key, on the commerce back ends
+    late: dict[str, str]  # request id -> Idempotency-Key of the payments answered late
+    reset_keys: set[str]  # Idempotency-Keys of payments whose connection was reset
+
+
+def read_journals(eps: list[Endpoint]) -> Journals:
+    """What the back ends journalled: resets, keyed executions, late answers."""
     resets: Counter[str] = Counter()
     executed: Counter[str] = Counter()
+    late: dict[str, str] = {}
+    reset_keys: set[str] = set()
     for ep in eps:
         if not ep.journal.exists():
             continue
@@ -238,9 +267,13 @@ def read_journals(eps: list[Endpoint]) -> tuple[dict[str, int], Counter[str]]:
             event = json.loads(line)
             if event["event"] == "reset":
                 resets[str(event.get("request_id"))] += 1
+                if event.get("key"):
+                    reset_keys.add(str(event["key"]))
             elif event["event"] == "executed" and ep.kind == "commerce":
                 executed[event["key"]] += 1
-    return resets, executed
+            elif event["event"] == "late":
+                late[str(event.get("request_id"))] = str(event["key"])
+    return Journals(resets, executed, late, reset_keys)
 
 
 @dataclass
@@ -261,8 +294,17 @@ class Attribution:
     explained: set[str] = field(default_factory=set)  # ... of those an injected fault caused
 
 
-def attribute(access: Path, resets: dict[str, int], restarts: list[Restart]) -> Attribution:
-    """Jalur's non-2xx answers, each attributed to an injected fault or unexplained."""
+def attribute(
+    access: Path,
+    resets: dict[str, int],
+    restarts: list[Restart],
+    late: set[str],
+    repeats: set[str],
+) -> Attribution:
+    """Jalur's non-2xx answers, each attributed to an injected fault or unexplained.
+    ``late``: request ids a back end answered late; ``repeats``: request ids of repeats of a
+    payment whose first attempt was reset or answered late after a byte reached the back end
+    (answered "outcome unknown", as designed: the key is consumed)."""
     out = Attribution()
     causes, unexplained = out.causes, out.unexplained
     before, after = RESTART_WINDOW
@@ -283,6 +325,14 @@ def attribute(access: Path, resets: dict[str, int], restarts: list[Restart]) -> 
             causes["injected reset"] += 1
             out.explained.add(rid)
             continue
+        if rid and rid in late:
+            causes["injected late answer"] += 1
+            out.explained.add(rid)
+            continue
+        if rid and rid in repeats:
+            causes["repeat of a faulted payment"] += 1
+            out.explained.add(rid)
+            continue
         t = datetime.fromisoformat(line["start_time"]).timestamp()
         if code in (502, 503) and any(
             line.get("cluster") in r.endpoint.clusters
@@ -297,24 +347,28 @@ def attribute(access: Path, resets: dict[str, int], restarts: list[Restart]) -> 
     return out
 
 
-def read_failures(path: Path) -> tuple[set[str], int]:
+def read_failures(path: Path) -> tuple[set[str], int, dict[str, str]]:
     """The Locust failures the shoppers journalled (``LOADTEST_FAILURE_LOG``): the request ids
-    they carried, and how many carried none."""
+    they carried, how many carried none, and the Idempotency-Key of each keyed one."""
     ids: set[str] = set()
+    keys: dict[str, str] = {}
     anonymous = 0
     if not path.exists():
-        return ids, anonymous
+        return ids, anonymous, keys
     for raw in path.read_bytes().splitlines():
         try:
-            rid = json.loads(raw).get("request_id")
+            entry = json.loads(raw)
         except ValueError:
             anonymous += 1
             continue
+        rid = entry.get("request_id")
         if rid:
             ids.add(str(rid))
+            if entry.get("key"):
+                keys[str(rid)] = str(entry["key"])
         else:
             anonymous += 1
-    return ids, anonymous
+    return ids, anonymous, keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn-rate", type=float, default=10)
     p.add_argument("--restart-every", type=float, default=60.0, help="seconds between restarts")
     p.add_argument("--reset-rate", type=float, default=0.01, help="share of upstream resets")
+    p.add_argument(
+        "--late-rate",
+        type=float,
+        default=0.02,
+        help="share of keyed payments the commerce back ends answer only after Jalur timed out",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--reports", default=str(HERE / "reports" / "soak"))
     p.add_argument("--summary", default=str(HERE / "reports" / "soak.txt"))
@@ -352,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         conf["store"] = {"kind": "redis", "url": start_redis(procs, reports)}
         config.write_text(yaml.safe_dump(conf, sort_keys=False))
         for ep in endpoints:
-            start_backend(procs, ep, args.reset_rate, args.seed)
+            start_backend(procs, ep, args.reset_rate, args.seed, args.late_rate)
         wait_ready(endpoints)
         log(f"{len(endpoints)} back ends up")
         jalur, base, admin = start_jalur(
@@ -384,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert ep.proc is not None
                 procs.stop(ep.proc, f"back end {ep.cluster} :{ep.port}")
                 ep.restarts += 1
-                start_backend(procs, ep, args.reset_rate, args.seed)
+                start_backend(procs, ep, args.reset_rate, args.seed, args.late_rate)
                 with contextlib.suppress(SystemExit):
                     wait_ready([ep])
                     restart.ready = time.time()
@@ -442,10 +502,14 @@ def report(
     duration: float,
 ) -> tuple[str, list[tuple[str, bool]]]:
     table, total, failures = summarise(reports, series["routes"], None, locust_rc)
-    resets, executed = read_journals(endpoints)
-    seen = attribute(reports / "access.jsonl", resets, restarts)
+    journals = read_journals(endpoints)
+    resets, executed = journals.resets, journals.executed
+    failed_ids, anonymous, failed_keys = read_failures(reports / "failures.jsonl")
+    late_keys = set(journals.late.values())
+    faulted = late_keys | journals.reset_keys
+    repeats = {rid for rid, key in failed_keys.items() if key in faulted}
+    seen = attribute(reports / "access.jsonl", resets, restarts, set(journals.late), repeats)
     causes, unexplained = seen.causes, seen.unexplained
-    failed_ids, anonymous = read_failures(reports / "failures.jsonl")
     social = duplicate_failures = 0
     fail_path = reports / "loadtest_failures.csv"
     if fail_path.exists():
@@ -484,6 +548,7 @@ def report(
     lines = [
         f"soak: {args.time} ({duration:.0f} s), {args.users} users, "
         f"{len(endpoints)} back-end processes, reset rate {args.reset_rate:.2%}, "
+        f"late-answer rate {args.late_rate:.2%} of keyed payments, "
         f"a restart every {args.restart_every:.0f} s",
         "",
         table,
@@ -492,11 +557,16 @@ def report(
         f"request id): {explained}; not explained: {not_explained}",
         f"  Jalur non-2xx answers: {seen.total} (from its access log): "
         f"{causes['injected reset']} resets that could not be retried, "
-        f"{causes['injected restart']} during a restart, {causes['unexplained']} unexplained; "
+        f"{causes['injected restart']} during a restart, "
+        f"{causes['injected late answer']} payments answered late, "
+        f"{causes['repeat of a faulted payment']} repeats of a reset or late payment "
+        f"(outcome unknown), {causes['unexplained']} unexplained; "
         f"Locust failures journalled: {len(failed_ids)} with a request id, {anonymous} "
         f"without; without a non-2xx from Jalur: {hidden}",
         f"injected: {injected_resets} connection resets at the back ends "
         f"(/_sim/faults, accumulated; {sum(resets.values())} in the journals), "
+        f"{len(journals.late)} payments answered {LATE_DELAY:.0f} s after executing "
+        f"(keys {len(late_keys)}), "
         f"{len(restarts)} restarts "
         + "("
         + ", ".join(

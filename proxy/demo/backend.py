@@ -108,6 +108,12 @@ class BackendSpec:
     """Share (0..1) of requests whose connection is reset (RST, no response) after the request
     was read and before it is executed; control paths (``/_sim/executions``, ``/_sim/faults``)
     are never reset."""
+    late_rate: float = 0.0
+    """Share (0..1) of keyed POST/PATCH requests answered ``late_delay`` seconds *after* they
+    were executed: past the proxy's timeout, the fault after which only an idempotency
+    record stops a second execution (journalled as ``late``)."""
+    late_delay: float = 0.0
+    """Seconds a late answer waits after the execution."""
     seed: int | None = None
     """Seed of the ``random.Random`` deciding failures and resets; ``None``: non-deterministic."""
 
@@ -116,9 +122,11 @@ class BackendSpec:
             value: str = getattr(self, name)
             if not value or _HEADER_UNSAFE_RE.search(value):
                 raise ValueError(f"{name} must be non-empty and free of control characters")
-        if not self.latency >= 0.0:  # also rejects NaN
-            raise ValueError(f"latency must be >= 0, got {self.latency!r}")
-        for name in ("failure_rate", "reset_rate"):
+        for name in ("latency", "late_delay"):
+            seconds: float = getattr(self, name)
+            if not seconds >= 0.0:  # also rejects NaN
+                raise ValueError(f"{name} must be >= 0, got {seconds!r}")
+        for name in ("failure_rate", "reset_rate", "late_rate"):
             rate: float = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be within 0..1, got {rate!r}")
@@ -239,6 +247,7 @@ def make_app(spec: BackendSpec, journal: IO[bytes] | None = None) -> web.Applica
     rng = random.Random(spec.seed)
     # A stream of its own, so turning resets on does not change which requests fail.
     reset_rng = random.Random(None if spec.seed is None else f"reset-{spec.seed}")
+    late_rng = random.Random(None if spec.seed is None else f"late-{spec.seed}")
     app = web.Application()
     app[SPEC] = spec
     app[RECEIVED] = []
@@ -295,7 +304,7 @@ def make_app(spec: BackendSpec, journal: IO[bytes] | None = None) -> web.Applica
         if spec.reset_rate > 0.0 and not control and reset_rng.random() < spec.reset_rate:
             # Read, not executed, never answered: the client sees a reset after its request.
             request.app[FAULTS].resets += 1
-            record("reset", request)
+            record("reset", request, key=request.headers.get("Idempotency-Key"))
             _reset(request)
             return web.Response()  # never written: aiohttp drops it on the closed transport
 
@@ -313,6 +322,9 @@ def make_app(spec: BackendSpec, journal: IO[bytes] | None = None) -> web.Applica
                 del seen[next(iter(seen))]
             request[KEY_COUNT] = count
             record("executed", request, key=key, count=count)
+            if spec.late_rate > 0.0 and late_rng.random() < spec.late_rate:
+                record("late", request, key=key)
+                await asyncio.sleep(spec.late_delay)
 
         received = request.app[RECEIVED]
         received.append(Received(request.method, path, query, headers, body_bytes))
@@ -481,6 +493,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         help="share (0..1) of requests whose connection is reset before they are executed",
     )
+    parser.add_argument(
+        "--late-rate",
+        type=float,
+        default=0.0,
+        help="share (0..1) of keyed POST/PATCH answered --late-delay seconds after executing",
+    )
+    parser.add_argument("--late-delay", type=float, default=0.0, help="seconds (see --late-rate)")
     parser.add_argument("--seed", type=int, default=None, help="seed for simulated faults")
     parser.add_argument(
         "--journal", default=None, help="append keyed executions and resets to this JSON-lines file"
@@ -498,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             latency=args.latency,
             failure_rate=args.failure_rate,
             reset_rate=args.reset_rate,
+            late_rate=args.late_rate,
+            late_delay=args.late_delay,
             seed=args.seed,
         )
     except ValueError as exc:
