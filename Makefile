@@ -137,6 +137,12 @@ install-bench-tools:
 	@{ command -v nginx >/dev/null || test -x /usr/sbin/nginx; } && command -v wrk >/dev/null || \
 		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk; }
 
+# The idempotency gate's cost per keyed payment: gate off, memory store, Redis, side by side
+# (loadtests/gate_bench.py; writes its section of loadtests/RESULTS.md, ~1 min).
+.PHONY: gate-bench
+gate-bench: $(STAMP) install-bench-tools test-tools
+	$(BIN)/python loadtests/gate_bench.py
+
 format: $(STAMP)
 	$(BIN)/ruff format proxy tests
 	$(BIN)/ruff check --fix proxy tests

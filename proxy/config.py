@@ -511,7 +511,8 @@ class Store(_Base, frozen=True):
     # reached new keys get 503 idempotency_store_full until records expire.
     max_entries: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
-    # Records one identity (or, without identity, one client address) may hold at once.
+    # Records one identity may hold at once (without identity: one client address, where
+    # boundary.forwarding.xff_num_trusted_hops tells it; else only the global bounds).
     max_entries_per_identity: Annotated[int, msgspec.Meta(ge=1)] = 1_000
     # Seconds after a redis store is seen to have lost its data (restarted without
     # persistence) during which keys not found are answered "outcome unknown" instead of

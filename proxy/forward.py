@@ -880,8 +880,7 @@ class Forwarder:
         fp = idem.fingerprint(request.method, upstream_target, data)
         identity = gate.identity(request.headers.getall, request.cookies.get)
         scope = idem.scope_of(gate.route, identity, key)
-        # One identity's records are bounded; a shopper without identity by peer address.
-        quota = identity or f"peer:{request.remote or ''}"
+        quota = identity or self._anonymous_quota(request, state.boundary.trusted_hops)
         store = self.services.idempotency
         try:
             begun = await store.begin(scope, fp, rid, policy.ttl, quota)
@@ -941,6 +940,20 @@ class Forwarder:
         headers[idem.REPLAYED_HEADER] = "true"
         headers["x-request-id"] = rid
         return web.Response(status=stored.status, body=stored.body, headers=headers)
+
+    @staticmethod
+    def _anonymous_quota(request: web.BaseRequest, trusted_hops: int) -> str:
+        """Whose quota a keyed request without identity counts against: its client's
+        address where Jalur knows it (the X-Forwarded-For hop ``trusted_hops`` from the
+        right), else none of its own ("": the store's global bounds only), because without
+        trusted hops the peer is the ingress every shopper shares."""
+        if not trusted_hops:
+            return ""
+        hops = [
+            h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")
+        ]
+        client = hops[-trusted_hops] if len(hops) >= trusted_hops else request.remote or ""
+        return f"client:{client}"
 
     @staticmethod
     def _gate_refusal(ex: Exchange, status: int, message: str, reason: str) -> web.Response:

@@ -299,7 +299,7 @@ class MemoryStore:
         if (
             len(self._items) >= self.max_entries
             or self.bytes >= self.max_bytes
-            or self._per_quota.get(quota, 0) >= self.max_per_identity
+            or (quota and self._per_quota.get(quota, 0) >= self.max_per_identity)
         ):
             return Begin("full")
         lock = Stored(fingerprint=fp, owner=token)

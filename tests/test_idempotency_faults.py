@@ -468,3 +468,34 @@ def test_the_old_idempotency_store_keys_are_refused_naming_the_new_place() -> No
     assert "$.idempotency" in str(err.value)
     assert "store.kind" in str(err.value)
     assert "store.url" in str(err.value)
+
+
+async def test_anonymous_clients_are_told_apart_only_by_a_trusted_address(
+    harness: Harness,
+) -> None:
+    """Without identity, the quota is the client's address from a trusted X-Forwarded-For
+    hop; with no trusted hop, the peer (an ingress every shopper shares) gets no quota of its
+    own: anonymous payments are bounded by the store's global bounds only."""
+    b = await harness.backend("pay", "tokopedia")
+    store = {"kind": "memory", "max_entries_per_identity": 3}
+    trusting = pay_config(b.url, store)
+    trusting["boundary"] = {"forwarding": {"xff_num_trusted_hops": 1}}
+    p = await harness.proxy(trusting)
+    q = await harness.proxy(pay_config(b.url, store))
+    async with aiohttp.ClientSession() as s:
+        codes = []
+        for i in range(5):
+            headers = {"Idempotency-Key": f"a{i}", "X-Forwarded-For": "192.0.2.1"}
+            async with s.post(f"http://127.0.0.1:{p.data_port}/api/payment/x", headers=headers,
+                              data=b"x") as r:  # fmt: skip
+                codes.append(r.status)
+        assert codes == [200, 200, 200, 503, 503]
+        headers = {"Idempotency-Key": "b0", "X-Forwarded-For": "192.0.2.2"}
+        async with s.post(f"http://127.0.0.1:{p.data_port}/api/payment/x", headers=headers,
+                          data=b"x") as r:  # fmt: skip
+            assert r.status == 200
+        for i in range(6):  # one peer, no trusted hop: no per-client quota
+            headers = {"Idempotency-Key": f"c{i}"}
+            async with s.post(f"http://127.0.0.1:{q.data_port}/api/payment/x", headers=headers,
+                              data=b"x") as r:  # fmt: skip
+                assert r.status == 200
