@@ -38,6 +38,7 @@ import msgspec
 
 from . import config as cfg
 from .router import Route, Target
+from .store import StoreError, call, redis_client
 
 log = logging.getLogger("jalur.fleet")
 
@@ -67,10 +68,6 @@ class LiveWeights(msgspec.Struct, frozen=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(LiveWeights).decode
-
-
-class StoreError(Exception):
-    """The store holding the live weights could not be reached or answered nonsense."""
 
 
 class WeightStore(Protocol):
@@ -158,31 +155,19 @@ class RedisWeights:
     """The fleet: one hash, a field per route."""
 
     def __init__(self, url: str, timeout: float, key: str = "jalur:migration") -> None:
-        import redis.asyncio as aioredis
-
         self.key = key
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
-        )
+        self._redis = redis_client(url, timeout)
         self._cas = self._redis.register_script(_CAS)
 
-    async def _call(self, coro: object) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return await coro  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis: {type(exc).__name__}") from exc
-
     async def load(self) -> dict[str, LiveWeights]:
-        raw = await self._call(self._redis.hgetall(self.key))
+        raw = await call(self._redis.hgetall(self.key))
         try:
             return {k.decode(): _decode(v) for k, v in raw.items()}
         except (msgspec.DecodeError, UnicodeDecodeError, AttributeError) as exc:
             raise StoreError("redis: undecodable migration record") from exc
 
     async def save(self, record: LiveWeights) -> bool:
-        done = await self._call(
+        done = await call(
             self._cas(keys=[self.key], args=[record.route, record.version - 1, _encode(record)])
         )
         return bool(done)
@@ -245,6 +230,22 @@ class Fleet:
             file_weights = {t.cluster: t.weight for t in route.targets}
             file_share = commerce_share(file_weights, kinds)
             live = records.get(name)
+            if live is None and name in self.records:
+                # The store lost the record (a restart without persistence): the weights
+                # this process last applied stay, and it puts them back (compare-and-set:
+                # one process of the fleet wins, the others read its record next time).
+                live = self.records[name]
+                if live.version > 0:
+                    restored = await self._write(
+                        name,
+                        live.weights,
+                        kinds,
+                        live.actor,
+                        "restored after the store lost it",
+                        live.rollback,
+                        live.file_weights,
+                    )
+                    live = restored or live
             chosen: dict[str, int] = file_weights
             if live is not None and set(live.weights) == set(file_weights):
                 chosen = live.weights
@@ -259,8 +260,9 @@ class Fleet:
                     live = written or live
                     chosen = live.weights
             elif write:
+                why = "first load" if live is None else "the split names other clusters"
                 live = await self._write(
-                    name, file_weights, kinds, "config", "first load", False, file_weights
+                    name, file_weights, kinds, "config", why, False, file_weights
                 )
             if live is not None:
                 self.records[name] = live

@@ -52,6 +52,7 @@ from typing import Any, Final, Literal, Protocol
 import msgspec
 
 from . import config as cfg
+from .store import StoreError, call, redis_client
 
 __all__ = [
     "NON_IDEMPOTENT",
@@ -83,10 +84,6 @@ MAX_KEY: Final = 255
 NON_IDEMPOTENT: Final = frozenset({"POST", "PATCH"})
 # The category whose routes get the default policy when they do not configure one.
 IDEMPOTENT_BY_DEFAULT: Final = "payment"
-
-
-class StoreError(Exception):
-    """The store could not be reached or answered nonsense."""
 
 
 class Stored(msgspec.Struct, frozen=True):
@@ -427,32 +424,16 @@ class RedisStore:
         quarantine: float = 60.0,
         lease: float = 15.0,
     ) -> None:
-        import redis.asyncio as aioredis
-
         self.lease = lease
         self.prefix = prefix
         self.quarantine_ms = int(quarantine * 1000)
         self.epoch = ""  # the fence epoch this process has seen
         self._fence = prefix + "fence"
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
+        self._redis = redis_client(url, timeout)
         self._begin = self._redis.register_script(_BEGIN)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._complete = self._redis.register_script(_COMPLETE)
-
-    async def _call(self, coro: object) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return await coro  # type: ignore[misc]
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis: {type(exc).__name__}") from exc
 
     def _keys(self, scope: str) -> list[str]:
         return [self.prefix + "r:" + scope, self.prefix + "l:" + scope]
@@ -467,7 +448,7 @@ class RedisStore:
 
     async def begin(self, scope: str, fp: str, token: str, ttl: float, quota: str) -> Begin:
         lock = _encode(Stored(fingerprint=fp, owner=token))
-        reply = await self._call(
+        reply = await call(
             self._begin(
                 keys=[*self._keys(scope), self._fence],
                 args=[
@@ -500,7 +481,7 @@ class RedisStore:
 
     async def renew(self, scope: str, fp: str, token: str, ttl: float) -> None:
         lock = _encode(Stored(fingerprint=fp, owner=token))
-        reply = await self._call(
+        reply = await call(
             self._renew(
                 keys=[*self._keys(scope), self._fence],
                 args=[
@@ -517,22 +498,20 @@ class RedisStore:
             self.epoch = reply.decode()
 
     async def get(self, scope: str) -> Stored | None:
-        raw = await self._call(self._redis.get(self._keys(scope)[0]))
+        raw = await call(self._redis.get(self._keys(scope)[0]))
         return None if raw is None else self._load(raw)
 
     async def complete(self, scope: str, stored: Stored, ttl: float) -> None:
-        await self._call(
-            self._complete(keys=self._keys(scope), args=[_encode(stored), int(ttl * 1000)])
-        )
+        await call(self._complete(keys=self._keys(scope), args=[_encode(stored), int(ttl * 1000)]))
 
     async def release(self, scope: str, token: str) -> None:
-        raw = await self._call(self._redis.get(self._keys(scope)[0]))
+        raw = await call(self._redis.get(self._keys(scope)[0]))
         if raw is None:
             return
         stored = self._load(raw)
         if stored.done or stored.owner != token:
             return
-        await self._call(self._release(keys=self._keys(scope), args=[raw]))
+        await call(self._release(keys=self._keys(scope), args=[raw]))
 
     async def describe(self) -> dict[str, Any]:
         """What the server promises about our keys: ``evicts`` (its maxmemory-policy may
@@ -540,16 +519,16 @@ class RedisStore:
         A server that refuses CONFIG (managed Redis) reports "unknown"."""
         out: dict[str, Any] = {"kind": "redis", "shared": True}
         try:
-            out["run_id"] = (await self._call(self._redis.info("server"))).get("run_id", "")
+            out["run_id"] = (await call(self._redis.info("server"))).get("run_id", "")
         except StoreError as exc:
             return {**out, "reachable": False, "error": str(exc)}
         out["reachable"] = True
         try:
-            policy = (await self._call(self._redis.config_get("maxmemory-policy"))).get(
+            policy = (await call(self._redis.config_get("maxmemory-policy"))).get(
                 "maxmemory-policy", "unknown"
             )
-            aof = (await self._call(self._redis.config_get("appendonly"))).get("appendonly")
-            rdb = (await self._call(self._redis.config_get("save"))).get("save")
+            aof = (await call(self._redis.config_get("appendonly"))).get("appendonly")
+            rdb = (await call(self._redis.config_get("save"))).get("save")
         except StoreError:
             return {**out, "maxmemory_policy": "unknown", "evicts": "unknown"}
         out["maxmemory_policy"] = policy

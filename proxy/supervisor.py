@@ -175,6 +175,19 @@ class Supervisor:
         self.audit.start()
         await self._reconcile(self.config, first=True)
         self._spawn_task(self._publish_progress())
+        # Follow the store like a worker does: the view stays current, and records the store
+        # lost are put back (fleet.Fleet.reconcile).
+        self._spawn_task(
+            fleet_mod.poll(
+                self.fleet,
+                lambda: self.fleet.reconcile(
+                    Router(self.config.routes).by_name,
+                    self._kinds(self.config),
+                    lambda _route, _targets: None,
+                    write=False,
+                ),
+            )
+        )
         sock = self.bind()
         admin_runner, admin_port = await start_admin(self.config, self.status, self.metrics)
         loop = asyncio.get_running_loop()

@@ -16,11 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.router import Target
 from proxy.split import Splitter
 
-from .conftest import Harness, RedisServer, start_proxy
+from .conftest import Harness, RedisServer, free_port, start_proxy
 from .test_migration import TOKEN, split_config
 
 USERS = [f"shopper-{i}" for i in range(1000)]
@@ -276,3 +277,47 @@ async def test_the_migration_command_ramps_refuses_a_step_back_and_rolls_back(
         assert "commerce 80.0%" in out
     finally:
         await stop(proc)
+
+
+async def test_a_store_that_loses_its_data_moves_no_shopper_back(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Redis (no persistence) SIGKILLed and restarted empty after a ramp: the live weights
+    are gone from the store, the file still says 50/50, yet no shopper moves back: every
+    process keeps the weights it applied and the writer puts them back in the store."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        conf = await fleet_conf(harness, server, 50, 50)
+        (a, base_a, admin_a), (b, base_b, _) = await asyncio.gather(
+            start_proxy(tmp_path, conf), start_proxy(tmp_path, conf)
+        )
+        try:
+            async with aiohttp.ClientSession() as s:
+                assert (await ramp(s, admin_a, 10, 90))[0] == 200
+                want = expected(10, 90)
+                async with asyncio.timeout(5):  # B applies the ramp (it polls every second)
+                    while True:
+                        seen = await assignment(s, base_b, USERS[:100])
+                        if all(want[u] == c for u, c in seen.items()):
+                            break
+                        await asyncio.sleep(0.1)
+                server.stop(signal.SIGKILL)
+                server.start()  # same port, empty: the live weights are gone from the store
+                client = aioredis.Redis.from_url(server.url)
+                try:
+                    async with asyncio.timeout(10):  # the writers put them back
+                        while True:
+                            raw = await client.hget("jalur:migration", "checkout")
+                            if raw is not None:
+                                break
+                            await asyncio.sleep(0.1)
+                finally:
+                    await client.aclose()
+                assert json.loads(raw)["weights"] == {"shop-legacy": 10, "tokopedia-pay": 90}
+                for base in (base_a, base_b):
+                    assert await assignment(s, base, USERS) == want
+        finally:
+            await stop(a, b)
+    finally:
+        server.stop()
