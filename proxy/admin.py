@@ -35,6 +35,11 @@ class Status:
 
     config: Config | None = None
     draining: bool = False
+    # Which config serves: 1 for the one loaded at start, +1 per reload that took effect.
+    generation: int = 0
+    # Why the last reload was refused (None when the last reload succeeded or none failed):
+    # /readyz shows it, so an operator sees an edit that did not take.
+    reload_error: str | None = None
     # The live migration controller of the current config (None under a supervisor).
     migration: Callable[[], Migration] | None = None
     # Where audited admin actions go (the compliance audit log).
@@ -45,6 +50,16 @@ class Status:
     @property
     def ready(self) -> bool:
         return self.config is not None and not self.draining
+
+    def serving(self, config: Config) -> None:
+        """``config`` now serves (the first one, or a reload that took effect)."""
+        self.config = config
+        self.generation += 1
+        self.reload_error = None
+
+    def refused(self, reason: str) -> None:
+        """A reload was refused; the current generation keeps serving."""
+        self.reload_error = reason
 
 
 STATUS: Final = web.AppKey("status", Status)
@@ -76,10 +91,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     status = request.app[STATUS]
+    body: dict[str, Any] = {"config_generation": status.generation}
+    if status.reload_error is not None:
+        body["last_reload"] = {"result": "refused", "error": status.reload_error}
     if status.ready:
-        return _json({"status": "ready"})
+        return _json({"status": "ready", **body})
     reason = "draining" if status.draining else "config not loaded"
-    return _json({"status": "not ready", "reason": reason}, status=503)
+    return _json({"status": "not ready", "reason": reason, **body}, status=503)
 
 
 async def config_view(request: web.Request) -> web.Response:

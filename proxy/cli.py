@@ -216,7 +216,7 @@ def _multiprocess_metrics_dir() -> None:
 def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
     import socket
 
-    config = _load_or_report(config_path, sys.stderr)
+    config = _load_or_report(config_path, sys.stderr, warn=False)  # the supervisor warned
     if config is None:
         return 1
     from .server import serve
@@ -232,7 +232,16 @@ def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
     return 0
 
 
-def _load_or_report(path: str, err: TextIO) -> cfg.Config | None:
+def _load_or_report(path: str, err: TextIO, *, warn: bool = True) -> cfg.Config | None:
+    """The config (file + ``JALUR_*`` overrides), or None after printing every error. With
+    ``warn``, one line names the ``JALUR_`` variables ignored that look like overrides."""
+    misses = cfg.env_near_misses(os.environ) if warn else []
+    if misses:
+        print(
+            f"warning: ignored {', '.join(misses)}: not a config path "
+            f"(an override is JALUR_<SECTION>__<FIELD>, e.g. JALUR_LISTEN__PORT)",
+            file=err,
+        )
     try:
         return cfg.load(path, env=os.environ)
     except cfg.ConfigError as exc:

@@ -271,7 +271,7 @@ class ProxyServer:
             self._admin_runner, self.admin_port = await start_admin(
                 config, self.status, self.services.metrics
             )
-        self.status.config = config
+        self.status.serving(config)
         self.status.migration = lambda: self.state.migration
         self.status.audit = self.services.audit.record
         self._progress = asyncio.create_task(self._publish_progress())
@@ -324,6 +324,7 @@ class ProxyServer:
             except cfg.ConfigError as exc:
                 log.error("reload refused, still serving the previous config: %s", exc)
                 metrics.config_reload(False)
+                self.status.refused(str(exc))
                 return False
         for fixed in ("listen", "admin"):
             if getattr(config, fixed) != getattr(self.config, fixed):
@@ -333,11 +334,12 @@ class ProxyServer:
         except Exception:
             log.exception("reload refused: could not build the new config")
             metrics.config_reload(False)
+            self.status.refused("could not build the new config (see the log)")
             return False
         old = self.forwarder.state
         self.forwarder.state = new
         self.config = config
-        self.status.config = config
+        self.status.serving(config)
         metrics.config_reload(True)
         task = asyncio.create_task(old.retire(config.drain.timeout))
         self._retiring.add(task)

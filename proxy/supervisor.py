@@ -95,7 +95,7 @@ class Supervisor:
             log.error("workers did not start in %.0fs", START_TIMEOUT)
             stop.set()
         else:
-            self.status.config = self.config
+            self.status.serving(self.config)
             self.metrics.config_reload(True)
             host, port = sock.getsockname()[:2]
             log.info(
@@ -173,9 +173,10 @@ class Supervisor:
         except cfg.ConfigError as exc:
             log.error("reload refused, workers keep the previous config: %s", exc)
             self.metrics.config_reload(False)
+            self.status.refused(str(exc))
             return
         self.config = config
-        self.status.config = config
+        self.status.serving(config)
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 w.proc.send_signal(signal.SIGHUP)
