@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from . import respond
 from .config import Config
 from .metrics import Metrics
 from .migration import Migration, WeightError
@@ -27,6 +29,8 @@ from .migration import Migration, WeightError
 # Config fields whose values are never shown, whatever their nesting.
 SECRET_FIELDS: Final = frozenset({"token", "key", "secret", "password"})
 MASK: Final = "***"
+# The userinfo of a URL in any config string (redis://:password@host, http://user:pw@...).
+_USERINFO: Final = re.compile(r"(?<=://)[^/@\s]*@")
 
 
 @dataclass(slots=True)
@@ -67,6 +71,9 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 
 
 def masked(config: Config) -> dict[str, Any]:
+    """The config as it may be shown (``/config``, ``--print-config``): secret fields and
+    the credentials inside any URL replaced by ``***``."""
+
     def mask(value: Any) -> Any:
         if isinstance(value, dict):
             return {
@@ -75,6 +82,8 @@ def masked(config: Config) -> dict[str, Any]:
             }
         if isinstance(value, list):
             return [mask(v) for v in value]
+        if isinstance(value, str) and "@" in value:
+            return _USERINFO.sub(MASK + "@", value)
         return value
 
     result: dict[str, Any] = mask(msgspec.to_builtins(config))
@@ -82,7 +91,7 @@ def masked(config: Config) -> dict[str, Any]:
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+    return respond.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -101,9 +110,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def config_view(request: web.Request) -> web.Response:
+    """The masked config; with ``admin.token`` set, only for the bearer of the token (the
+    config maps the whole fleet: endpoints, systems, routes)."""
     config = request.app[STATUS].config
     if config is None:
         return _json({"error": "config not loaded"}, status=503)
+    if config.admin.token:
+        refused = _authorized(request, config)
+        if refused is not None:
+            return refused
     return _json(masked(config))
 
 
@@ -112,7 +127,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     body, content_type = await asyncio.to_thread(
         request.app[METRICS].render, request.headers.get("Accept")
     )
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    return respond.Response(body=body, headers={"Content-Type": content_type})
 
 
 log = logging.getLogger("jalur.admin")

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from .router import Router
 
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
 CONSENT_KEY_ENV: Final = "JALUR_BOUNDARY__CONSENT__KEY"
+# Prefix of the metrics directory `run --workers N` makes (and removes) in the temp directory.
+METRICS_DIR_PREFIX: Final = "jalur-metrics-"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
+    worker.add_argument("--supervisor", type=int, help="pid of the supervisor (exit with it)")
 
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("file", help="YAML config file")
@@ -122,18 +126,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        if args.workers > 1:
-            _multiprocess_metrics_dir()
-            from .supervisor import supervise
+        from .accept import ListenError
 
-            _run(supervise(config, args.config, args.workers))
-            return 0
-        from .server import serve
+        try:
+            if args.workers > 1:
+                own_dir = _multiprocess_metrics_dir()
+                try:
+                    from .supervisor import supervise
 
-        _run(serve(config, config_path=args.config))
+                    _run(supervise(config, args.config, args.workers))
+                finally:
+                    if own_dir is not None:
+                        shutil.rmtree(own_dir, ignore_errors=True)
+                return 0
+            from .server import serve
+
+            _run(serve(config, config_path=args.config))
+        except ListenError as exc:
+            print(exc.strerror, file=sys.stderr)  # one line: "listen HOST:PORT: why"
+            return 1
         return 0
     if args.command == "worker":
-        return _worker(args.config, args.fd, args.ready_fd)
+        return _worker(args.config, args.fd, args.ready_fd, args.supervisor)
     if args.command == "demo":
         from .demo.run import run_demo
 
@@ -199,22 +213,32 @@ def c_parser_in_use() -> bool:
     return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
-def _multiprocess_metrics_dir() -> None:
+def _multiprocess_metrics_dir() -> str | None:
     """prometheus-client multiprocess mode: the directory must be set before the library is
-    imported, shared by the supervisor and its workers, and empty at start."""
-    import shutil
+    imported, shared by the supervisor and its workers, and empty at start. Returns the
+    directory when Jalur made it (the caller removes it at exit), None when the operator
+    named it (``PROMETHEUS_MULTIPROC_DIR``: emptied, then left in place)."""
     import tempfile
 
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jalur-metrics-")
+        return None
+    made = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
-def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
+def _worker(config_path: str, fd: int, ready_fd: int | None, supervisor: int | None) -> int:
     import socket
+
+    from . import parentwatch
+
+    parent = supervisor if supervisor is not None else os.getppid()
+    parentwatch.die_with_parent()
+    if parentwatch.orphaned(parent):
+        return 1  # the supervisor died before the signal was armed
 
     config = _load_or_report(config_path, sys.stderr, warn=False)  # the supervisor warned
     if config is None:
@@ -228,7 +252,12 @@ def _worker(config_path: str, fd: int, ready_fd: int | None) -> int:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready))
+    _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready, parent=parent))
+    if parentwatch.orphaned(parent):
+        # The supervisor cannot remove the metrics directory it made: its workers do.
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+        if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -107,6 +107,9 @@ class Listen(_Base, frozen=True):
     body_idle_timeout: Seconds = 30.0
     # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
+    # ``Server`` header on Jalur's own answers (errors, and relayed answers whose back end
+    # sent none); unset: none, so no version banner tells a prober what to attack.
+    server_header: Annotated[str, msgspec.Meta(pattern=r"^[!-~][ -~]{0,127}$")] | None = None
 
     def __post_init__(self) -> None:
         try:

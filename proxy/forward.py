@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors, paths
+from . import errors, paths, respond
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
@@ -228,12 +228,23 @@ def new_request_id(incoming: str | None) -> str:
 
 def error_response(status: int, message: str, request_id: str, **extra: str) -> web.Response:
     body = {"error": message, "request_id": request_id, **extra}
-    return web.Response(
+    return respond.Response(
         status=status,
         body=orjson.dumps(body),
         content_type="application/json",
         headers={"x-request-id": request_id},
     )
+
+
+def failure_response(
+    exc: errors.ProxyError, request_id: str, where: str, note: str = ""
+) -> web.Response:
+    """The answer to a failed or refused upstream exchange: the kind of failure (``public``,
+    ``kind``) and the request id; the detail, which may name an internal address or an
+    errno, is logged under the same request id and never sent to the client."""
+    level = logging.WARNING if isinstance(exc, errors.UpstreamError) else logging.INFO
+    log.log(level, "request_id=%s upstream=%s %s: %s", request_id, where, exc.kind, exc.message)
+    return error_response(exc.status, exc.public + note, request_id, kind=exc.kind, reason=exc.kind)
 
 
 # Fields a ``Connection`` header may not remove (RFC 9110 lets it name any): the proxy routed
@@ -279,7 +290,7 @@ def _response_headers(
     return out
 
 
-class _Relayed(web.StreamResponse):
+class _Relayed(respond.StreamResponse):
     """A relayed response whose head is written together with its first body bytes (one
     ``write``, one system call for a small answer). ``_relay`` flushes the head on its own
     when the upstream has not sent body bytes yet, so a slow body never delays the head."""
@@ -709,12 +720,11 @@ class Forwarder:
                         attempt += 1
                         continue
                 ex.flags = exc.flag
-                message = exc.message
-                if attempt > 1:
-                    message = f"{message} (attempt {attempt})"
+                note = f" (attempt {attempt})" if attempt > 1 else ""
                 if why:
-                    message = f"{message}; not retried: {why}"
-                return error_response(exc.status, message, ex.request_id, kind=exc.kind)
+                    note = f"{note}; not retried: {why}"
+                where = f"{cluster.name}/{host.endpoint.url}"
+                return failure_response(exc, ex.request_id, where, note)
             ex.upstream_time = time.monotonic() - started
             cm.upstream_response(ex.upstream_time)
             status = up.status
@@ -796,7 +806,7 @@ class Forwarder:
         ex.flags = exc.flag
         ex.status = exc.status
         cm.error(exc.kind)
-        return error_response(exc.status, exc.message, ex.request_id, kind=exc.kind)
+        return failure_response(exc, ex.request_id, ex.cluster.name if ex.cluster else "-")
 
     @staticmethod
     def _shadow_copy(
@@ -1116,8 +1126,8 @@ class Forwarder:
         except errors.ProxyError as exc:
             ex.flags = exc.flag
             state.bound.clusters[cluster.name].error(exc.kind)
-            return error_response(exc.status, exc.message, request_id, kind=exc.kind)
-        ws = web.WebSocketResponse(
+            return failure_response(exc, request_id, f"{cluster.name}/{endpoint.url}")
+        ws = respond.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             max_msg_size=WS_MAX_MESSAGE,
             autoping=True,

@@ -19,9 +19,12 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from . import accept
+from . import accept, parentwatch
 from . import admin as admin_mod
 from . import config as cfg
 from .accesslog import AccessLog
@@ -78,8 +81,12 @@ class _Protocol(RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._jalur = manager
+        self.server_header = limits.server_header  # read by ``respond.ServerHeader``
         self._header_timeout = limits.header_read_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
+        # Requests taken on for handling on this connection (the one reaching
+        # ``max_requests_per_connection`` is served and answered with Connection: close).
+        self.served = 0
         # aiohttp pauses reading when this many parsed requests wait (pipelining depth).
         self._max_msg_queue_size = limits.max_pipelined
         self._msg_queue_resume_size = max(1, limits.max_pipelined // 2)
@@ -103,10 +110,31 @@ class _Protocol(RequestHandler):
         self._disarm()
         super().connection_lost(exc)
 
+    @property
+    def closing(self) -> bool:
+        """The answer being written is this connection's last: it must say
+        ``Connection: close`` (read by ``respond.ServerHeader`` and ``finish_response``)."""
+        return (
+            self._close
+            or self._force_close
+            or self._jalur.draining
+            or self.served >= self._limits.max_requests_per_connection
+        )
+
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._request_count >= self._limits.max_requests_per_connection and not self._close:
-            self.close()  # answer what was read, then close; the client reconnects
+        if (self._close or self._force_close) and self._request_in_progress:
+            # Closing (drain, or aiohttp's shutdown) while a request is being served: its
+            # body must still arrive, or the request it belongs to is lost. aiohttp would
+            # ignore these bytes; requests parsed from them are not served (the answer in
+            # progress says Connection: close, so the client knows).
+            close, force = self._close, self._force_close
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close, self._force_close = close, force
+        else:
+            super().data_received(data)
         if self._messages or self._request_in_progress:
             self._disarm()  # a whole head arrived (or a handler owns the connection)
         elif self._header_deadline is None:
@@ -140,6 +168,8 @@ class _Protocol(RequestHandler):
             # so when no 101 is sent (the upgrade is not performed) whatever the client
             # pipelined behind that request is dropped unread.
             resp.force_close()
+        if self.closing and not resp.prepared:
+            resp.force_close()  # the last answer says so (Connection: close)
         out = await super().finish_response(request, resp, start_time)
         linger = request.get(LINGER)
         if linger is not None:
@@ -174,6 +204,8 @@ class _Protocol(RequestHandler):
             manager.on_error(reason)
         resp = error_response(status, text, request_id, reason=reason)
         resp.force_close()
+        # aiohttp answers an unparsable request as HTTP/1.0, where close is only implied.
+        resp.headers["Connection"] = "close"
         return resp
 
 
@@ -190,6 +222,21 @@ class _Server(web.Server):
         self.limits = limits
         self.on_error = on_error
         self.open_connections = 0
+        # Set when a drain starts: every answer from then on says Connection: close and
+        # its connection closes after it (clients reconnect, to another replica).
+        self.draining = False
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if isinstance(protocol, _Protocol):
+            protocol.served += 1
+        return super()._make_request(message, payload, protocol, writer, task)
 
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, limits=self.limits, **self._kwargs)
@@ -227,6 +274,7 @@ class ProxyServer:
         )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
+        self._data_server: _Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._progress: asyncio.Task[None] | None = None
@@ -252,6 +300,7 @@ class ProxyServer:
             auto_decompress=False,
             on_error=self.services.metrics.rejected,
         )
+        self._data_server = server
         self._data_runner = web.ServerRunner(server, shutdown_timeout=config.drain.timeout)
         await self._data_runner.setup()
         batch = accept.SHARED_ACCEPT_BATCH  # the supervisor's socket, shared by the workers
@@ -351,6 +400,8 @@ class ProxyServer:
         """Drain: not ready at once, keep serving ``drain.delay``, stop accepting, wait
         for in-flight requests up to ``drain.timeout``, close upstream pools."""
         self.status.draining = True
+        if self._data_server is not None:
+            self._data_server.draining = True
         if self._progress is not None:
             self._progress.cancel()
         delay = self.config.drain.delay if drain_delay is None else drain_delay
@@ -379,7 +430,12 @@ async def start_admin(
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(admin_mod.make_app(status, metrics), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.admin.host, config.admin.port, reuse_address=True)
+    try:
+        sock = accept.bind(config.admin.host, config.admin.port, 128, what="admin")
+    except accept.ListenError:
+        await runner.cleanup()
+        raise
+    site = web.SockSite(runner, sock)
     await site.start()
     return runner, _bound_port(runner)
 
@@ -428,12 +484,14 @@ async def serve(
     *,
     data_sock: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
+    parent: int | None = None,
 ) -> None:
     """One process: run until SIGTERM/SIGINT, then drain and return. SIGHUP reloads.
 
     With ``data_sock`` (a socket inherited from the supervisor) it runs as a worker: no
     admin listener, and SIGTERM stops accepting at once (the supervisor already waited
-    ``drain.delay`` with ``/readyz`` failing)."""
+    ``drain.delay`` with ``/readyz`` failing). With ``parent`` (the supervisor's pid) it
+    stops the same way once it is no longer that process's child (``parentwatch``)."""
     worker = data_sock is not None
     loaded = file_signature(config_path) if config_path is not None else None
     server = ProxyServer(config, config_path=config_path, admin=not worker)
@@ -458,7 +516,12 @@ async def serve(
         watcher = asyncio.create_task(
             watch_config(config_path, config.reload.interval, server.reload, loaded)
         )
+    orphan_watch = None
+    if parent is not None:
+        orphan_watch = asyncio.create_task(parentwatch.watch_parent(parent, stop.set))
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     if watcher is not None:
         watcher.cancel()
     await server.stop(drain_delay=0 if worker else None)

@@ -134,6 +134,8 @@ class Supervisor:
             str(fd),
             "--ready-fd",
             str(ready_w),
+            "--supervisor",
+            str(os.getpid()),
             pass_fds=(fd, ready_w),
         )
         os.close(ready_w)
