@@ -105,6 +105,18 @@ class Listen(_Base, frozen=True):
     max_pipelined: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     # Seconds without a byte of request body before the request is cut (408).
     body_idle_timeout: Seconds = 30.0
+    # Seconds from the request head to the last byte of its body (408 beyond): a client
+    # dripping a byte just inside body_idle_timeout cannot hold a request open for ever.
+    body_timeout: Seconds = 300.0
+    # A request body up to this size (by Content-Length, or a chunked body that ends within
+    # it) is read whole before an upstream connection is taken (NGINX's
+    # proxy_request_buffering): slow uploads then hold no upstream connection. Larger
+    # bodies stream. Per route: routes[].buffer_body_bytes; 0 turns buffering off.
+    buffer_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
+    # Largest request head (request line and every header field together); beyond it the
+    # client is answered 431 and disconnected. Bounds memory per connection whatever
+    # max_headers x max_field_size allow (Envoy: 60 KiB; NGINX: 4 x 8 KiB).
+    max_head_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
     # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
     # ``Server`` header on Jalur's own answers (errors, and relayed answers whose back end
@@ -350,6 +362,9 @@ class Route(_Base, frozen=True):
     idempotency: IdempotencyPolicy | None = None
     # Largest request body on this route (413 beyond); None: ``listen.max_body_bytes``.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Bodies up to this size are read whole before an upstream connection is taken;
+    # None: ``listen.buffer_body_bytes``; 0: always stream.
+    buffer_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] | None = None
 
 
 class Audit(_Base, frozen=True):

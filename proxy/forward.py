@@ -317,6 +317,7 @@ class _ClientBody:
         "client_failed",
         "continue_",
         "copy",
+        "deadline",
         "idle",
         "limit",
         "prefix",
@@ -343,6 +344,11 @@ class _ClientBody:
         self.preread: bytes | None = None  # the whole body, when a policy had to read it
         self.prefix: bytes | None = None  # read by ``buffer``, still to be sent first
         self.started = False  # an upstream attempt has begun reading the body
+        # The whole body must have arrived by then (``listen.body_timeout``, read from the
+        # listener's protocol; None off a listener): a client dripping a byte just inside
+        # ``idle`` cannot hold the request (and what it holds) open for ever.
+        total: float | None = getattr(request.protocol, "body_timeout", None)
+        self.deadline = None if total is None else asyncio.get_running_loop().time() + total
 
     @property
     def replayable(self) -> bool:
@@ -356,8 +362,10 @@ class _ClientBody:
         length = self.request.content_length
         if length is not None and length > limit:
             return False
-        parts: list[bytes] = []
-        size = 0
+        parts: list[bytes] = [self.prefix] if self.prefix else []  # from an earlier call
+        size = len(self.prefix or b"")
+        if size > limit:
+            return False
         async for chunk in self._stream():
             parts.append(chunk)
             size += len(chunk)
@@ -365,6 +373,7 @@ class _ClientBody:
                 self.prefix = b"".join(parts)
                 return False
         self.preread = b"".join(parts)
+        self.prefix = None
         return True
 
     async def read_all(self, limit: int) -> bytes | None:
@@ -405,17 +414,24 @@ class _ClientBody:
         if self.continue_:
             self.continue_ = False
             await request.writer.write(CONTINUE)
+        deadline = self.deadline
         while True:
+            wait = self.idle
             try:
                 if content.total_bytes > self.bytes or content.is_eof():
                     chunk = await content.readany()  # buffered: no timer needed
                 else:
-                    async with asyncio.timeout(self.idle):
+                    if deadline is not None:
+                        wait = min(wait, max(0.0, deadline - asyncio.get_running_loop().time()))
+                    async with asyncio.timeout(wait):
                         chunk = await content.readany()
             except TimeoutError:
-                self.refused = errors.BodyTimeout(
-                    f"no request body bytes for {self.idle:g}s; request cut"
+                why = (
+                    f"no request body bytes for {self.idle:g}s"
+                    if wait == self.idle
+                    else "request body not complete within listen.body_timeout"
                 )
+                self.refused = errors.BodyTimeout(f"{why}; request cut")
                 raise self.refused from None
             except Exception:
                 self.client_failed = True
@@ -580,6 +596,18 @@ class Forwarder:
             early = await self._idempotency_gate(state, request, ex, route, target, policy, limit)
             if early is not None:
                 return early
+        if ex.body is None and request.body_exists:
+            reading = ex.body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
+            buffered = route.spec.buffer_body_bytes
+            if buffered is None:
+                buffered = state.config.listen.buffer_body_bytes
+            if buffered and (length is None or length <= buffered):
+                # NGINX's proxy_request_buffering for bounded bodies: read it all before an
+                # upstream connection is taken, so slow uploads hold no upstream resource.
+                try:
+                    await reading.buffer(buffered)
+                except Exception:
+                    return self._body_failed(request, ex, reading)
         cm = state.bound.clusters[cluster.name]
         if not cluster.admit():
             return self._unavailable(
@@ -604,12 +632,9 @@ class Forwarder:
             return await self._websocket(
                 state, request, ex, cluster, endpoint, upstream_target, out_headers
             )
-        body = ex.body  # already read by the idempotency gate, or None
-        if body is None and request.body_exists:
-            body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
+        body = ex.body  # read by the idempotency gate, buffered, or still to stream
         if body is not None and copy is not None:
             body.copy = copy.body
-        ex.body = body
         # May this request be sent twice? Then keep its body (bounded) to send it again.
         repeatable = cluster.retry.enabled and (
             request.method in IDEMPOTENT_METHODS or IDEMPOTENCY_KEY in request.headers

@@ -24,7 +24,7 @@ from aiohttp.http import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from . import accept, parentwatch
+from . import accept, heap, parentwatch
 from . import admin as admin_mod
 from . import config as cfg
 from .accesslog import AccessLog
@@ -47,21 +47,28 @@ log = logging.getLogger("jalur")
 
 # Seconds between refreshes of the migration-progress gauge (a scrape may also refresh it).
 PROGRESS_INTERVAL: Final = 5.0
+# Connections that must have closed since the peak before the freed heap is returned to the
+# kernel (heap.release): a burst of heavy connections (heads up to max_head_bytes each) must
+# not stay resident, and ordinary churn never pays for a trim.
+RELEASE_AFTER_CLOSED: Final = 256
+# Seconds after that point before the release: the rest of a closing burst is included.
+RELEASE_DELAY: Final = 1.0
 
 
 def timeout_408(request_id: str) -> bytes:
     """The answer to a client that did not send a whole request head in time (written to the
     socket directly: there is no request object to answer)."""
-    body = orjson.dumps(
-        {
-            "error": "request head not received in time",
-            "request_id": request_id,
-            "reason": "header_timeout",
-        }
+    return head_refusal(
+        b"408 Request Timeout", "request head not received in time", "header_timeout", request_id
     )
+
+
+def head_refusal(status: bytes, error: str, reason: str, request_id: str) -> bytes:
+    """A JSON refusal of a request whose head never became a request, as raw bytes."""
+    body = orjson.dumps({"error": error, "request_id": request_id, "reason": reason})
     return b"".join(
         (
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n",
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n",
             b"Connection: close\r\nX-Request-Id: ",
             request_id.encode(),
             b"\r\nContent-Length: ",
@@ -82,6 +89,11 @@ class _Protocol(RequestHandler):
         self._limits = limits
         self._jalur = manager
         self.server_header = limits.server_header  # read by ``respond.ServerHeader``
+        self.body_timeout = limits.body_timeout  # read by ``forward._ClientBody``
+        # Bytes of the request head being received (reset when a head is complete), and
+        # the body of the last request parsed (bytes before its end are body, not head).
+        self._head_bytes = 0
+        self._last_payload: StreamReader | None = None
         self._header_timeout = limits.header_read_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
         # Requests taken on for handling on this connection (the one reaching
@@ -100,13 +112,15 @@ class _Protocol(RequestHandler):
             return
         self._refused = False
         server.open_connections += 1
+        if server.open_connections > server.peak_connections:
+            server.peak_connections = server.open_connections
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if getattr(self, "_refused", True):
             return
-        self._jalur.open_connections -= 1
+        self._jalur.connection_gone()
         self._disarm()
         super().connection_lost(exc)
 
@@ -121,7 +135,36 @@ class _Protocol(RequestHandler):
             or self.served >= self._limits.max_requests_per_connection
         )
 
+    def _awaiting_head(self) -> bool:
+        """The next bytes belong to a request head: the last request parsed on this
+        connection (if any) has its whole body."""
+        last = self._last_payload
+        return last is None or last.is_eof()
+
+    def _head_over_limit(self, data: bytes) -> bool:
+        """Would ``data`` take the head being received over ``max_head_bytes``? (Checked
+        before the parser sees the bytes, so they are never buffered.)"""
+        limit = self._limits.max_head_bytes
+        if self._head_bytes + len(data) <= limit:
+            return False
+        end = data.find(b"\r\n\r\n")
+        return end < 0 or self._head_bytes + end + 4 > limit
+
     def data_received(self, data: bytes) -> None:
+        awaiting = self._awaiting_head()
+        if awaiting and self._head_over_limit(data):
+            if self.transport is not None:
+                message = f"request head over {self._limits.max_head_bytes} bytes"
+                rid = new_request_id(None)
+                self.transport.write(
+                    head_refusal(
+                        b"431 Request Header Fields Too Large", message, "head_too_large", rid
+                    )
+                )
+            self._jalur.on_error("head_too_large")
+            self.force_close()
+            return
+        count = self._request_count
         if (self._close or self._force_close) and self._request_in_progress:
             # Closing (drain, or aiohttp's shutdown) while a request is being served: its
             # body must still arrive, or the request it belongs to is lost. aiohttp would
@@ -135,6 +178,12 @@ class _Protocol(RequestHandler):
                 self._close, self._force_close = close, force
         else:
             super().data_received(data)
+        if self._request_count != count:
+            self._head_bytes = 0  # a head completed (a partial next one is not counted)
+            if self._messages:
+                self._last_payload = self._messages[-1][1]
+        elif awaiting:
+            self._head_bytes += len(data)
         if self._messages or self._request_in_progress:
             self._disarm()  # a whole head arrived (or a handler owns the connection)
         elif self._header_deadline is None:
@@ -225,6 +274,25 @@ class _Server(web.Server):
         # Set when a drain starts: every answer from then on says Connection: close and
         # its connection closes after it (clients reconnect, to another replica).
         self.draining = False
+        # Most connections open since the heap was last released (see connection_gone).
+        self.peak_connections = 0
+        self._release: asyncio.TimerHandle | None = None
+
+    def connection_gone(self) -> None:
+        """One connection fewer. Once ``RELEASE_AFTER_CLOSED`` of the peak are gone, the
+        heap they used is released (once, ``RELEASE_DELAY`` later: a burst of closes is
+        one release), so a flood of heavy connections does not stay resident."""
+        self.open_connections -= 1
+        if (
+            self._release is None
+            and self.peak_connections - self.open_connections >= RELEASE_AFTER_CLOSED
+        ):
+            self._release = self._loop.call_later(RELEASE_DELAY, self._release_heap)
+
+    def _release_heap(self) -> None:
+        self._release = None
+        self.peak_connections = self.open_connections
+        heap.release()
 
     def _make_request(
         self,
