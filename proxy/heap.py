@@ -53,15 +53,16 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def release() -> bool:
-    """Return free heap pages to the kernel, keeping ``TRIM_THRESHOLD`` at the top for
-    reuse; True if the C library has ``malloc_trim`` and released something."""
+    """Return every free heap page to the kernel (the top too: this runs after a burst,
+    not under steady load, where ``TRIM_THRESHOLD`` keeps buffers for reuse); True if the C
+    library has ``malloc_trim`` and released something."""
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None)
     if trim is None:
         return False
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int
-    return bool(trim(TRIM_THRESHOLD))
+    return bool(trim(0))
 
 
 def keep_freed_heap() -> bool:

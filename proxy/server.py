@@ -51,8 +51,11 @@ PROGRESS_INTERVAL: Final = 5.0
 # kernel (heap.release): a burst of heavy connections (heads up to max_head_bytes each) must
 # not stay resident, and ordinary churn never pays for a trim.
 RELEASE_AFTER_CLOSED: Final = 256
-# Seconds after that point before the release: the rest of a closing burst is included.
+# Seconds without a further close before the release: the rest of a closing burst is
+# included ...
 RELEASE_DELAY: Final = 1.0
+# ... but a release waits at most this long after it was first due (steady churn).
+RELEASE_MAX_WAIT: Final = 15.0
 
 
 def timeout_408(request_id: str) -> bytes:
@@ -277,17 +280,24 @@ class _Server(web.Server):
         # Most connections open since the heap was last released (see connection_gone).
         self.peak_connections = 0
         self._release: asyncio.TimerHandle | None = None
+        self._release_first = 0.0  # when the pending release was first armed
 
     def connection_gone(self) -> None:
         """One connection fewer. Once ``RELEASE_AFTER_CLOSED`` of the peak are gone, the
-        heap they used is released (once, ``RELEASE_DELAY`` later: a burst of closes is
-        one release), so a flood of heavy connections does not stay resident."""
+        heap they used is released, ``RELEASE_DELAY`` after the closes pause (each close
+        of the burst moves it, for at most ``RELEASE_MAX_WAIT``): a burst of closes is one
+        release, so a flood of heavy connections does not stay resident."""
         self.open_connections -= 1
-        if (
-            self._release is None
-            and self.peak_connections - self.open_connections >= RELEASE_AFTER_CLOSED
-        ):
-            self._release = self._loop.call_later(RELEASE_DELAY, self._release_heap)
+        if self.peak_connections - self.open_connections < RELEASE_AFTER_CLOSED:
+            return
+        now = self._loop.time()
+        if self._release is None:
+            self._release_first = now
+        elif now - self._release_first < RELEASE_MAX_WAIT:
+            self._release.cancel()
+        else:
+            return
+        self._release = self._loop.call_later(RELEASE_DELAY, self._release_heap)
 
     def _release_heap(self) -> None:
         self._release = None
