@@ -252,12 +252,14 @@ def _worker(config_path: str, fd: int, ready_fd: int | None, supervisor: int | N
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready, parent=parent))
-    if parentwatch.orphaned(parent):
-        # The supervisor cannot remove the metrics directory it made: its workers do.
-        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-        if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    try:
+        _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready, parent=parent))
+    finally:
+        if parentwatch.orphaned(parent):
+            # The supervisor cannot remove the metrics directory it made: its workers do.
+            metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+            if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

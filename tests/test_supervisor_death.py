@@ -76,7 +76,11 @@ async def test_workers_exit_when_the_supervisor_is_killed(harness: Harness, tmp_
     # (not ``proc.wait()`` first: it waits for the stderr pipe the workers also hold)
     try:
         await until(lambda: all(gone(w) for w in workers), within=10)
-        await until(lambda: not list((tmp_path / "tmp").iterdir()), within=10)
+        try:
+            await until(lambda: not list((tmp_path / "tmp").iterdir()), within=20)
+        except AssertionError:
+            left = [str(p) for p in (tmp_path / "tmp").rglob("*")]
+            raise AssertionError(f"left in the temp directory: {left}") from None
     finally:
         for w in workers:  # orphans left by a failure: stopped by their pid
             if not gone(w):
