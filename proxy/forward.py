@@ -1009,6 +1009,10 @@ class Forwarder:
         self.services.metrics.rejected(exc.kind)
         ex.flags = exc.flag
         request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
+        # The body keeps its refusal, whose traceback holds the frames that read the body
+        # (and through them the request and its connection): a cycle the collector would
+        # free only at its next full pass. Dropped here, where the answer is decided.
+        exc.__traceback__ = None
 
     def _body_failed(
         self, request: web.BaseRequest, ex: Exchange, body: _ClientBody

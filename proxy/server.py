@@ -124,6 +124,7 @@ class _Protocol(RequestHandler):
         if getattr(self, "_refused", True):
             return
         self._jalur.connection_gone()
+        self._last_payload = None  # it refers back to this protocol: no cycle left behind
         self._disarm()
         super().connection_lost(exc)
 

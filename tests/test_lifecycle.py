@@ -170,3 +170,34 @@ async def test_every_closing_error_says_close(harness: Harness) -> None:
             assert await c.closed_by_peer()
         finally:
             c.close()
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    harness: Harness,
+) -> None:
+    """Per-connection state must not form reference cycles: bursts of connections would
+    then stay in memory until the collector's next full pass (RSS grew ~1 MiB per 300
+    connections when the listener kept the last request body, which refers back to it)."""
+    import gc
+    import weakref
+
+    p = await proxy(harness)
+    server = p._data_server
+    assert server is not None
+    gc.collect()
+    gc.disable()
+    try:
+        for body in (BODY, b""):  # a request with a body, one without
+            c = await Client.open(p.data_port)
+            head = post_head(len(body)).replace(b"Expect: 100-continue\r\n", b"")
+            await until(lambda: len(server.connections) == 1)
+            refs = [weakref.ref(conn) for conn in server.connections]
+            await c.send(head.replace(b"Host: shop\r\n", b"Host: shop\r\nConnection: close\r\n"))
+            await c.send(body)
+            assert (await c.answer())[0] == 200
+            assert await c.closed_by_peer()
+            c.close()
+            await until(lambda: not server.connections)
+            await until(lambda: all(r() is None for r in refs))  # noqa: B023
+    finally:
+        gc.enable()
