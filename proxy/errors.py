@@ -8,6 +8,7 @@ The tree (status code, Envoy response flag, metric ``kind``)::
     │   ├── NoRoute             404  NR   no route matches
     │   ├── BodyTooLarge        413       the request body is over the route's limit
     │   └── BodyTimeout         408       no request body byte for ``listen.body_idle_timeout``
+    │       └── BodyDeadline    408       the body not complete within ``listen.body_timeout``
     ├── PolicyError                  refused by a policy before anything was sent upstream
     │   ├── NoHealthyUpstream   503  UH   no endpoint may take the request now
     │   └── Overflow            503  UO   the cluster's circuit breaker is open (too many requests)
@@ -82,6 +83,11 @@ class BodyTimeout(RequestError):
     status = 408
     flag = "DPE"
     kind = "body_timeout"
+
+
+class BodyDeadline(BodyTimeout):
+    """The body was still arriving when ``listen.body_timeout`` ran out (a client dripping
+    bytes, unlike a stalled one, keeps sending after the answer)."""
 
 
 class PolicyError(ProxyError):

@@ -426,12 +426,12 @@ class _ClientBody:
                     async with asyncio.timeout(wait):
                         chunk = await content.readany()
             except TimeoutError:
-                why = (
-                    f"no request body bytes for {self.idle:g}s"
-                    if wait == self.idle
-                    else "request body not complete within listen.body_timeout"
-                )
-                self.refused = errors.BodyTimeout(f"{why}; request cut")
+                if wait == self.idle:
+                    why = f"no request body bytes for {self.idle:g}s; request cut"
+                    self.refused = errors.BodyTimeout(why)
+                else:
+                    why = "request body not complete within listen.body_timeout; request cut"
+                    self.refused = errors.BodyDeadline(why)
                 raise self.refused from None
             except Exception:
                 self.client_failed = True
@@ -1004,11 +1004,12 @@ class Forwarder:
     ) -> None:
         """Count a refused request body, flag the exchange, and set how long the listener
         lingers after the answer: a stalled client sends nothing more (close at once), one
-        over the limit may still be sending (read and discard briefly, so the kernel's reset
-        cannot destroy the answer)."""
+        over the limit or still dripping at the body deadline may still be sending (read
+        and discard briefly, so the kernel's reset cannot destroy the answer)."""
         self.services.metrics.rejected(exc.kind)
         ex.flags = exc.flag
-        request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
+        stalled = type(exc) is errors.BodyTimeout  # a dripping (BodyDeadline) one still sends
+        request[LINGER] = 0.0 if stalled else REFUSED_LINGER
         # The body keeps its refusal, whose traceback holds the frames that read the body
         # (and through them the request and its connection): a cycle the collector would
         # free only at its next full pass. Dropped here, where the answer is decided.
