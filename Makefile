@@ -112,7 +112,8 @@ loadtest-distributed: $(STAMP) test-tools
 	$(BIN)/python loadtests/run.py --distributed --workers 2 $(LOADTEST_ARGS)
 
 # Soak: the same shoppers against `jalur run` for SOAK_TIME (10m) with faults injected: 1 % of
-# upstream requests reset, one back-end process restarted every minute (loadtests/soak.py).
+# upstream requests reset, one back-end process restarted every minute, and every 30 s a wave
+# of 150 dripping payment uploads and 150 unfinished 60 KiB request heads (loadtests/soak.py).
 # Prints and writes loadtests/reports/soak.txt; fails on a failure beyond the injected faults,
 # a payment executed twice or served by social, or RSS / open fds growing 10 % or more.
 .PHONY: soak

@@ -18,17 +18,20 @@ A request counts as a **failure** when
   it cannot be checked.
 
 The systems, the legacy clusters and the deadline are read once per Locust process from the
-proxy's admin listener (``GET $JALUR_ADMIN_URL/config``, default ``http://127.0.0.1:9901``).
-When the admin listener cannot be reached the rule is the strict one: ``tiktok`` (the demo's
-social system) may serve no transaction at all. ``JALUR_STRICT=1`` forces the strict rule even
-inside a transition window (use it once a migration is meant to be finished).
+proxy's admin listener (``GET $JALUR_LOADTEST_ADMIN_URL/config``, default
+``http://127.0.0.1:9901``). When the admin listener cannot be reached the rule is the strict
+one: ``tiktok`` (the demo's social system) may serve no transaction at all.
+``JALUR_LOADTEST_STRICT=1`` forces the strict rule even inside a transition window (use it once
+a migration is meant to be finished).
 
-Environment: ``JALUR_ADMIN_URL``, ``JALUR_ADMIN_TOKEN`` (sent as a bearer token, if set),
-``JALUR_STRICT``, ``JALUR_WAIT`` (think time ``MIN,MAX`` seconds, default ``0.1,0.6``),
-``JALUR_SHAPE`` (``step`` or ``migration``: run with a shape from ``shapes.py``; unset: a fixed
-number of users from ``-u``/``-r``), ``LOADTEST_FAILURE_LOG`` (a file: every failure is
-appended as a JSON line with the response's ``x-request-id``, so ``soak.py`` can match it to
-Jalur's access log; not ``JALUR_``-prefixed, as Jalur reads those as config overrides).
+Environment: ``JALUR_LOADTEST_ADMIN_URL``, ``JALUR_LOADTEST_ADMIN_TOKEN`` (sent as a bearer
+token, if set), ``JALUR_LOADTEST_STRICT``, ``JALUR_LOADTEST_WAIT`` (think time ``MIN,MAX``
+seconds, default ``0.1,0.6``), ``JALUR_LOADTEST_SHAPE`` (``step`` or ``migration``: run with a
+shape from ``shapes.py``; unset: a fixed number of users from ``-u``/``-r``),
+``LOADTEST_FAILURE_LOG`` (a file: every failure is appended as a JSON line with the response's
+``x-request-id``, so ``soak.py`` can match it to Jalur's access log). The load test's own
+variables are ``JALUR_LOADTEST_*``: Jalur never reads
+those as config overrides (those are ``JALUR_<SECTION>__<FIELD>``).
 
 Run (``make loadtest`` does all of this, including starting the demo)::
 
@@ -52,7 +55,7 @@ from locust.contrib.fasthttp import ResponseContextManager
 
 log = logging.getLogger("jalur.loadtest")
 
-ADMIN_URL = os.environ.get("JALUR_ADMIN_URL", "http://127.0.0.1:9901").rstrip("/")
+ADMIN_URL = os.environ.get("JALUR_LOADTEST_ADMIN_URL", "http://127.0.0.1:9901").rstrip("/")
 TRANSACTION_ROUTES = frozenset({"cart", "checkout", "orders", "payment"})
 FAILURE_LOG = os.environ.get("LOADTEST_FAILURE_LOG") or None
 DEFAULT_SOCIAL = frozenset({"tiktok"})
@@ -61,7 +64,7 @@ DEFAULT_SOCIAL = frozenset({"tiktok"})
 def admin_get(path: str, timeout: float = 3.0) -> Any:
     """``GET`` an admin endpoint and decode its JSON (raises on any error)."""
     req = urllib.request.Request(ADMIN_URL + path)
-    token = os.environ.get("JALUR_ADMIN_TOKEN")
+    token = os.environ.get("JALUR_LOADTEST_ADMIN_TOKEN")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -113,7 +116,7 @@ RULES = Rules()
 @events.init.add_listener
 def _load_rules(environment: Any, **_kw: Any) -> None:
     global RULES
-    strict = os.environ.get("JALUR_STRICT", "") not in ("", "0")
+    strict = os.environ.get("JALUR_LOADTEST_STRICT", "") not in ("", "0")
     try:
         RULES = Rules.from_config(admin_get("/config"), strict)
     except Exception as exc:  # any failure: keep the strict default
@@ -171,7 +174,7 @@ def check(resp: ResponseContextManager, route: str) -> None:
 
 
 def _wait_time() -> Any:
-    low, _, high = os.environ.get("JALUR_WAIT", "0.1,0.6").partition(",")
+    low, _, high = os.environ.get("JALUR_LOADTEST_WAIT", "0.1,0.6").partition(",")
     return between(float(low), float(high or low))
 
 
@@ -273,7 +276,7 @@ class Shopper(FastHttpUser):
 
 
 # A shape from shapes.py, when asked for: Locust runs the load shape it finds in this module.
-_SHAPE = os.environ.get("JALUR_SHAPE", "").strip().lower()
+_SHAPE = os.environ.get("JALUR_LOADTEST_SHAPE", "").strip().lower()
 if _SHAPE in ("step", "stepload", "steploadshape"):
     from shapes import StepLoadShape  # noqa: F401  (found by Locust)
 elif _SHAPE in ("migration", "migrationramp", "migrationrampshape"):
@@ -281,4 +284,4 @@ elif _SHAPE in ("migration", "migrationramp", "migrationrampshape"):
 elif _SHAPE in ("rollback", "migrationrollbackdrill", "migrationrollbackdrillshape"):
     from shapes import MigrationRollbackDrillShape  # noqa: F401  (found by Locust)
 elif _SHAPE:
-    raise SystemExit(f"JALUR_SHAPE={_SHAPE!r}: expected 'step', 'migration' or 'rollback'")
+    raise SystemExit(f"JALUR_LOADTEST_SHAPE={_SHAPE!r}: expected 'step', 'migration' or 'rollback'")

@@ -264,12 +264,12 @@ def run_locust(
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
-        "JALUR_ADMIN_URL": admin,
-        "JALUR_SHAPE": "" if args.shape == "none" else args.shape,
-        "JALUR_MIGRATION_LOG": str(reports / "migration.json"),
+        "JALUR_LOADTEST_ADMIN_URL": admin,
+        "JALUR_LOADTEST_SHAPE": "" if args.shape == "none" else args.shape,
+        "JALUR_LOADTEST_MIGRATION_LOG": str(reports / "migration.json"),
     }
     if token:
-        env["JALUR_ADMIN_TOKEN"] = token
+        env["JALUR_LOADTEST_ADMIN_TOKEN"] = token
     common = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--host", base]
     master = [
         *common,
@@ -491,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     procs = Processes()
     try:
         config, conf = demo_config(args, reports)
-        token = (conf.get("admin") or {}).get("token") or os.environ.get("JALUR_ADMIN_TOKEN")
+        token = (conf.get("admin") or {}).get("token") or os.environ.get(
+            "JALUR_LOADTEST_ADMIN_TOKEN"
+        )
         demo_env = {}
         if args.shape in ("migration", "rollback"):
             # The proxy's progress figure is a sliding window (5 min in the demo config); make

@@ -1,10 +1,11 @@
-"""Load shapes for ``locustfile.py`` (select one with ``JALUR_SHAPE=step|migration``).
+"""Load shapes for ``locustfile.py`` (select one with ``JALUR_LOADTEST_SHAPE=step|migration``).
 
 Both read Locust's common options (``-u`` users, ``-r`` spawn rate, ``-t`` run time), so every
 run stays bounded by ``--run-time`` whatever the shape.
 
-* ``StepLoadShape``: add ``JALUR_STEP_USERS`` users (default: a fifth of ``-u``) every
-  ``JALUR_STEP_SECONDS`` (default: a sixth of the run time) until ``-u`` is reached, then hold.
+* ``StepLoadShape``: add ``JALUR_LOADTEST_STEP_USERS`` users (default: a fifth of ``-u``)
+  every ``JALUR_LOADTEST_STEP_SECONDS`` (default: a sixth of the run time) until ``-u`` is
+  reached, then hold.
 * ``MigrationRampShape``: a steady ``-u`` shoppers while a split route is moved to its
   commerce cluster through the admin API, only ever forward: from the live share at the start
   to halfway to 100 % (a third of the run time) and to 100 % (two thirds); no shopper is moved
@@ -15,24 +16,25 @@ run stays bounded by ``--run-time`` whatever the shape.
   a refused change fails the run like any failed request. With sticky splits, and the legacy
   cluster allowed inside its transition window (see ``locustfile.py``), the whole ramp must
   run with zero failures.
-* ``MigrationRollbackDrillShape`` (``JALUR_SHAPE=rollback``): the on-call drill: ramp to
+* ``MigrationRollbackDrillShape`` (``JALUR_LOADTEST_SHAPE=rollback``): the on-call drill: ramp to
   95 %, an explicit, audited rollback to 80 % (``"rollback": true``) at a third of the run
   time, then forward to 100 % at two thirds; a step back without the flag would be refused.
 
-Admin API used (``JALUR_ADMIN_URL``, default ``http://127.0.0.1:9901``; bearer token from
-``JALUR_ADMIN_TOKEN``, default ``jalur-demo-token``, the demo config's):
+Admin API used (``JALUR_LOADTEST_ADMIN_URL``, default ``http://127.0.0.1:9901``; bearer token from
+``JALUR_LOADTEST_ADMIN_TOKEN``, default ``jalur-demo-token``, the demo config's):
 
-* ``GET /config``: which route to migrate: ``JALUR_MIGRATION_ROUTE``, or else the first route
-  whose split names a cluster in ``compliance.legacy_clusters`` (or of a social system): the
+* ``GET /config``: which route to migrate: ``JALUR_LOADTEST_MIGRATION_ROUTE``, or else the
+  first route whose split names a cluster in ``compliance.legacy_clusters`` (or of a social
+  system): the
   demo's ``checkout`` (``shop-legacy`` 13, ``tokopedia-pay`` 87). Its legacy/social clusters
   are migrated *from*, the others *to*. Without a readable config: route ``payment``,
-  ``JALUR_MIGRATION_FROM`` / ``JALUR_MIGRATION_TO`` (default ``shop-legacy`` /
+  ``JALUR_LOADTEST_MIGRATION_FROM`` / ``JALUR_LOADTEST_MIGRATION_TO`` (default ``shop-legacy`` /
   ``tokopedia-pay``).
 * ``POST /migration/{route}`` ``{"weights": {"shop-legacy": 90, "tokopedia-pay": 10}}`` -> 200.
 * ``GET /migration`` -> ``{"progress": {"payment": {"ratio": 0.9, ...}, ..., "all": {...}},
   "routes": {"checkout": {"weights": ..., "observed": ..., "systems": ...}}}``.
 
-``JALUR_MIGRATION_LOG``: a file to write the samples to (JSON), for ``run.py``'s summary.
+``JALUR_LOADTEST_MIGRATION_LOG``: a file to write the samples to (JSON), for ``run.py``'s summary.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from locust import LoadTestShape
 
 log = logging.getLogger("jalur.shapes")
 
-ADMIN_URL = os.environ.get("JALUR_ADMIN_URL", "http://127.0.0.1:9901").rstrip("/")
-ADMIN_TOKEN = os.environ.get("JALUR_ADMIN_TOKEN", "jalur-demo-token")
+ADMIN_URL = os.environ.get("JALUR_LOADTEST_ADMIN_URL", "http://127.0.0.1:9901").rstrip("/")
+ADMIN_TOKEN = os.environ.get("JALUR_LOADTEST_ADMIN_TOKEN", "jalur-demo-token")
 
 
 def _common(shape: LoadTestShape) -> tuple[int, float, float]:
@@ -72,8 +74,10 @@ class StepLoadShape(LoadTestShape):
         now = self.get_run_time()
         if now >= run_time:
             return None
-        step_users = int(os.environ.get("JALUR_STEP_USERS", 0)) or max(1, users // 5)
-        step_seconds = float(os.environ.get("JALUR_STEP_SECONDS", 0)) or max(1.0, run_time / 6)
+        step_users = int(os.environ.get("JALUR_LOADTEST_STEP_USERS", 0)) or max(1, users // 5)
+        step_seconds = float(os.environ.get("JALUR_LOADTEST_STEP_SECONDS", 0)) or max(
+            1.0, run_time / 6
+        )
         return min(users, (int(now // step_seconds) + 1) * step_users), rate
 
 
@@ -113,10 +117,10 @@ class MigrationRampShape(LoadTestShape):
 
     def __init__(self) -> None:
         super().__init__()
-        self.route = os.environ.get("JALUR_MIGRATION_ROUTE", "")
+        self.route = os.environ.get("JALUR_LOADTEST_MIGRATION_ROUTE", "")
         self.category = self.route
-        self.sources = [os.environ.get("JALUR_MIGRATION_FROM", "shop-legacy")]
-        self.targets = [os.environ.get("JALUR_MIGRATION_TO", "tokopedia-pay")]
+        self.sources = [os.environ.get("JALUR_LOADTEST_MIGRATION_FROM", "shop-legacy")]
+        self.targets = [os.environ.get("JALUR_LOADTEST_MIGRATION_TO", "tokopedia-pay")]
         self.reset_time()
 
     def reset_time(self) -> None:
@@ -234,7 +238,7 @@ class MigrationRampShape(LoadTestShape):
         }
         self.samples.append(sample)
         log.info("migration: %s", sample)
-        path = os.environ.get("JALUR_MIGRATION_LOG")
+        path = os.environ.get("JALUR_LOADTEST_MIGRATION_LOG")
         if path:
             with open(path, "w") as out:
                 json.dump(

@@ -20,7 +20,14 @@ What it runs (every process started here is stopped by PID, whatever happens):
 * the commerce back ends answer ``--late-rate`` (2 %) of keyed payments ``LATE_DELAY`` (3 s)
   *after* executing them, past the commerce clusters' 2 s answer timeout: Jalur answers 504
   and keeps the key as "outcome unknown"; the shopper's repeat of that key must be answered
-  from that record (never executed again); the fleet's store is a real redis-server.
+  from that record (never executed again);
+  the fleet's store is a real redis-server;
+* every ``--hostile-every`` seconds (30) a wave of hostile clients (``Hostile``), between the
+  warm-up and the last measuring window: ``--hostile`` (150) payment uploads dripping one
+  byte every 2 s (each with an ``X-Request-Id`` of ``DRIP_ID_PREFIX``), cut by
+  ``listen.body_timeout`` (8 s in the soak config), and as many unfinished request heads of
+  60 KiB (cut by ``header_read_timeout``) plus a few over ``max_head_bytes`` (431 at once).
+  Their 408s are injected faults; real payments must not notice them.
 
 How failures are attributed: every request Jalur answered is a line of its access log with
 its ``request_id``, which Jalur also sends upstream as ``X-Request-Id`` (the same on every
@@ -51,6 +58,7 @@ of the samples in a window, so one momentary spike does not decide); every resta
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import csv
 import json
@@ -93,6 +101,13 @@ RESTART_WINDOW = (1.0, 3.0)  # seconds before the stop / after the restart a fai
 # unknown", and the shopper's repeat must be answered from that record, never executed.
 COMMERCE_ANSWER_TIMEOUT = 2.0
 LATE_DELAY = 3.0
+# Request ids of the injected dripping uploads (Jalur keeps a valid incoming X-Request-Id).
+DRIP_ID_PREFIX = "soak-drip-"
+DRIP_EVERY = 2.0  # seconds between two bytes of a dripping upload
+HEAD_BYTES = 60 * 1024  # an unfinished head just under listen.max_head_bytes (64 KiB)
+OVERSIZED_HEADS = 5  # heads over max_head_bytes per wave (431 at once)
+# The soak's listener: drips cut by the total body deadline, well inside the idle one.
+HOSTILE_LISTEN: dict[str, Any] = {"body_idle_timeout": 5.0, "body_timeout": 8.0}
 # What every soak cluster gets on top of the demo config (see the module docstring).
 RESILIENCE: dict[str, Any] = {
     "retry": {
@@ -183,7 +198,7 @@ def soak_config(reports: Path) -> tuple[Path, dict[str, Any], list[Endpoint]]:
                 **cluster.get("timeouts", {}),
                 "response_headers": COMMERCE_ANSWER_TIMEOUT,
             }
-    conf["listen"] = {**conf["listen"], "host": "127.0.0.1", "port": 0}
+    conf["listen"] = {**conf["listen"], **HOSTILE_LISTEN, "host": "127.0.0.1", "port": 0}
     conf["admin"] = {**conf["admin"], "host": "127.0.0.1", "port": 0}
     conf["reload"] = {"watch": False}
     conf["access_log"] = {"path": str(reports / "access.jsonl")}
@@ -325,6 +340,10 @@ def attribute(
             causes["injected reset"] += 1
             out.explained.add(rid)
             continue
+        if rid.startswith(DRIP_ID_PREFIX) and code == 408:
+            causes["injected drip"] += 1
+            out.explained.add(rid)
+            continue
         if rid and rid in late:
             causes["injected late answer"] += 1
             out.explained.add(rid)
@@ -371,6 +390,84 @@ def read_failures(path: Path) -> tuple[set[str], int, dict[str, str]]:
     return ids, anonymous, keys
 
 
+@dataclass
+class Hostile:
+    """Waves of slow and bloated clients against Jalur's data port, each wave bounded in
+    count and time (see the module docstring); outcomes are counted by kind."""
+
+    port: int
+    size: int
+    outcomes: Counter[str] = field(default_factory=Counter)
+    waves: int = 0
+    _n: int = 0
+
+    def wave(self) -> None:
+        """One wave, run to its end (every client answered or closed) on its own loop."""
+        self.waves += 1
+        asyncio.run(self._wave())
+
+    async def _wave(self) -> None:
+        big = HEAD_BYTES * 2
+        clients = [self._drip() for _ in range(self.size)]
+        clients += [self._head(HEAD_BYTES) for _ in range(self.size)]
+        clients += [self._head(big) for _ in range(OVERSIZED_HEADS)]
+        async with asyncio.timeout(60):
+            await asyncio.gather(*clients)
+
+    async def _drip(self) -> None:
+        self._n += 1
+        rid = f"{DRIP_ID_PREFIX}{self.waves}-{self._n}"
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            self.outcomes["drip: connect failed"] += 1
+            return
+        try:
+            writer.write(
+                f"POST /api/payment HTTP/1.1\r\nHost: shop\r\nX-Request-Id: {rid}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n".encode()
+            )
+            answer = asyncio.ensure_future(reader.read(4096))
+            for _ in range(200):  # bounded: one byte per DRIP_EVERY, 200 bytes at most
+                writer.write(b" ")
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                done, _ = await asyncio.wait({answer}, timeout=DRIP_EVERY)
+                if done:
+                    break
+            data = await answer
+            self.outcomes["drip: " + (data.split(b" ", 2)[1].decode() if data else "closed")] += 1
+        except ConnectionError:
+            self.outcomes["drip: reset"] += 1
+        finally:
+            writer.close()
+
+    async def _head(self, size: int) -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            self.outcomes["head: connect failed"] += 1
+            return
+        head = b"GET /api/feed HTTP/1.1\r\nHost: shop\r\n"
+        i = 0
+        while len(head) < size:
+            head += b"X-Pad-%d: %s\r\n" % (i, b"h" * 4000)
+            i += 1
+        kind = "head" if size <= HEAD_BYTES else "oversized head"
+        try:
+            writer.write(head[:size])
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            data = await reader.read(4096)  # the refusal, when the proxy gives up
+            self.outcomes[
+                f"{kind}: " + (data.split(b" ", 2)[1].decode() if data else "closed")
+            ] += 1
+        except ConnectionError:
+            self.outcomes[f"{kind}: reset"] += 1
+        finally:
+            writer.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--time", default=os.environ.get("SOAK_TIME") or "10m")
@@ -385,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         help="share of keyed payments the commerce back ends answer only after Jalur timed out",
     )
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hostile", type=int, default=150, help="drips and heads per wave (0: off)")
+    p.add_argument("--hostile-every", type=float, default=30.0, help="seconds between waves")
     p.add_argument("--reports", default=str(HERE / "reports" / "soak"))
     p.add_argument("--summary", default=str(HERE / "reports" / "soak.txt"))
     args = p.parse_args(argv)
@@ -427,8 +526,24 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         locust.start()
         next_restart, next_sample, turn = t0 + args.restart_every, t0, 0
+        hostile = Hostile(int(base.rsplit(":", 1)[1]), args.hostile)
+        warmup, window = measuring_windows(duration)
+        # Waves between the warm-up window and the last one, so the RSS and descriptor bars
+        # compare quiet moments; a wave lasts at most body_timeout + a few seconds.
+        quiet_from = duration - window - HOSTILE_LISTEN["body_timeout"] - 5
+        next_wave = t0 + warmup + window
+        waves: threading.Thread | None = None
         while locust.is_alive():
             now = time.monotonic()
+            if (
+                args.hostile
+                and now >= next_wave
+                and now - t0 < quiet_from
+                and (waves is None or not waves.is_alive())
+            ):
+                waves = threading.Thread(target=hostile.wave, daemon=True)
+                waves.start()
+                next_wave = now + args.hostile_every
             if now >= next_sample:
                 sample = proc_sample(jalur.pid)
                 if sample is not None:
@@ -456,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                 next_restart += args.restart_every
             locust.join(0.2)
         rc = outcome[0] if outcome else 1
+        if waves is not None:
+            waves.join(60)
         for ep in endpoints:
             if not ep.collect():
                 log(f"could not read the final counters of {ep.url}")
@@ -478,7 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
 
-    text, failed = report(args, reports, endpoints, restarts, samples, series, rc, duration)
+    text, failed = report(
+        args, reports, endpoints, restarts, samples, series, rc, duration, hostile
+    )
     text_bars = "\n".join(f"  {'ok  ' if ok else 'MISS'} {what}" for what, ok in failed)
     text += "\nbars:\n" + text_bars
     Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
@@ -491,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measuring_windows(duration: float) -> tuple[float, float]:
+    """Seconds of warm-up before the first RSS/descriptor window, and each window's length."""
+    return min(60.0, 0.2 * duration), max(SAMPLE_EVERY, min(30.0, 0.1 * duration))
+
+
 def report(
     args: argparse.Namespace,
     reports: Path,
@@ -500,6 +624,7 @@ def report(
     series: dict[str, dict[str, float]],
     locust_rc: int,
     duration: float,
+    hostile: Hostile,
 ) -> tuple[str, list[tuple[str, bool]]]:
     table, total, failures = summarise(reports, series["routes"], None, locust_rc)
     journals = read_journals(endpoints)
@@ -531,8 +656,7 @@ def report(
     )
     keyed = sum(ep.counters["executions.keyed"] for ep in endpoints if ep.kind == "commerce")
     cross_dupes = sum(1 for n in executed.values() if n > 1)
-    warmup = min(60.0, 0.2 * duration)
-    window = max(SAMPLE_EVERY, min(30.0, 0.1 * duration))
+    warmup, window = measuring_windows(duration)
     end_t = samples[-1][0] if samples else 0.0
     start_rss, start_fds = window_median(samples, warmup, warmup + window) if samples else (0, 0)
     end_rss, end_fds = window_median(samples, end_t - window, end_t) if samples else (0, 0)
@@ -557,8 +681,8 @@ def report(
         f"request id): {explained}; not explained: {not_explained}",
         f"  Jalur non-2xx answers: {seen.total} (from its access log): "
         f"{causes['injected reset']} resets that could not be retried, "
-        f"{causes['injected restart']} during a restart, "
-        f"{causes['injected late answer']} payments answered late, "
+        f"{causes['injected restart']} during a restart, {causes['injected drip']} dripping "
+        f"uploads cut (408), {causes['injected late answer']} payments answered late, "
         f"{causes['repeat of a faulted payment']} repeats of a reset or late payment "
         f"(outcome unknown), {causes['unexplained']} unexplained; "
         f"Locust failures journalled: {len(failed_ids)} with a request id, {anonymous} "
@@ -576,6 +700,9 @@ def report(
             for r in restarts
         )
         + ")",
+        f"hostile clients: {hostile.waves} waves of {hostile.size} dripping payment uploads "
+        f"and {hostile.size} unfinished {HEAD_BYTES // 1024} KiB heads (+{OVERSIZED_HEADS} "
+        f"oversized): {fmt(dict(hostile.outcomes))}",
         f"payments executed twice: {per_backend_dupes} per back end (/_sim/executions, "
         f"{keyed} keyed executions, accumulated across restarts); {cross_dupes} keys executed "
         f"more than once across all commerce back ends (journals, {len(executed)} keys); "
@@ -615,6 +742,10 @@ def report(
         (f"RSS growth under 10 % ({rss_growth:+.1%})", rss_growth < GROWTH_BAR),
         (f"open fds growth under 10 % ({fd_growth:+.1%})", fd_growth < GROWTH_BAR),
         ("every restarted back end came back", came_back),
+        (
+            "every dripping upload was cut with 408 and every unfinished head refused",
+            set(hostile.outcomes) <= {"drip: 408", "head: 408", "oversized head: 431"},
+        ),
         (f"requests were made ({total})", total > 0),
     ]
     return "\n".join(lines), bars

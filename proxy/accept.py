@@ -69,9 +69,18 @@ _SKIP: Final = frozenset(
 _HANDSHAKE_FAILURES: Final = (ssl.SSLError, ConnectionError, TimeoutError)
 
 
-def bind(host: str, port: int, backlog: int) -> socket.socket:
+class ListenError(OSError):
+    """A listener could not be opened; its text is the one line an operator sees
+    (``listen 127.0.0.1:8080: address already in use``)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def bind(host: str, port: int, backlog: int, what: str = "listen") -> socket.socket:
     """A listening TCP socket on the IP address ``host``, non-blocking. An IPv6 socket takes
-    IPv6 only (as NGINX's ``ipv6only=on``), so ``0.0.0.0`` and ``::`` can be bound side by side."""
+    IPv6 only (as NGINX's ``ipv6only=on``), so ``0.0.0.0`` and ``::`` can be bound side by side.
+    ``what`` names the listener in the ``ListenError`` raised when the bind fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -82,7 +91,8 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
             sock.bind((host, port))
         except OSError as exc:
             where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-            raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+            why = (exc.strerror or str(exc)).lower()
+            raise ListenError(exc.errno, f"{what} {where}: {why}") from exc
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import msgspec
 import orjson
 from aiohttp import web
 
+from . import respond
 from .config import Config
 from .fleet import RampError, StoreError
 from .metrics import Metrics
@@ -33,6 +35,8 @@ MASK: Final = "***"
 # a record stays one short line.
 ACTOR_HEADER: Final = "X-Jalur-Actor"
 MAX_ACTOR: Final = 128
+# The userinfo of a URL in any config string (redis://:password@host, http://user:pw@...).
+_USERINFO: Final = re.compile(r"(?<=://)[^/@\s]*@")
 
 
 @dataclass(slots=True)
@@ -41,6 +45,11 @@ class Status:
 
     config: Config | None = None
     draining: bool = False
+    # Which config serves: 1 for the one loaded at start, +1 per reload that took effect.
+    generation: int = 0
+    # Why the last reload was refused (None when the last reload succeeded or none failed):
+    # /readyz shows it, so an operator sees an edit that did not take.
+    reload_error: str | None = None
     # The live migration controller of the current config (None under a supervisor).
     migration: Callable[[], Migration] | None = None
     # Where audited admin actions go (the compliance audit log).
@@ -60,6 +69,16 @@ class Status:
     def ready(self) -> bool:
         return self.config is not None and not self.draining
 
+    def serving(self, config: Config) -> None:
+        """``config`` now serves (the first one, or a reload that took effect)."""
+        self.config = config
+        self.generation += 1
+        self.reload_error = None
+
+    def refused(self, reason: str) -> None:
+        """A reload was refused; the current generation keeps serving."""
+        self.reload_error = reason
+
 
 @dataclass(frozen=True, slots=True)
 class RampRequest:
@@ -77,6 +96,9 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 
 
 def masked(config: Config) -> dict[str, Any]:
+    """The config as it may be shown (``/config``, ``--print-config``): secret fields and
+    the credentials inside any URL replaced by ``***``."""
+
     def mask(value: Any) -> Any:
         if isinstance(value, dict):
             return {
@@ -85,6 +107,8 @@ def masked(config: Config) -> dict[str, Any]:
             }
         if isinstance(value, list):
             return [mask(v) for v in value]
+        if isinstance(value, str) and "@" in value:
+            return _USERINFO.sub(MASK + "@", value)
         return value
 
     result: dict[str, Any] = mask(msgspec.to_builtins(config))
@@ -92,7 +116,7 @@ def masked(config: Config) -> dict[str, Any]:
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+    return respond.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -101,16 +125,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     status = request.app[STATUS]
+    body: dict[str, Any] = {"config_generation": status.generation}
+    if status.reload_error is not None:
+        body["last_reload"] = {"result": "refused", "error": status.reload_error}
     if status.ready:
-        return _json({"status": "ready", "store": status.store})
+        return _json({"status": "ready", **body, "store": status.store})
     reason = "draining" if status.draining else "config not loaded"
-    return _json({"status": "not ready", "reason": reason}, status=503)
+    return _json({"status": "not ready", "reason": reason, **body}, status=503)
 
 
 async def config_view(request: web.Request) -> web.Response:
+    """The masked config; with ``admin.token`` set, only for the bearer of the token (the
+    config maps the whole fleet: endpoints, systems, routes)."""
     config = request.app[STATUS].config
     if config is None:
         return _json({"error": "config not loaded"}, status=503)
+    if config.admin.token:
+        refused = _authorized(request, config)
+        if refused is not None:
+            return refused
     return _json(masked(config))
 
 
@@ -122,7 +155,7 @@ async def metrics_view(request: web.Request) -> web.Response:
     body, content_type = await asyncio.to_thread(
         request.app[METRICS].render, request.headers.get("Accept")
     )
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    return respond.Response(body=body, headers={"Content-Type": content_type})
 
 
 log = logging.getLogger("jalur.admin")

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from .router import Router
 DEMO_CONFIG: Final = Path(__file__).parent / "demo" / "demo.yaml"
 CONSENT_KEY_ENV: Final = "JALUR_BOUNDARY__CONSENT__KEY"
 AUDIT_KEY_ENV: Final = "JALUR_AUDIT__KEY"
+# Prefix of the metrics directory `run --workers N` makes (and removes) in the temp directory.
+METRICS_DIR_PREFIX: Final = "jalur-metrics-"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
     worker.add_argument("--slot", type=int, default=0, help="worker number (own audit trail)")
+    worker.add_argument("--supervisor", type=int, help="pid of the supervisor (exit with it)")
 
     check = sub.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("file", help="YAML config file")
@@ -191,18 +195,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        if args.workers > 1:
-            _multiprocess_metrics_dir()
-            from .supervisor import supervise
+        from .accept import ListenError
 
-            _run(supervise(config, args.config, args.workers))
-            return 0
-        from .server import serve
+        try:
+            if args.workers > 1:
+                own_dir = _multiprocess_metrics_dir()
+                try:
+                    from .supervisor import supervise
 
-        _run(serve(config, config_path=args.config))
+                    _run(supervise(config, args.config, args.workers))
+                finally:
+                    if own_dir is not None:
+                        shutil.rmtree(own_dir, ignore_errors=True)
+                return 0
+            from .server import serve
+
+            _run(serve(config, config_path=args.config))
+        except ListenError as exc:
+            print(exc.strerror, file=sys.stderr)  # one line: "listen HOST:PORT: why"
+            return 1
         return 0
     if args.command == "worker":
-        return _worker(args.config, args.fd, args.ready_fd, args.slot)
+        return _worker(args.config, args.fd, args.ready_fd, args.slot, args.supervisor)
     if args.command == "demo":
         from .demo.run import DEMO_AUDIT_KEY, run_demo
 
@@ -381,26 +395,37 @@ def c_parser_in_use() -> bool:
     return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
-def _multiprocess_metrics_dir() -> None:
+def _multiprocess_metrics_dir() -> str | None:
     """prometheus-client multiprocess mode: the directory must be set before the library is
-    imported, shared by the supervisor and its workers, and empty at start."""
-    import shutil
+    imported, shared by the supervisor and its workers, and empty at start. Returns the
+    directory when Jalur made it (the caller removes it at exit), None when the operator
+    named it (``PROMETHEUS_MULTIPROC_DIR``: emptied, then left in place)."""
     import tempfile
 
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jalur-metrics-")
+        return None
+    made = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
-def _worker(config_path: str, fd: int, ready_fd: int | None, slot: int) -> int:
+def _worker(
+    config_path: str, fd: int, ready_fd: int | None, slot: int, supervisor: int | None
+) -> int:
     import socket
 
+    from . import parentwatch
     from .audit import per_worker
 
-    config = _load_or_report(config_path, sys.stderr)
+    parent = supervisor if supervisor is not None else os.getppid()
+    parentwatch.die_with_parent()
+    if parentwatch.orphaned(parent):
+        return 1  # the supervisor died before the signal was armed
+
+    config = _load_or_report(config_path, sys.stderr, warn=False)  # the supervisor warned
     if config is None:
         return 1
     config = per_worker(config, slot)
@@ -413,11 +438,27 @@ def _worker(config_path: str, fd: int, ready_fd: int | None, slot: int) -> int:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
-    _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready))
+    try:
+        _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready, parent=parent))
+    finally:
+        if parentwatch.orphaned(parent):
+            # The supervisor cannot remove the metrics directory it made: its workers do.
+            metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+            if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
-def _load_or_report(path: str, err: TextIO) -> cfg.Config | None:
+def _load_or_report(path: str, err: TextIO, *, warn: bool = True) -> cfg.Config | None:
+    """The config (file + ``JALUR_*`` overrides), or None after printing every error. With
+    ``warn``, one line names the ``JALUR_`` variables ignored that look like overrides."""
+    misses = cfg.env_near_misses(os.environ) if warn else []
+    if misses:
+        print(
+            f"warning: ignored {', '.join(misses)}: not a config path "
+            f"(an override is JALUR_<SECTION>__<FIELD>, e.g. JALUR_LISTEN__PORT)",
+            file=err,
+        )
     try:
         return cfg.load(path, env=os.environ)
     except cfg.ConfigError as exc:

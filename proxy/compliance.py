@@ -61,6 +61,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, Final
 
 from . import audit as chain
+from . import overlap
 from .config import Audit, Config, FieldError, Match
 from .config import Route as RouteSpec
 from .paths import MAX_TARGET_BYTES, PathError, canonicalize
@@ -190,9 +191,11 @@ def _targets_of(route: RouteSpec, i: int) -> Iterator[tuple[str, str, int | None
 
 def _shadowing(config: Config, tx: frozenset[str]) -> list[FieldError]:
     """Earlier non-transaction routes to a social cluster that take a transaction route's
-    paths (first match wins). Path overlap is decided for prefix/exact/absent matchers;
-    regex matchers are left to :class:`VariantCheck` at run time. Header matchers are
-    ignored (a header does not make a payment path safe to send to a social system)."""
+    paths (first match wins), whatever their matcher kind (host, prefix, exact, regex).
+    Prefix/exact overlap is decided exactly, regex overlap by sampling both languages
+    (``overlap``: a refusal is always right, a regex overlap outside the samples is left
+    to :class:`VariantCheck` at run time). Header matchers are ignored (a header does not
+    make a payment path safe to send to a social system)."""
     errors: list[FieldError] = []
     social: list[tuple[int, RouteSpec, str]] = []  # earlier routes with a social target
     for i, route in enumerate(config.routes):
@@ -238,23 +241,13 @@ def _overlap(earlier: Match, later: Match) -> bool:
         and not set(earlier.methods) & set(later.methods)
     ):
         return False
-    e_kind, l_kind = _path_kind(earlier), _path_kind(later)
-    if e_kind is None or l_kind is None:
+    if _path_kind(earlier) is None or _path_kind(later) is None:
         return True  # one takes every path: any path of the other is shared
-    if e_kind == "regex" or l_kind == "regex":
-        return False
-    fold: Callable[[str], str] = (
-        (lambda s: s) if earlier.case_sensitive and later.case_sensitive else str.lower
-    )
-    e = fold(earlier.exact if earlier.exact is not None else earlier.prefix or "")
-    t = fold(later.exact if later.exact is not None else later.prefix or "")
-    if e_kind == "exact" and l_kind == "exact":
-        return e == t
-    if e_kind == "exact":
-        return e.startswith(t)
-    if l_kind == "exact":
-        return t.startswith(e)
-    return e.startswith(t) or t.startswith(e)
+    return overlap.overlap(_paths(earlier), _paths(later))
+
+
+def _paths(m: Match) -> overlap.PathMatcher:
+    return overlap.PathMatcher(m.exact, m.prefix, m.regex, m.case_sensitive)
 
 
 def _hosts_overlap(a: str | None, b: str | None) -> bool:

@@ -65,6 +65,8 @@ __all__ = [
 ENV_PREFIX: Final = "JALUR_"
 # Separator between path segments in an override variable: JALUR_LISTEN__PORT=8081.
 ENV_SEPARATOR: Final = "__"
+# Prefix of the load tests' own variables (loadtests/): never a config override.
+ENV_LOADTEST_PREFIX: Final = "JALUR_LOADTEST_"
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -144,10 +146,25 @@ class Listen(_Base, frozen=True):
     max_pipelined: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     # Seconds without a byte of request body before the request is cut (408).
     body_idle_timeout: Seconds = 30.0
+    # Seconds from the request head to the last byte of its body (408 beyond): a client
+    # dripping a byte just inside body_idle_timeout cannot hold a request open for ever.
+    body_timeout: Seconds = 300.0
+    # A request body up to this size (by Content-Length, or a chunked body that ends within
+    # it) is read whole before an upstream connection is taken (NGINX's
+    # proxy_request_buffering): slow uploads then hold no upstream connection. Larger
+    # bodies stream. Per route: routes[].buffer_body_bytes; 0 turns buffering off.
+    buffer_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
+    # Largest request head (request line and every header field together); beyond it the
+    # client is answered 431 and disconnected. Bounds memory per connection whatever
+    # max_headers x max_field_size allow (Envoy: 60 KiB; NGINX: 4 x 8 KiB).
+    max_head_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
     # Largest request body on any route unless the route sets max_body_bytes (413 beyond).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1024 * 1024 * 1024
     # Serve HTTPS instead of plain HTTP (optional: a sidecar often gets plain loopback).
     tls: ListenerTls | None = None
+    # ``Server`` header on Jalur's own answers (errors, and relayed answers whose back end
+    # sent none); unset: none, so no version banner tells a prober what to attack.
+    server_header: Annotated[str, msgspec.Meta(pattern=r"^[!-~][ -~]{0,127}$")] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -400,6 +417,9 @@ class Route(_Base, frozen=True):
     split_rollback: bool = False
     # Largest request body on this route (413 beyond); None: ``listen.max_body_bytes``.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Bodies up to this size are read whole before an upstream connection is taken;
+    # None: ``listen.buffer_body_bytes``; 0: always stream.
+    buffer_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] | None = None
 
 
 class Audit(_Base, frozen=True):
@@ -615,7 +635,13 @@ def load(
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([FieldError("$", f"cannot read file: {exc.strerror}")], str(p)) from exc
-    return parse(text, source=str(p), env=env, now=now)
+    config = parse(text, source=str(p), env=env, now=now)
+    if not config.routes:
+        # A file to serve from (unlike a fragment given to ``parse``) must route something:
+        # a half-written file under ``reload.watch`` must not turn every request into a 404.
+        at = FieldError("$.routes", "no routes: every request would be answered 404")
+        raise ConfigError([at], str(p))
+    return config
 
 
 def parse(
@@ -633,12 +659,14 @@ def parse(
         line = mark.line + 1 if mark is not None else None
         raise ConfigError([FieldError("$", f"invalid YAML: {exc}", line)], source) from exc
     if data is None:
-        data = {}
+        # An empty file is what a truncated, non-atomic write leaves behind: never 0 routes.
+        raise ConfigError([FieldError("$", "the file is empty (no document)")], source)
     if not isinstance(data, dict):
         raise ConfigError([FieldError("$", "the document must be a mapping")], source)
     if "idempotency" in data:
         raise ConfigError(_located([_MOVED_IDEMPOTENCY], node, {}), source)
-    errors: list[FieldError] = list(_env_only(data))
+    errors: list[FieldError] = _duplicate_keys(node)
+    errors.extend(_env_only(data))
     overridden: dict[str, str] = {}
     if env is not None:
         errors.extend(_apply_env(data, env, overridden))
@@ -685,18 +713,79 @@ def _env_only(data: dict[str, Any]) -> Iterator[FieldError]:
             )
 
 
+def _duplicate_keys(root: yaml.Node | None) -> list[FieldError]:
+    """A key given twice in one mapping: YAML loaders keep the last silently, so an edit
+    that adds a key again would change the config without anyone seeing it."""
+    errors: list[FieldError] = []
+    todo: list[tuple[yaml.Node, str]] = [(root, "$")] if root is not None else []
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in node.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                line = k.start_mark.line + 1
+                if key in first and key != "<<":
+                    errors.append(
+                        FieldError(
+                            f"{path}.{key}", f"duplicate key (first on line {first[key]})", line
+                        )
+                    )
+                first.setdefault(key, line)
+                todo.append((v, f"{path}.{key}"))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((v, f"{path}[{i}]") for i, v in enumerate(node.value))
+    return sorted(errors, key=lambda e: e.line or 0)
+
+
+def _env_path(var: str) -> list[str] | None:
+    """The config path ``JALUR_A__B__C`` names (``["a", "b", "c"]``), or None when the
+    variable is not a config override: no ``__`` (Kubernetes service links such as
+    ``JALUR_PORT=tcp://...``, ``JALUR_SERVICE_HOST``), a first segment that is not a
+    top-level config section, or a load-test variable. (Settings only the environment may
+    hold, such as ``JALUR_AUDIT__KEY``, are overrides like any other: see ``ENV_ONLY``.)"""
+    if not var.startswith(ENV_PREFIX) or var.startswith(ENV_LOADTEST_PREFIX):
+        return None
+    rest = var[len(ENV_PREFIX) :]
+    if ENV_SEPARATOR not in rest:
+        return None
+    segments = [s.lower() for s in rest.split(ENV_SEPARATOR)]
+    return segments if segments[0] in Config.__struct_fields__ else None
+
+
+def env_near_misses(env: Mapping[str, str]) -> list[str]:
+    """``JALUR_`` variables that are ignored but look meant as overrides: a single ``_``
+    after a section name (``JALUR_LISTEN_PORT``), or a ``__`` path under an unknown section
+    (``JALUR_LISTN__PORT``). Worth one warning line at start; never an error, as the
+    environment also holds variables Jalur does not own."""
+    misses = []
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or _env_path(var) is not None:
+            continue
+        if var.startswith(ENV_LOADTEST_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        if ENV_SEPARATOR in rest or any(
+            rest.startswith(section + "_") for section in Config.__struct_fields__
+        ):
+            misses.append(var)
+    return misses
+
+
 def _apply_env(
     data: dict[str, Any], env: Mapping[str, str], overridden: dict[str, str]
 ) -> list[FieldError]:
     """Apply ``JALUR_A__B=value``: set ``data[a][b]``, the value parsed as YAML.
 
-    Segments match existing keys case-insensitively with ``_`` standing for ``-``
-    (``JALUR_CLUSTERS__SHOP_LEGACY__...`` reaches ``clusters.shop-legacy``)."""
+    Only variables that name a config path count (``_env_path``); an unknown field under a
+    known section is then an error like one in the file. Segments match existing keys
+    case-insensitively with ``_`` standing for ``-`` (``JALUR_CLUSTERS__SHOP_LEGACY__...``
+    reaches ``clusters.shop-legacy``)."""
     errors: list[FieldError] = []
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX):
+        segments = _env_path(var)
+        if segments is None:
             continue
-        segments = [s.lower() for s in var[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
         if not all(segments):
             errors.append(FieldError("$", f"environment variable {var}: empty path segment"))
             continue

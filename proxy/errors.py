@@ -8,6 +8,7 @@ The tree (status code, Envoy response flag, metric ``kind``)::
     │   ├── NoRoute             404  NR   no route matches
     │   ├── BodyTooLarge        413       the request body is over the route's limit
     │   └── BodyTimeout         408       no request body byte for ``listen.body_idle_timeout``
+    │       └── BodyDeadline    408       the body not complete within ``listen.body_timeout``
     ├── PolicyError                  refused by a policy before anything was sent upstream
     │   ├── NoHealthyUpstream   503  UH   no endpoint may take the request now
     │   └── Overflow            503  UO   the cluster's circuit breaker is open (too many requests)
@@ -28,6 +29,10 @@ failures always), a positive count when it knows some were, and ``None`` when it
 tell. ``None`` is treated as "the upstream may have received it", so a non-idempotent
 request is then never retried (see ``retry``).
 
+What a client is told is the class's ``public`` text and ``kind`` with the request id; the
+``message`` (which may name an upstream address, an errno or a parser detail) goes only to
+the log, under the same request id.
+
 ``upstream.map_exception`` is the only function that looks at aiohttp/OS exceptions; the
 rest of the proxy sees only this tree. An error that happens after the response head was
 sent to the client is not answered at all: the client connection is aborted (see
@@ -43,6 +48,8 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     flag: ClassVar[str] = "-"  # Envoy-style response flag for the access log
     kind: ClassVar[str] = "internal"  # bounded metric label
+    # What the client is told: the kind of failure, never an address or errno.
+    public: ClassVar[str] = "internal proxy error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -81,6 +88,11 @@ class BodyTimeout(RequestError):
     kind = "body_timeout"
 
 
+class BodyDeadline(BodyTimeout):
+    """The body was still arriving when ``listen.body_timeout`` ran out (a client dripping
+    bytes, unlike a stalled one, keeps sending after the answer)."""
+
+
 class PolicyError(ProxyError):
     status = 503
 
@@ -89,18 +101,21 @@ class NoHealthyUpstream(PolicyError):
     status = 503
     flag = "UH"
     kind = "no_healthy_upstream"
+    public = "no healthy upstream endpoint"
 
 
 class Overflow(PolicyError):
     status = 503
     flag = "UO"
     kind = "overflow"
+    public = "upstream cluster at its request limit"
 
 
 class UpstreamError(ProxyError):
     status = 502
     flag = "UF"
     kind = "upstream"
+    public = "upstream request failed"
     # Bytes of the request handed to the upstream socket before the failure: 0 = none (safe
     # to send again whatever the method), None = unknown (assume the upstream got it).
     # A transport may set it on the instance.
@@ -116,11 +131,14 @@ class ConnectFailed(UpstreamError):
     status = 502
     flag = "UF"
     kind = "connect"
+    public = "upstream connect failed"
     request_bytes_sent = 0
 
 
 class ConnectRefused(ConnectFailed):
     """The endpoint answered the TCP connect with a reset (nothing listens there)."""
+
+    public = "upstream refused the connection"
 
 
 class TlsHandshakeFailed(ConnectFailed):
@@ -141,6 +159,7 @@ class ConnectTimeout(UpstreamError):
     status = 504
     flag = "UF"
     kind = "connect_timeout"
+    public = "upstream connect timed out"
     request_bytes_sent = 0
 
 
@@ -148,15 +167,18 @@ class ResponseTimeout(UpstreamError):
     status = 504
     flag = "UT"
     kind = "timeout"
+    public = "upstream did not answer in time"
 
 
 class UpstreamReset(UpstreamError):
     status = 502
     flag = "UC"
     kind = "reset"
+    public = "upstream closed the connection"
 
 
 class UpstreamProtocolError(UpstreamError):
     status = 502
     flag = "UPE"
     kind = "protocol"
+    public = "upstream sent an invalid response"

@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors, paths, tls
+from . import errors, paths, respond, tls
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
@@ -223,12 +223,23 @@ def error_response(status: int, message: str, request_id: str, **extra: str) -> 
     body = {"error": message, "request_id": request_id, **extra}
     if "reason" not in body and "kind" in body:  # an upstream failure: its kind says why
         body["reason"] = body["kind"]
-    return web.Response(
+    return respond.Response(
         status=status,
         body=orjson.dumps(body),
         content_type="application/json",
         headers={"x-request-id": request_id},
     )
+
+
+def failure_response(
+    exc: errors.ProxyError, request_id: str, where: str, note: str = ""
+) -> web.Response:
+    """The answer to a failed or refused upstream exchange: the kind of failure (``public``,
+    ``kind``) and the request id; the detail, which may name an internal address or an
+    errno, is logged under the same request id and never sent to the client."""
+    level = logging.WARNING if isinstance(exc, errors.UpstreamError) else logging.INFO
+    log.log(level, "request_id=%s upstream=%s %s: %s", request_id, where, exc.kind, exc.message)
+    return error_response(exc.status, exc.public + note, request_id, kind=exc.kind, reason=exc.kind)
 
 
 # Fields a ``Connection`` header may not remove (RFC 9110 lets it name any): the proxy routed
@@ -289,7 +300,7 @@ def _response_headers(
     return out
 
 
-class _Relayed(web.StreamResponse):
+class _Relayed(respond.StreamResponse):
     """A relayed response whose head is written together with its first body bytes (one
     ``write``, one system call for a small answer). ``_relay`` flushes the head on its own
     when the upstream has not sent body bytes yet, so a slow body never delays the head."""
@@ -316,6 +327,7 @@ class _ClientBody:
         "client_failed",
         "continue_",
         "copy",
+        "deadline",
         "idle",
         "limit",
         "prefix",
@@ -342,6 +354,11 @@ class _ClientBody:
         self.preread: bytes | None = None  # the whole body, when a policy had to read it
         self.prefix: bytes | None = None  # read by ``buffer``, still to be sent first
         self.started = False  # an upstream attempt has begun reading the body
+        # The whole body must have arrived by then (``listen.body_timeout``, read from the
+        # listener's protocol; None off a listener): a client dripping a byte just inside
+        # ``idle`` cannot hold the request (and what it holds) open for ever.
+        total: float | None = getattr(request.protocol, "body_timeout", None)
+        self.deadline = None if total is None else asyncio.get_running_loop().time() + total
 
     @property
     def replayable(self) -> bool:
@@ -355,8 +372,10 @@ class _ClientBody:
         length = self.request.content_length
         if length is not None and length > limit:
             return False
-        parts: list[bytes] = []
-        size = 0
+        parts: list[bytes] = [self.prefix] if self.prefix else []  # from an earlier call
+        size = len(self.prefix or b"")
+        if size > limit:
+            return False
         async for chunk in self._stream():
             parts.append(chunk)
             size += len(chunk)
@@ -364,6 +383,7 @@ class _ClientBody:
                 self.prefix = b"".join(parts)
                 return False
         self.preread = b"".join(parts)
+        self.prefix = None
         return True
 
     async def read_all(self, limit: int) -> bytes | None:
@@ -404,17 +424,24 @@ class _ClientBody:
         if self.continue_:
             self.continue_ = False
             await request.writer.write(CONTINUE)
+        deadline = self.deadline
         while True:
+            wait = self.idle
             try:
                 if content.total_bytes > self.bytes or content.is_eof():
                     chunk = await content.readany()  # buffered: no timer needed
                 else:
-                    async with asyncio.timeout(self.idle):
+                    if deadline is not None:
+                        wait = min(wait, max(0.0, deadline - asyncio.get_running_loop().time()))
+                    async with asyncio.timeout(wait):
                         chunk = await content.readany()
             except TimeoutError:
-                self.refused = errors.BodyTimeout(
-                    f"no request body bytes for {self.idle:g}s; request cut"
-                )
+                if wait == self.idle:
+                    why = f"no request body bytes for {self.idle:g}s; request cut"
+                    self.refused = errors.BodyTimeout(why)
+                else:
+                    why = "request body not complete within listen.body_timeout; request cut"
+                    self.refused = errors.BodyDeadline(why)
                 raise self.refused from None
             except Exception:
                 self.client_failed = True
@@ -577,6 +604,18 @@ class Forwarder:
             early = await self._idempotency_gate(state, request, ex, target, gate, limit)
             if early is not None:
                 return early
+        if ex.body is None and request.body_exists:
+            reading = ex.body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
+            buffered = route.spec.buffer_body_bytes
+            if buffered is None:
+                buffered = state.config.listen.buffer_body_bytes
+            if buffered and (length is None or length <= buffered):
+                # NGINX's proxy_request_buffering for bounded bodies: read it all before an
+                # upstream connection is taken, so slow uploads hold no upstream resource.
+                try:
+                    await reading.buffer(buffered)
+                except Exception:
+                    return self._body_failed(request, ex, reading)
         cm = state.bound.clusters[cluster.name]
         if not cluster.admit():
             return self._unavailable(
@@ -602,12 +641,9 @@ class Forwarder:
             return await self._websocket(
                 state, request, ex, cluster, endpoint, upstream_target, out_headers
             )
-        body = ex.body  # already read by the idempotency gate, or None
-        if body is None and request.body_exists:
-            body = _ClientBody(request, limit, state.config.listen.body_idle_timeout)
+        body = ex.body  # read by the idempotency gate, buffered, or still to stream
         if body is not None and copy is not None:
             body.copy = copy.body
-        ex.body = body
         # May this request be sent twice? Then keep its body (bounded) to send it again.
         # A keyed request the gate holds: only if the back end deduplicates keys itself
         # (else a retry after a byte went out could execute it twice).
@@ -729,13 +765,12 @@ class Forwarder:
                         attempt += 1
                         continue
                 ex.flags = exc.flag
-                message = exc.message
-                if attempt > 1:
-                    message = f"{message} (attempt {attempt})"
+                note = f" (attempt {attempt})" if attempt > 1 else ""
                 if why:
-                    message = f"{message}; not retried: {why}"
+                    note = f"{note}; not retried: {why}"
+                where = f"{cluster.name}/{host.endpoint.url}"
                 ex.status = exc.status
-                return error_response(exc.status, message, ex.request_id, kind=exc.kind)
+                return failure_response(exc, ex.request_id, where, note)
             ex.upstream_time = time.monotonic() - started
             cm.upstream_response(ex.upstream_time)
             status = up.status
@@ -817,7 +852,7 @@ class Forwarder:
         ex.flags = exc.flag
         ex.status = exc.status
         cm.error(exc.kind)
-        return error_response(exc.status, exc.message, ex.request_id, kind=exc.kind)
+        return failure_response(exc, ex.request_id, ex.cluster.name if ex.cluster else "-")
 
     @staticmethod
     def _shadow_copy(
@@ -1007,11 +1042,16 @@ class Forwarder:
     ) -> None:
         """Count a refused request body, flag the exchange, and set how long the listener
         lingers after the answer: a stalled client sends nothing more (close at once), one
-        over the limit may still be sending (read and discard briefly, so the kernel's reset
-        cannot destroy the answer)."""
+        over the limit or still dripping at the body deadline may still be sending (read
+        and discard briefly, so the kernel's reset cannot destroy the answer)."""
         self.services.metrics.rejected(exc.kind)
         ex.flags = exc.flag
-        request[LINGER] = 0.0 if isinstance(exc, errors.BodyTimeout) else REFUSED_LINGER
+        stalled = type(exc) is errors.BodyTimeout  # a dripping (BodyDeadline) one still sends
+        request[LINGER] = 0.0 if stalled else REFUSED_LINGER
+        # The body keeps its refusal, whose traceback holds the frames that read the body
+        # (and through them the request and its connection): a cycle the collector would
+        # free only at its next full pass. Dropped here, where the answer is decided.
+        exc.__traceback__ = None
 
     def _body_failed(
         self, request: web.BaseRequest, ex: Exchange, body: _ClientBody
@@ -1170,8 +1210,8 @@ class Forwarder:
         except errors.ProxyError as exc:
             ex.flags = exc.flag
             state.bound.clusters[cluster.name].error(exc.kind)
-            return error_response(exc.status, exc.message, request_id, kind=exc.kind)
-        ws = web.WebSocketResponse(
+            return failure_response(exc, request_id, f"{cluster.name}/{endpoint.url}")
+        ws = respond.WebSocketResponse(
             protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
             max_msg_size=WS_MAX_MESSAGE,
             autoping=True,

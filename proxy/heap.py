@@ -15,6 +15,12 @@ again. NGINX keeps its buffers; so does this, within a bound:
 
 Applied once at start (``jalur run``, each worker, ``jalur demo``); a no-op where the C
 library has no ``mallopt`` (musl, macOS).
+
+``release`` (glibc ``malloc_trim``) gives back free pages anywhere in the heap, not only at
+its top: a burst of connections that each held a request head (hundreds of KiB apiece,
+interleaved with long-lived objects) leaves the heap fragmented, and the trim threshold alone
+would keep it resident. The listener calls it once after many connections have gone
+(``server._Server``), never per request.
 """
 
 from __future__ import annotations
@@ -36,14 +42,34 @@ _M_TRIM_THRESHOLD: Final = -1  # glibc's malloc.h
 _M_MMAP_THRESHOLD: Final = -3
 
 
-def keep_freed_heap() -> bool:
-    """Apply the settings above; True if the C library took both."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def release() -> bool:
+    """Return every free heap page to the kernel (the top too: this runs after a burst,
+    not under steady load, where ``TRIM_THRESHOLD`` keeps buffers for reuse); True if the C
+    library has ``malloc_trim`` and released something."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
+
+def keep_freed_heap() -> bool:
+    """Apply the settings above; True if the C library took both."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int

@@ -103,6 +103,25 @@ METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 )
 OTHER_METHOD: Final = "OTHER"
+# Status codes that keep their own ``code`` label value: those registered with IANA (HTTP
+# Status Code Registry, RFC 9110 and extensions). Any other code a back end sends (a 299,
+# a 499, a 520 from a CDN...) is counted in its class, "2xx" ... "5xx": the label has at
+# most 63 + 5 values whatever the back ends answer.
+KNOWN_CODES: Final = frozenset(
+    {100, 101, 102, 103}
+    | {200, 201, 202, 203, 204, 205, 206, 207, 208, 226}
+    | {300, 301, 302, 303, 304, 305, 307, 308}
+    | set(range(400, 418))  # 418 is registered as unused
+    | {421, 422, 423, 424, 425, 426, 428, 429, 431, 451}
+    | {500, 501, 502, 503, 504, 505, 506, 507, 508, 510, 511}
+)
+
+
+def code_label(code: int) -> str:
+    """The ``code`` label value of a status: itself when known, else its class."""
+    return str(code) if code in KNOWN_CODES else f"{code // 100}xx"
+
+
 # The ``cluster`` label of a request answered before any cluster was chosen (e.g. blocked
 # by the compliance guard).
 NO_CLUSTER: Final = "-"
@@ -221,7 +240,7 @@ class RouteMetrics:
     def _requests_child(self, key: tuple[str, str, int]) -> Counter:
         cluster, method, code = key
         child: Counter = self._metrics.requests.labels(
-            self.name, self.category, cluster, method, str(code)
+            self.name, self.category, cluster, method, code_label(code)
         )
         self._requests[key] = child
         return child
@@ -236,7 +255,7 @@ class RouteMetrics:
         m = self._metrics
         name = self.name
         for cluster, method, code in self._requests:
-            _remove(m.requests, name, self.category, cluster, method, str(code))
+            _remove(m.requests, name, self.category, cluster, method, code_label(code))
         for cluster in self._durations:
             _remove(m.request_duration, name, cluster)
         for reason in self._blocked:

@@ -20,9 +20,12 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from . import accept, tls
+from . import accept, heap, parentwatch, tls
 from . import admin as admin_mod
 from . import audit as audit_mod
 from . import config as cfg
@@ -49,21 +52,31 @@ log = logging.getLogger("jalur")
 
 # Seconds between refreshes of the migration-progress gauge (a scrape may also refresh it).
 PROGRESS_INTERVAL: Final = 5.0
+# Connections that must have closed since the peak before the freed heap is returned to the
+# kernel (heap.release): a burst of heavy connections (heads up to max_head_bytes each) must
+# not stay resident, and ordinary churn never pays for a trim.
+RELEASE_AFTER_CLOSED: Final = 256
+# Seconds without a further close before the release: the rest of a closing burst is
+# included ...
+RELEASE_DELAY: Final = 1.0
+# ... but a release waits at most this long after it was first due (steady churn).
+RELEASE_MAX_WAIT: Final = 15.0
 
 
 def timeout_408(request_id: str) -> bytes:
     """The answer to a client that did not send a whole request head in time (written to the
     socket directly: there is no request object to answer)."""
-    body = orjson.dumps(
-        {
-            "error": "request head not received in time",
-            "request_id": request_id,
-            "reason": "header_timeout",
-        }
+    return head_refusal(
+        b"408 Request Timeout", "request head not received in time", "header_timeout", request_id
     )
+
+
+def head_refusal(status: bytes, error: str, reason: str, request_id: str) -> bytes:
+    """A JSON refusal of a request whose head never became a request, as raw bytes."""
+    body = orjson.dumps({"error": error, "request_id": request_id, "reason": reason})
     return b"".join(
         (
-            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n",
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n",
             b"Connection: close\r\nX-Request-Id: ",
             request_id.encode(),
             b"\r\nContent-Length: ",
@@ -83,8 +96,17 @@ class _Protocol(RequestHandler):
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._jalur = manager
+        self.server_header = limits.server_header  # read by ``respond.ServerHeader``
+        self.body_timeout = limits.body_timeout  # read by ``forward._ClientBody``
+        # Bytes of the request head being received (reset when a head is complete), and
+        # the body of the last request parsed (bytes before its end are body, not head).
+        self._head_bytes = 0
+        self._last_payload: StreamReader | None = None
         self._header_timeout = limits.header_read_timeout
         self._header_deadline: asyncio.TimerHandle | None = None
+        # Requests taken on for handling on this connection (the one reaching
+        # ``max_requests_per_connection`` is served and answered with Connection: close).
+        self.served = 0
         # aiohttp pauses reading when this many parsed requests wait (pipelining depth).
         self._max_msg_queue_size = limits.max_pipelined
         self._msg_queue_resume_size = max(1, limits.max_pipelined // 2)
@@ -98,20 +120,79 @@ class _Protocol(RequestHandler):
             return
         self._refused = False
         server.open_connections += 1
+        if server.open_connections > server.peak_connections:
+            server.peak_connections = server.open_connections
         super().connection_made(transport)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if getattr(self, "_refused", True):
             return
-        self._jalur.open_connections -= 1
+        self._jalur.connection_gone()
+        self._last_payload = None  # it refers back to this protocol: no cycle left behind
         self._disarm()
         super().connection_lost(exc)
 
+    @property
+    def closing(self) -> bool:
+        """The answer being written is this connection's last: it must say
+        ``Connection: close`` (read by ``respond.ServerHeader`` and ``finish_response``)."""
+        return (
+            self._close
+            or self._force_close
+            or self._jalur.draining
+            or self.served >= self._limits.max_requests_per_connection
+        )
+
+    def _awaiting_head(self) -> bool:
+        """The next bytes belong to a request head: the last request parsed on this
+        connection (if any) has its whole body."""
+        last = self._last_payload
+        return last is None or last.is_eof()
+
+    def _head_over_limit(self, data: bytes) -> bool:
+        """Would ``data`` take the head being received over ``max_head_bytes``? (Checked
+        before the parser sees the bytes, so they are never buffered.)"""
+        limit = self._limits.max_head_bytes
+        if self._head_bytes + len(data) <= limit:
+            return False
+        end = data.find(b"\r\n\r\n")
+        return end < 0 or self._head_bytes + end + 4 > limit
+
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._request_count >= self._limits.max_requests_per_connection and not self._close:
-            self.close()  # answer what was read, then close; the client reconnects
+        awaiting = self._awaiting_head()
+        if awaiting and self._head_over_limit(data):
+            if self.transport is not None:
+                message = f"request head over {self._limits.max_head_bytes} bytes"
+                rid = new_request_id(None)
+                self.transport.write(
+                    head_refusal(
+                        b"431 Request Header Fields Too Large", message, "head_too_large", rid
+                    )
+                )
+            self._jalur.on_error("head_too_large")
+            self.force_close()
+            return
+        count = self._request_count
+        if (self._close or self._force_close) and self._request_in_progress:
+            # Closing (drain, or aiohttp's shutdown) while a request is being served: its
+            # body must still arrive, or the request it belongs to is lost. aiohttp would
+            # ignore these bytes; requests parsed from them are not served (the answer in
+            # progress says Connection: close, so the client knows).
+            close, force = self._close, self._force_close
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close, self._force_close = close, force
+        else:
+            super().data_received(data)
+        if self._request_count != count:
+            self._head_bytes = 0  # a head completed (a partial next one is not counted)
+            if self._messages:
+                self._last_payload = self._messages[-1][1]
+        elif awaiting:
+            self._head_bytes += len(data)
         if self._messages or self._request_in_progress:
             self._disarm()  # a whole head arrived (or a handler owns the connection)
         elif self._header_deadline is None:
@@ -145,6 +226,8 @@ class _Protocol(RequestHandler):
             # so when no 101 is sent (the upgrade is not performed) whatever the client
             # pipelined behind that request is dropped unread.
             resp.force_close()
+        if self.closing and not resp.prepared:
+            resp.force_close()  # the last answer says so (Connection: close)
         out = await super().finish_response(request, resp, start_time)
         linger = request.get(LINGER)
         if linger is not None:
@@ -179,6 +262,8 @@ class _Protocol(RequestHandler):
             manager.on_error(reason)
         resp = error_response(status, text, request_id, reason=reason)
         resp.force_close()
+        # aiohttp answers an unparsable request as HTTP/1.0, where close is only implied.
+        resp.headers["Connection"] = "close"
         return resp
 
 
@@ -195,6 +280,47 @@ class _Server(web.Server):
         self.limits = limits
         self.on_error = on_error
         self.open_connections = 0
+        # Set when a drain starts: every answer from then on says Connection: close and
+        # its connection closes after it (clients reconnect, to another replica).
+        self.draining = False
+        # Most connections open since the heap was last released (see connection_gone).
+        self.peak_connections = 0
+        self._release: asyncio.TimerHandle | None = None
+        self._release_first = 0.0  # when the pending release was first armed
+
+    def connection_gone(self) -> None:
+        """One connection fewer. Once ``RELEASE_AFTER_CLOSED`` of the peak are gone, the
+        heap they used is released, ``RELEASE_DELAY`` after the closes pause (each close
+        of the burst moves it, for at most ``RELEASE_MAX_WAIT``): a burst of closes is one
+        release, so a flood of heavy connections does not stay resident."""
+        self.open_connections -= 1
+        if self.peak_connections - self.open_connections < RELEASE_AFTER_CLOSED:
+            return
+        now = self._loop.time()
+        if self._release is None:
+            self._release_first = now
+        elif now - self._release_first < RELEASE_MAX_WAIT:
+            self._release.cancel()
+        else:
+            return
+        self._release = self._loop.call_later(RELEASE_DELAY, self._release_heap)
+
+    def _release_heap(self) -> None:
+        self._release = None
+        self.peak_connections = self.open_connections
+        heap.release()
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if isinstance(protocol, _Protocol):
+            protocol.served += 1
+        return super()._make_request(message, payload, protocol, writer, task)
 
     def __call__(self) -> RequestHandler:
         return _Protocol(self, loop=self._loop, limits=self.limits, **self._kwargs)
@@ -227,6 +353,7 @@ class ProxyServer:
         )
         self.forwarder: Forwarder | None = None
         self._data_runner: web.BaseRunner | None = None
+        self._data_server: _Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._progress: asyncio.Task[None] | None = None
@@ -260,6 +387,7 @@ class ProxyServer:
             auto_decompress=False,
             on_error=self.services.metrics.rejected,
         )
+        self._data_server = server
         self._data_runner = web.ServerRunner(server, shutdown_timeout=config.drain.timeout)
         await self._data_runner.setup()
         batch = accept.SHARED_ACCEPT_BATCH  # the supervisor's socket, shared by the workers
@@ -283,7 +411,7 @@ class ProxyServer:
             self._admin_runner, self.admin_port = await start_admin(
                 config, self.status, self.services.metrics
             )
-        self.status.config = config
+        self.status.serving(config)
         if self.with_admin:  # under a supervisor, the supervisor reports it once
             self.status.store = await idem.report_store(self.services.idempotency, log)
         self.status.migration = lambda: self.state.migration
@@ -396,6 +524,7 @@ class ProxyServer:
             except cfg.ConfigError as exc:
                 log.error("reload refused, still serving the previous config: %s", exc)
                 self._count_reload(False)
+                self.status.refused(str(exc))
                 return False
         for fixed in ("listen", "admin"):
             if getattr(config, fixed) != getattr(self.config, fixed):
@@ -406,11 +535,12 @@ class ProxyServer:
         except Exception:
             log.exception("reload refused: could not build the new config")
             self._count_reload(False)
+            self.status.refused("could not build the new config (see the log)")
             return False
         old = self.forwarder.state
         self.forwarder.state = new
         self.config = config
-        self.status.config = config
+        self.status.serving(config)
         self._count_reload(True)
         self.services.audit.record(audit_mod.config_record(config, new.migration.weights))
         task = asyncio.create_task(old.retire(config.drain.timeout))
@@ -423,6 +553,8 @@ class ProxyServer:
         """Drain: not ready at once, keep serving ``drain.delay``, stop accepting, wait
         for in-flight requests up to ``drain.timeout``, close upstream pools."""
         self.status.draining = True
+        if self._data_server is not None:
+            self._data_server.draining = True
         for task in (self._progress, self._poll):
             if task is not None:
                 task.cancel()
@@ -453,12 +585,13 @@ async def start_admin(
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(admin_mod.make_app(status, metrics), access_log=None)
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.admin.host,
-        config.admin.port,
-        reuse_address=True,
-        ssl_context=listener_tls("admin.tls", config.admin.tls, metrics),
+    try:
+        sock = accept.bind(config.admin.host, config.admin.port, 128, what="admin")
+    except accept.ListenError:
+        await runner.cleanup()
+        raise
+    site = web.SockSite(
+        runner, sock, ssl_context=listener_tls("admin.tls", config.admin.tls, metrics)
     )
     await site.start()
     return runner, _bound_port(runner)
@@ -517,12 +650,14 @@ async def serve(
     *,
     data_sock: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
+    parent: int | None = None,
 ) -> None:
     """One process: run until SIGTERM/SIGINT, then drain and return. SIGHUP reloads.
 
     With ``data_sock`` (a socket inherited from the supervisor) it runs as a worker: no
     admin listener, and SIGTERM stops accepting at once (the supervisor already waited
-    ``drain.delay`` with ``/readyz`` failing)."""
+    ``drain.delay`` with ``/readyz`` failing). With ``parent`` (the supervisor's pid) it
+    stops the same way once it is no longer that process's child (``parentwatch``)."""
     worker = data_sock is not None
     loaded = file_signature(config_path) if config_path is not None else None
     server = ProxyServer(config, config_path=config_path, admin=not worker)
@@ -552,9 +687,14 @@ async def serve(
     cert_watch = None
     if config.reload.watch:
         cert_watch = asyncio.create_task(tls.watch(config.reload.interval))
+    orphan_watch = None
+    if parent is not None:
+        orphan_watch = asyncio.create_task(parentwatch.watch_parent(parent, stop.set))
     await stop.wait()
     if cert_watch is not None:
         cert_watch.cancel()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     if watcher is not None:
         watcher.cancel()
     await server.stop(drain_delay=0 if worker else None)

@@ -214,7 +214,7 @@ class Supervisor:
                 self.status.store = await idem.report_store(store, log)
             finally:
                 await store.close()
-            self.status.config = self.config
+            self.status.serving(self.config)
             self.metrics.config_reload(True)
             host, port = sock.getsockname()[:2]
             log.info(
@@ -261,6 +261,8 @@ class Supervisor:
             str(ready_w),
             "--slot",
             str(w.slot),
+            "--supervisor",
+            str(os.getpid()),
             pass_fds=(fd, ready_w),
         )
         os.close(ready_w)
@@ -300,6 +302,7 @@ class Supervisor:
         except cfg.ConfigError as exc:
             log.error("reload refused, workers keep the previous config: %s", exc)
             self.metrics.config_reload(False)
+            self.status.refused(str(exc))
             return
         try:
             await self._reconcile(config)
@@ -308,7 +311,7 @@ class Supervisor:
             self.metrics.config_reload(False)
             return
         self.config = config
-        self.status.config = config
+        self.status.serving(config)
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 w.proc.send_signal(signal.SIGHUP)

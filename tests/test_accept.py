@@ -190,7 +190,9 @@ def test_bind_ipv6_only_and_names_the_address_in_use() -> None:
         # The same port on IPv4 is a different socket: both can listen (NGINX's ipv6only=on).
         v4 = accept.bind("127.0.0.1", port, 16)
         v4.close()
-        with pytest.raises(OSError, match=rf"cannot listen on \[::1\]:{port}: "):
+        with pytest.raises(
+            accept.ListenError, match=rf"^listen \[::1\]:{port}: address already in use$"
+        ):
             accept.bind("::1", port, 16)
     finally:
         v6.close()

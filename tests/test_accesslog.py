@@ -326,12 +326,14 @@ def test_invalid_arguments() -> None:
 
 
 def test_from_config(tmp_path: Path) -> None:
-    assert cfg.parse("").access_log == cfg.AccessLog(
+    assert cfg.Config().access_log == cfg.AccessLog(
         enabled=True, sample=1.0, path="-", buffer_lines=65536, flush_interval=0.1
     )
     path = tmp_path / "a.log"
     config = cfg.parse(
-        f"access_log: {{sample: 0.0, path: {path}, buffer_lines: 5, flush_interval: 0.5}}"
+        f"access_log: {{sample: 0.0, path: {path}, buffer_lines: 5, flush_interval: 0.5}}\n"
+        "systems: {s: {kind: commerce}}\nclusters: {c: {system: s, endpoints: [http://127.0.0.1:1]}}\n"
+        "routes: [{name: r, match: {}, category: promotion, to: c}]\n"
     )
     access = AccessLog.from_config(config.access_log)
     assert access.sample == 0.0

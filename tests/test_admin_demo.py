@@ -30,7 +30,7 @@ async def test_admin_health_readiness_and_masked_config(harness: Harness) -> Non
                 assert r.status == 200
         async with s.get(admin + "/readyz") as r:
             assert r.status == 200
-        async with s.get(admin + "/config") as r:
+        async with s.get(admin + "/config", headers={"Authorization": "Bearer s3cret"}) as r:
             conf = await r.json()
         assert conf["admin"]["token"] == "***"
         assert conf["routes"][0]["name"] == "all"

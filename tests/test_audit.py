@@ -368,7 +368,12 @@ def test_check_says_whether_the_trail_will_be_sealed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("compliance: {audit: {path: /var/log/jalur/audit.log}}\n")
+    path.write_text(
+        "compliance: {audit: {path: /var/log/jalur/audit.log}}\n"
+        "systems: {shop: {kind: commerce}}\n"
+        "clusters: {pay: {system: shop, endpoints: ['http://127.0.0.1:9003']}}\n"
+        "routes: [{name: pay, match: {prefix: /}, category: payment, to: pay}]\n"
+    )
     monkeypatch.delenv("JALUR_AUDIT__KEY", raising=False)
     assert cli.main(["check", str(path)]) == 0
     assert "audit trail: /var/log/jalur/audit.log (NOT sealed: JALUR_AUDIT__KEY" in (

@@ -253,14 +253,32 @@ def social_route(name: str, match: dict[str, Any]) -> dict[str, Any]:
         ({"prefix": "/", "host": "feed.example"}, False),
         ({"prefix": "/", "host": "*.example"}, True),
         ({"prefix": "/", "headers": [{"name": "x-canary", "exact": "1"}]}, True),
-        ({"regex": "/api/.*"}, False),  # undecidable statically: VariantCheck at run time
+        # Regex matchers, decided by sampling both languages (issue #19):
+        ({"regex": "/api/.*"}, True),
+        ({"regex": "/api/pay.*"}, True),
+        ({"regex": "/api/p[a-z]+(/.*)?"}, True),
+        ({"regex": "/API/PAY.*", "case_sensitive": False}, True),
+        ({"regex": "/API/PAY.*"}, False),  # case-sensitive: no request matches both
+        ({"regex": "/api/(feed|live)/.*"}, False),
+        ({"regex": "/api/(?!pay).*"}, False),  # the lookahead excludes every payment path
+        ({"regex": "/.*", "host": "feed.example"}, False),
+        ({"regex": "/.*", "methods": ["GET"]}, False),
+        ({"host": "pay.example"}, True),  # a host matcher alone takes every path
+        ({"host": "*.example", "exact": "/api/payment"}, True),
     ],
 )
 def test_an_earlier_social_route_must_not_shadow_a_transaction_route(
     earlier: dict[str, Any], shadowed: bool
 ) -> None:
+    later = {"prefix": "/api/payment", "methods": ["POST"], "host": "pay.example"}
+    assert_shadowing(earlier, later, shadowed)
+
+
+def assert_shadowing(earlier: dict[str, Any], later: dict[str, Any], shadowed: bool) -> None:
+    """A social route matching ``earlier`` before the payment route matching ``later`` is
+    refused (naming both) exactly when ``shadowed``."""
     pay = payment(to="pay")
-    pay["match"] = {"prefix": "/api/payment", "methods": ["POST"], "host": "pay.example"}
+    pay["match"] = later
     text = document([social_route("early", earlier), pay])
     if not shadowed:
         cfg.parse(text)
@@ -300,6 +318,37 @@ def test_a_host_only_transaction_route_after_a_broader_social_route(
     (error,) = errors_of(text)
     assert error.path == "$.routes[0].match"
     assert "'payment'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "shadowed"),
+    [
+        ({"prefix": "/api/pay"}, {"regex": "/api/payment/[0-9]+"}, True),
+        ({"exact": "/api/payment/42"}, {"regex": "/api/payment/[0-9]+"}, True),
+        ({"exact": "/api/payment/x"}, {"regex": "/api/payment/[0-9]+"}, False),
+        ({"regex": "/api/pay(ment)?/.*"}, {"regex": "/api/payment/[0-9]+"}, True),
+        ({"regex": "/api/feed/.*"}, {"regex": "/api/(payment|checkout)/[0-9]+"}, False),
+        ({"regex": "/api/[a-z]+/[0-9]+"}, {"exact": "/api/checkout/7"}, True),
+    ],
+)
+def test_regex_transaction_routes_are_checked_too(
+    earlier: dict[str, Any], later: dict[str, Any], shadowed: bool
+) -> None:
+    assert_shadowing(earlier, later, shadowed)
+
+
+def test_the_issue_config_is_refused_by_jalur_check(tmp_path: Any) -> None:
+    """A social route `/api/pay.*` before the payment route: at run time payments got 400."""
+    import io
+
+    from proxy import cli
+
+    pay = payment(to="pay")
+    f = tmp_path / "jalur.yaml"
+    f.write_text(document([social_route("promo", {"regex": "/api/pay.*"}), pay]))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(f), out, err) == 1
+    assert "$.routes[0].match" in err.getvalue()
 
 
 def test_a_later_catch_all_to_social_is_fine() -> None:

@@ -173,3 +173,133 @@ def test_routes_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None
     payment = next(line for line in out if line.split()[1:2] == ["payment"])
     assert "tokopedia-pay" in payment
     assert "(tokopedia)" in payment
+
+
+# -- environment: only config paths are overrides (issue #19) -----------------------------
+
+# What a Kubernetes Service named `jalur` injects into every pod of its namespace (service
+# links), and the load test's own variables as they were named before.
+SERVICE_LINKS = {
+    "JALUR_PORT": "tcp://10.96.0.12:8080",
+    "JALUR_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+    "JALUR_PORT_8080_TCP_PROTO": "tcp",
+    "JALUR_PORT_8080_TCP_PORT": "8080",
+    "JALUR_PORT_8080_TCP_ADDR": "10.96.0.12",
+    "JALUR_SERVICE_HOST": "10.96.0.12",
+    "JALUR_SERVICE_PORT": "8080",
+    "JALUR_SERVICE_PORT_HTTP": "8080",
+    "JALUR_STRICT": "1",
+    "JALUR_ADMIN_URL": "http://127.0.0.1:9901",
+    "JALUR_LOADTEST_ADMIN_URL": "http://127.0.0.1:9901",
+}
+
+
+def test_variables_that_name_no_config_path_are_ignored() -> None:
+    c = cfg.parse(GOOD, env={**SERVICE_LINKS, "JALUR_LISTEN__PORT": "8081"})
+    assert c.listen.port == 8081
+    assert c == cfg.parse(GOOD, env={"JALUR_LISTEN__PORT": "8081"})
+
+
+def test_an_unknown_field_under_a_known_section_is_still_an_error() -> None:
+    (err,) = errors_of(GOOD, env={"JALUR_LISTEN__PROT": "8081"})
+    assert err.path == "$.listen.prot"
+    assert "JALUR_LISTEN__PROT" in err.message
+
+
+def test_near_misses_are_named_once_and_service_links_are_not() -> None:
+    env = {**SERVICE_LINKS, "JALUR_LISTEN_PORT": "1", "JALUR_LISTN__PORT": "1", "HOME": "/"}
+    assert cfg.env_near_misses(env) == ["JALUR_ADMIN_URL", "JALUR_LISTEN_PORT", "JALUR_LISTN__PORT"]
+
+
+def test_jalur_check_with_service_links_passes_and_warns_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in SERVICE_LINKS.items():
+        monkeypatch.setenv(name, value)
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(DEMO), out, err) == 0, err.getvalue()
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith("warning: ignored JALUR_ADMIN_URL:")
+
+
+async def test_jalur_run_serves_in_a_pod_with_service_links(tmp_path: Path) -> None:
+    """As deployed: a `jalur run` process whose environment holds a Service's links."""
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    import yaml
+
+    from .conftest import SERVING
+
+    data = yaml.safe_load(GOOD)
+    data["listen"] = {"host": "127.0.0.1", "port": 0}
+    data["admin"] = {"host": "127.0.0.1", "port": 0}
+    data["compliance"] = {"audit": {"path": str(tmp_path / "audit.log")}}
+    path = tmp_path / "jalur.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(path),
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **SERVICE_LINKS, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            while not SERVING.search(line := (await proc.stderr.readline()).decode()):
+                assert line, "jalur exited before serving"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+def test_manifests_turn_service_links_off() -> None:
+    import yaml
+
+    k8s = Path(__file__).parent.parent / "config" / "k8s"
+    pods = []
+    for f in sorted(k8s.glob("deployment*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc and doc.get("kind") == "Deployment":
+                pods.append((f.name, doc["spec"]["template"]["spec"]))
+    assert pods
+    for name, pod in pods:
+        assert pod.get("enableServiceLinks") is False, name
+
+
+# -- a config that would serve nothing, or not what it says (issue #19) -------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# truncated\n", "---\n"])
+def test_an_empty_file_is_an_error(text: str) -> None:
+    (err,) = errors_of(text)
+    assert "empty" in err.message
+
+
+def test_a_config_file_without_routes_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "jalur.yaml"
+    for text in (GOOD[: GOOD.index("routes:")], GOOD[: GOOD.index("routes:")] + "routes: []\n"):
+        f.write_text(text)
+        with pytest.raises(cfg.ConfigError) as info:
+            cfg.load(f)
+        assert [e.path for e in info.value.errors] == ["$.routes"]
+
+
+def test_duplicate_keys_are_errors_with_both_lines() -> None:
+    text = GOOD.replace("    to: pay\n", "    to: pay\n    to: feed\n")
+    errors = [e for e in errors_of(text) if "duplicate" in e.message]
+    (err,) = errors
+    assert err.path == "$.routes[1].to"
+    assert err.line == len(text.splitlines())  # the second `to`, the file's last line
+    top = GOOD + "clusters: {}\n"
+    assert "$.clusters" in {e.path for e in errors_of(top) if "duplicate" in e.message}
+
+
+def test_jalur_check_refuses_an_empty_file(tmp_path: Path) -> None:
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(f), out, err) == 1
+    assert "empty" in err.getvalue()

@@ -214,7 +214,7 @@ async def test_an_upload_past_the_limit_after_a_whole_answer_keeps_the_answer(
             "clusters": {"raw": {"system": "tokopedia", "endpoints": [raw.url]}},
             "routes": [
                 {"name": "all", "match": {}, "category": "promotion", "to": "raw"}
-                | {"max_body_bytes": limit}
+                | {"max_body_bytes": limit, "buffer_body_bytes": 0}  # streamed
             ],
         }
     )

@@ -272,7 +272,7 @@ async def test_a_content_length_over_the_limit_is_413_before_any_upstream_connec
 
 async def test_a_chunked_body_growing_past_the_limit_is_cut(harness: Harness) -> None:
     up = await wire_upstream()
-    p = await body_limited(harness, up)
+    p = await body_limited(harness, up, buffer_body_bytes=0)  # streamed, not buffered
     reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
     head = b"POST /small HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     writer.write(head + b"3c\r\n" + b"a" * 60 + b"\r\n")
@@ -310,7 +310,7 @@ async def test_a_chunked_body_past_the_limit_of_a_payment_route_is_cut_before_up
 
 async def test_a_stalled_body_is_408_and_the_upstream_request_aborted(harness: Harness) -> None:
     up = await wire_upstream()
-    p = await body_limited(harness, up, body_idle_timeout=0.3)
+    p = await body_limited(harness, up, body_idle_timeout=0.3, buffer_body_bytes=0)
     talk = await converse(p.data_port, post("/x", 50, b"only ten b"), linger=3)
     assert_json_error(talk, 408, "body_timeout")
     await up.until(lambda u: u.connections == 1 and u.closed == 1)
@@ -318,6 +318,49 @@ async def test_a_stalled_body_is_408_and_the_upstream_request_aborted(harness: H
     assert rejected(p, "body_timeout") == 1
     assert upstream_errors(p) == 0
     up.close()
+
+
+async def test_a_stalled_buffered_body_is_408_without_any_upstream_connection(
+    harness: Harness,
+) -> None:
+    """A bounded body is read whole before an upstream connection is taken (issue #19):
+    a stalled one never reaches the upstream at all."""
+    up = await wire_upstream()
+    p = await body_limited(harness, up, body_idle_timeout=0.3)
+    talk = await converse(p.data_port, post("/x", 50, b"only ten b"), linger=3)
+    assert_json_error(talk, 408, "body_timeout")
+    assert up.connections == 0
+    assert rejected(p, "body_timeout") == 1
+
+
+async def test_a_body_dripping_within_the_idle_timeout_is_cut_by_body_timeout(
+    harness: Harness,
+) -> None:
+    """One byte every 0.2 s never trips body_idle_timeout (0.5 s); body_timeout (1 s) ends
+    it, buffered or streamed."""
+    for buffered in (65536, 0):
+        up = await wire_upstream()
+        p = await body_limited(
+            harness, up, body_idle_timeout=0.5, body_timeout=1, buffer_body_bytes=buffered
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+        writer.write(post("/x", 100))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = asyncio.ensure_future(reader.read())
+        for _ in range(50):  # bounded: 10 s of dripping at most
+            writer.write(b"x")
+            done, _ = await asyncio.wait({answer}, timeout=0.2)
+            if done:
+                break
+        took = loop.time() - started
+        writer.close()
+        data = answer.result()
+        assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+        assert b"body_timeout" in data
+        assert 0.9 < took < 3, took
+        assert not up.messages
+        up.close()
 
 
 async def test_expect_100_continue_is_answered_after_routing(harness: Harness) -> None:
@@ -373,6 +416,7 @@ async def test_a_body_over_the_limit_after_the_answer_started_aborts_the_client(
                     "category": "promotion",
                     "to": "c",
                     "max_body_bytes": SMALL,
+                    "buffer_body_bytes": 0,  # streamed: the answer starts mid-upload
                 }
             ],
         }
@@ -429,3 +473,21 @@ async def test_a_burst_of_idle_connections_is_all_accepted(harness: Harness) -> 
     finally:
         for _, writer in results:
             writer.close()
+
+
+async def test_max_head_bytes_bounds_the_head_not_the_body(harness: Harness) -> None:
+    """A head just within ``max_head_bytes`` followed in the same write by a body many
+    times that size, and a request pipelined behind it: all served. One header line over
+    the limit: 431 and close (issue #19)."""
+    up = await wire_upstream()
+    p = await body_limited(harness, up, max_head_bytes=4096, max_body_bytes=1_000_000)
+    pad = "X-Pad: " + "p" * 3900 + "\r\n"
+    big = post("/x", 300_000, b"b" * 300_000, extra=pad)
+    assert big.index(b"\r\n\r\n") + 4 < 4096
+    talk = await converse(p.data_port, big + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n", responses=2)
+    assert talk.statuses == [200, 200], talk.raw[:300]
+    assert [len(m.body) for m in up.messages] == [300_000, 0]
+    over = await converse(p.data_port, post("/x", 0, extra=pad + pad), linger=3)
+    assert_json_error(over, 431, "head_too_large")
+    assert rejected(p, "head_too_large") == 1
+    up.close()

@@ -128,7 +128,10 @@ async def test_transaction_answered_by_social_system_is_a_locust_failure(
 ) -> None:
     social = await harness.backend("shop-legacy", "tiktok")
     # No admin listener to read rules from: the strict default (tiktok serves no transaction).
-    env = {"JALUR_ADMIN_URL": f"http://127.0.0.1:{free_port()}", "JALUR_SHAPE": ""}
+    env = {
+        "JALUR_LOADTEST_ADMIN_URL": f"http://127.0.0.1:{free_port()}",
+        "JALUR_LOADTEST_SHAPE": "",
+    }
     code, out = await run(
         sys.executable,
         "-m",

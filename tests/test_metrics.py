@@ -619,3 +619,59 @@ def test_multiprocess_env_set_too_late_is_an_error(tmp_path: Path) -> None:
         check=True,
     )
     assert b"must be set before prometheus_client is first imported" in result.stdout
+
+
+async def test_status_code_label_keeps_known_codes_and_buckets_the_rest(tmp_path: Path) -> None:
+    """Through a running proxy: a back end answering whatever status it likes cannot grow
+    the ``code`` label beyond the registered codes and five classes (issue #19)."""
+    import asyncio
+
+    import aiohttp
+
+    from .conftest import Harness, raw_upstream, read_request
+
+    async def answer(up: object, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request(reader)
+            status = line.split()[1].rsplit("/", 1)[1]
+            w.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
+            await w.drain()
+
+    up = await raw_upstream(answer)
+    h = Harness(tmp_path)
+    try:
+        p = await h.proxy(
+            {
+                "clusters": {"any": {"system": "tokopedia", "endpoints": [up.url]}},
+                "routes": [{"name": "all", "match": {}, "category": "promotion", "to": "any"}],
+            }
+        )
+        sent = [200, 299, 404, 418, 429, 451, 499, 503, 520, 599]
+        async with aiohttp.ClientSession() as s:
+            for code in sent:
+                async with s.get(f"http://127.0.0.1:{p.data_port}/s/{code}") as r:
+                    assert r.status == code
+        registry = p.services.metrics.registry
+
+        def count(label: str) -> float:
+            labels = {"route": "all", "category": "promotion", "cluster": "any"}
+            value = registry.get_sample_value(
+                "jalur_requests_total", {**labels, "method": "GET", "code": label}
+            )
+            return value or 0.0
+
+        for label in ("200", "404", "429", "451", "503"):
+            assert count(label) == 1, label
+        assert count("2xx") == 1  # 299
+        assert count("4xx") == 2  # 418 (registered as unused), 499
+        assert count("5xx") == 2  # 520, 599
+        labels = {
+            s.labels["code"]
+            for m in registry.collect()
+            if m.name == "jalur_requests"
+            for s in m.samples
+        }
+        assert labels == {"200", "404", "429", "451", "503", "2xx", "4xx", "5xx"}
+    finally:
+        await h.close()
+        up.server.close()

@@ -95,3 +95,47 @@ async def test_reload_sending_payment_to_social_after_deadline_is_refused_and_se
             text = await r.text()
     assert not social.received
     assert 'jalur_config_reloads_total{result="failure"} 1.0' in text
+
+
+async def test_a_truncated_or_duplicated_file_is_refused_and_readyz_names_the_generation(
+    harness: Harness, tmp_path: Any
+) -> None:
+    """A non-atomic write under ``reload.watch`` leaves an empty file for a moment: the
+    reload is refused (counted as a failure), the old routes keep serving, and /readyz says
+    which generation serves and why the last reload did not take."""
+    import yaml
+
+    commerce = await harness.backend("pay", "tokopedia")
+    clusters = {"pay": {"system": "tokopedia", "endpoints": [commerce.url]}}
+    p = await harness.proxy({"clusters": clusters, "routes": routes_to("pay")})
+    f = tmp_path / "jalur.yaml"
+    p.config_path = str(f)
+    admin = f"http://127.0.0.1:{p.admin_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{admin}/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["config_generation"] == 1
+        good = yaml.safe_dump(
+            {
+                "admin": {"host": "127.0.0.1", "port": 0},
+                "systems": {"tokopedia": {"kind": "commerce"}},
+                "clusters": clusters,
+                "routes": routes_to("pay"),
+            }
+        )
+        f.write_text(good)
+        assert await p.reload() is True
+        for text in ("", good + "clusters: {}\n"):
+            f.write_text(text)
+            assert await p.reload() is False
+            async with s.get(f"{admin}/readyz") as r:
+                assert r.status == 200
+                body = await r.json()
+            assert body["config_generation"] == 2
+            assert body["last_reload"]["result"] == "refused"
+            assert ("empty" if not text else "duplicate key") in body["last_reload"]["error"]
+            async with s.post(f"http://127.0.0.1:{p.data_port}/api/payment", data=b"{}") as r:
+                assert r.status == 200
+        async with s.get(f"{admin}/metrics") as r:
+            text = await r.text()
+    assert 'jalur_config_reloads_total{result="failure"} 2.0' in text

@@ -255,9 +255,10 @@ async def test_fault_upstreams(
 
 
 async def reset_and_ok(
-    harness: Harness, retry: dict[str, Any] | None = None
+    harness: Harness, retry: dict[str, Any] | None = None, **route: Any
 ) -> tuple[ProxyServer, RawUpstream, RawUpstream, list[dict[str, str]]]:
-    """Cluster of two: the first endpoint resets after reading, the second answers 200."""
+    """Cluster of two: the first endpoint resets after reading, the second answers 200
+    (``route``: more fields of the one route)."""
     seen: list[dict[str, str]] = []
 
     async def good(up: RawUpstream, reader: Reader, writer: Writer) -> None:
@@ -273,7 +274,9 @@ async def reset_and_ok(
     spec = cluster(
         "tokopedia", bad.url, ok.url, retry=retry or {"retry_on": ["reset"]}, timeouts=FAST_TIMEOUTS
     )
-    p = await harness.proxy(one_route({"pair": spec}, "pair"))
+    conf = one_route({"pair": spec}, "pair")
+    conf["routes"][0].update(route)
+    p = await harness.proxy(conf)
     return p, bad, ok, seen
 
 
@@ -476,7 +479,9 @@ async def test_a_5xx_to_a_post_without_key_is_relayed_not_retried(harness: Harne
 
 
 async def test_a_large_body_is_streamed_and_not_retried(harness: Harness) -> None:
-    p, bad, ok, _ = await reset_and_ok(harness, {"retry_on": ["reset"], "buffer_bytes": 1024})
+    p, bad, ok, _ = await reset_and_ok(
+        harness, {"retry_on": ["reset"], "buffer_bytes": 1024}, buffer_body_bytes=0
+    )
     async with (
         aiohttp.ClientSession() as s,
         s.put(f"http://127.0.0.1:{p.data_port}/big", data=b"z" * 10_000) as r,
@@ -1156,7 +1161,9 @@ async def test_a_per_try_timeout_during_a_slow_upload_is_not_the_endpoints_fault
         retry={"retry_on": [], "per_try_timeout": 0.3},
         outlier_detection={"consecutive_5xx": 1},
     )
-    p = await harness.proxy(one_route({"c": spec}, "c"))
+    conf = one_route({"c": spec}, "c")
+    conf["routes"][0]["buffer_body_bytes"] = 0  # streamed: the stall happens mid-exchange
+    p = await harness.proxy(conf)
     talk = await raw_request(
         p.data_port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
     )
