@@ -231,10 +231,14 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def start_proxy(
-    tmp_path: Path, conf: dict[str, Any], *args: str, path: Path | None = None
+    tmp_path: Path,
+    conf: dict[str, Any],
+    *args: str,
+    path: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, str, str]:
-    """``jalur run`` (with ``args``) on ``conf`` in a subprocess; (process, data URL, admin
-    URL) once it serves."""
+    """``jalur run`` (with ``args``, and ``env`` added to the environment) on ``conf`` in a
+    subprocess; (process, data URL, admin URL) once it serves."""
     data = {
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
@@ -245,11 +249,11 @@ async def start_proxy(
     }
     path = path or tmp_path / f"jalur-{uuid.uuid4().hex}.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    base = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "-c", str(path), *args,
         stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-        env={**env, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
+        env={**base, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=str(tmp_path),
     )  # fmt: skip
     assert proc.stderr is not None
     async with asyncio.timeout(30):

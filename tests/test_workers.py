@@ -6,17 +6,15 @@ import asyncio
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from proxy import audit
 
-from .conftest import SERVING, SYSTEMS, Harness, RedisServer, children
+from .conftest import SYSTEMS, Harness, RedisServer, children, start_proxy
 
 TOTAL = re.compile(r'^jalur_requests_total\{[^}]*route="pay"[^}]*\} ([0-9.e+]+)$', re.M)
 
@@ -64,20 +62,9 @@ async def run_workers(
     tmp_path: Path, conf: dict[str, Any], **env_extra: str
 ) -> tuple[asyncio.subprocess.Process, str, str]:
     """``jalur run --workers 2`` on ``conf``, once it serves: (process, data URL, admin URL)."""
-    path = tmp_path / "jalur.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "-c", str(path), "--workers", "2",
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-        env={**env, "PYTHONUNBUFFERED": "1", **env_extra}, cwd=str(tmp_path),
-    )  # fmt: skip
-    assert proc.stderr is not None
-    async with asyncio.timeout(30):
-        while not (m := SERVING.search(line := (await proc.stderr.readline()).decode())):
-            if not line:
-                raise AssertionError("jalur exited before serving")
-    return proc, f"http://127.0.0.1:{m.group(1)}", f"http://127.0.0.1:{m.group(2)}"
+    return await start_proxy(
+        tmp_path, conf, "--workers", "2", path=tmp_path / "jalur.yaml", env=env_extra
+    )
 
 
 @pytest.mark.slow
