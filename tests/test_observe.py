@@ -316,6 +316,51 @@ async def test_the_fleet_migration_rules_pass_their_promtool_unit_tests() -> Non
     assert "SUCCESS" in out + err
 
 
+ALERT_TESTS = RULES.parent / "prometheus-alerts.test.yml"
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+
+
+def test_every_alert_has_a_firing_and_a_silent_promtool_case_and_a_runbook() -> None:
+    cases: dict[str, set[bool]] = {}
+    for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case["exp_alerts"]))
+    assert set(cases) <= set(alerts()), "tests of alerts that do not exist"
+    for name, rule in alerts().items():
+        assert cases.get(name) == {True, False}, f"{name}: needs a firing and a silent case"
+        anchor = name.lower()
+        assert rule["annotations"]["runbook"] == f"docs/observability.md#{anchor}"
+        doc = (ROOT / "docs" / "observability.md").read_text()
+        assert f"\n### {name}\n" in doc, f"docs/observability.md has no section for {name}"
+
+
+@needs_promtool
+async def test_every_alert_passes_its_promtool_unit_tests() -> None:
+    """config/prometheus-alerts.test.yml: each alert firing and not firing, JalurDown on a
+    plain `jalur` job and on a PodMonitor's `<namespace>/jalur` target."""
+    assert PROMTOOL is not None
+    code, out, err = await run(PROMTOOL, "test", "rules", str(ALERT_TESTS))
+    assert code == 0, out + err
+    assert "SUCCESS" in out + err
+
+
+def test_jalur_down_matches_the_job_names_jalur_ships() -> None:
+    """The plain scrape config's job and the PodMonitor's operator job label
+    (`<namespace>/<name>`) both match JalurDown's job regex; another job does not."""
+    (pattern,) = re.findall(r'up\{job=~"([^"]+)"\}', alerts()["JalurDown"]["expr"])
+    assert re.findall(r'up\{job=~"([^"]+)"\}', alerts()["JalurTargetsMissing"]["expr"]) == [pattern]
+    (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    monitor = yaml.safe_load((ROOT / "config" / "k8s" / "podmonitor.yaml").read_text())
+    for name in (job["job_name"], f"shop/{monitor['metadata']['name']}", "a-b/jalur"):
+        assert re.fullmatch(pattern, name), name
+    for name in ("node", "jalur-canary", "shop/jalur-canary", "shop/jalurx", "/jalur"):
+        assert not re.fullmatch(pattern, name), name
+
+
 @needs_promtool
 async def test_every_dashboard_expression_passes_promtool_check_rules(tmp_path: Path) -> None:
     assert PROMTOOL is not None
