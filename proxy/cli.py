@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"refusing to start {args.workers} workers with store.kind: memory: routes "
                 f"{', '.join(gated)} deduplicate payments, each worker would keep its own "
                 "records, and a payment repeated on another worker would execute twice; set "
-                'store.kind: redis (README "Payments and idempotency") or run one worker',
+                "store.kind: redis (docs/payments.md) or run one worker",
                 file=sys.stderr,
             )
             return 1

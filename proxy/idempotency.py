@@ -1,6 +1,6 @@
 """Payment idempotency: a keyed payment is executed at most once, whatever happens to it.
 
-The rule (README "Payments and idempotency"): **once any byte of a keyed request has been
+The rule (docs/payments.md): **once any byte of a keyed request has been
 written to an upstream, that key is consumed for its ``ttl``: the request is never forwarded
 again, by Jalur's retries or by the client's.**
 
