@@ -324,6 +324,11 @@ class RouteMetrics:
         for collector in (m.requests_in_flight, m.request_body_bytes, m.response_body_bytes):
             _remove(collector, name)
         _remove(m.retries, name)
+        # A request still running on the old config counts anew (a new series), not into a
+        # removed child: the pre-bound reasons and outcomes are forgotten with the route.
+        self._blocked.clear()
+        self._shadow.clear()
+        self._idempotency.clear()
 
 
 class ClusterMetrics:
@@ -384,6 +389,7 @@ class ClusterMetrics:
             _remove(m.upstream_errors, self.name, kind)
         for endpoint in self._healthy:
             _remove(m.endpoint_healthy, self.name, endpoint)
+        self._errors.clear()  # a late error of a request in flight counts anew (RouteMetrics)
 
 
 @dataclass(frozen=True, slots=True)
