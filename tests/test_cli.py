@@ -4,11 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +15,7 @@ import pytest
 
 from proxy import __version__, cli
 
-from .conftest import free_port
+from .conftest import demo_on_port_base
 
 
 def commands(
@@ -86,62 +82,22 @@ def test_version() -> None:
 
 # -- jalur demo --port-base ------------------------------------------------------------------
 
-# The built-in demo's ports, relative to its proxy port 8080.
-DEMO_OFFSETS = (0, 9901 - 8080, *(p - 8080 for p in range(9001, 9007)))
-
-
-def free_base() -> int:
-    """A proxy port N such that N and every demo port moved with it are free now."""
-    for _ in range(50):
-        base = free_port()
-        if base + max(DEMO_OFFSETS) > 65535:
-            continue
-        taken = False
-        for offset in DEMO_OFFSETS:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", base + offset))
-                except OSError:
-                    taken = True
-                    break
-        if not taken:
-            return base
-    raise AssertionError("no free port range for the demo")
-
 
 async def test_demo_port_base_moves_every_port_together(tmp_path: Path) -> None:
-    base = free_base()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "demo", "--port-base", str(base),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path),
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(20):
-            first = (await proc.stdout.readline()).decode()
-        assert first.strip() == (
-            f"Jalur demo: proxy on http://127.0.0.1:{base}, admin on http://127.0.0.1:{base + 1821}"
-        ), first
-        async with asyncio.timeout(20):
-            banner = (await proc.stdout.read(4096)).decode()
-        assert f"http://127.0.0.1:{base}/api/feed" in banner
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"http://127.0.0.1:{base}/api/feed") as r:
-                assert r.status == 200
-                assert r.headers["x-backend-system"] == "tiktok"
-            async with s.post(f"http://127.0.0.1:{base}/api/payment/charge", data=b"{}") as r:
-                assert r.status == 200
-                assert r.headers["x-backend-system"] == "tokopedia"
-            async with s.get(f"http://127.0.0.1:{base + 1821}/readyz") as r:
-                assert r.status == 200
-            # The simulated back ends moved with it (9001-9006 -> base+921 ... base+926).
-            for port in range(9001, 9007):
-                async with s.get(f"http://127.0.0.1:{base + port - 8080}/") as r:
-                    assert r.status < 500, port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    async with demo_on_port_base(tmp_path) as (base, admin), aiohttp.ClientSession() as s:
+        assert admin == base + 1821
+        async with s.get(f"http://127.0.0.1:{base}/api/feed") as r:
+            assert r.status == 200
+            assert r.headers["x-backend-system"] == "tiktok"
+        async with s.post(f"http://127.0.0.1:{base}/api/payment/charge", data=b"{}") as r:
+            assert r.status == 200
+            assert r.headers["x-backend-system"] == "tokopedia"
+        async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+            assert r.status == 200
+        # The simulated back ends moved with it (9001-9006 -> base+921 ... base+926).
+        for port in range(9001, 9007):
+            async with s.get(f"http://127.0.0.1:{base + port - 8080}/") as r:
+                assert r.status < 500, port
 
 
 @pytest.mark.parametrize("base", ["65000", "0"])

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from proxy import compliance, errors, paths
+
+from .conftest import demo_on_port_base, free_port
+from .test_loadtests import run as run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -143,3 +147,72 @@ def test_troubleshooting_explains_every_reason() -> None:
     explained = {slug for row in rows for slug in re.findall(r"`([\w-]+)`", row.split("|")[1])}
     missing = sorted(reasons - explained)
     assert not missing, f"docs/troubleshooting.md has no row for {missing}"
+
+
+# -- the walkthroughs run as written ---------------------------------------------------------
+
+
+def sh_blocks(text: str, after: str) -> list[str]:
+    """The ```sh blocks of ``text`` after the heading ``after``, continuation lines joined."""
+    section = text.split(after, 1)[1]
+    return [b.replace("\\\n", " ") for b in re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)]
+
+
+async def shell(script: str, limit: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``script`` run by bash in the repository's root: (exit code, combined output)."""
+    return await run_command("bash", "-c", script, limit=limit, env=env)
+
+
+async def test_the_readme_demo_answers_as_written(tmp_path: Path) -> None:
+    """The five-minute demo's commands, run as written against `jalur demo` (moved to free
+    ports with --port-base), show what their comments say."""
+    (block,) = sh_blocks(README.read_text(), "## Five-minute demo")[:1]
+    async with demo_on_port_base(tmp_path) as (base, admin):
+        script = (
+            block.replace("localhost:8080", f"127.0.0.1:{base}")
+            .replace("localhost:9901", f"127.0.0.1:{admin}")
+            .replace(".venv/bin/jalur migration", f"{sys.executable} -m proxy migration")
+            .replace("proxy migration ", f"proxy migration --admin http://127.0.0.1:{admin} ")
+        )
+        assert script.count(str(base)) >= 8
+        code, out = await shell("set -e\n" + script, limit=120)
+    assert code == 0, out
+    for shown in (
+        "x-backend-system: tiktok",
+        "x-backend-system: tokopedia",
+        '"reason":"no_route"',
+        "HTTP/1.1 400 Bad Request",
+        "Idempotent-Replayed: true",
+        "live:       shop-legacy=13, tokopedia-pay=87",
+        "live:       shop-legacy=5, tokopedia-pay=95",
+        '"status":"ready"',
+        "jalur_requests_total{",
+    ):
+        assert shown in out, f"{shown!r} not in\n{out}"
+
+
+async def test_the_documented_distributed_locust_run_works(tmp_path: Path) -> None:
+    """docs/load-testing.md's master and worker commands, shortened to a few seconds and
+    pointed at a demo on free ports, run to the end with a master and one worker."""
+    blocks = sh_blocks((DOCS / "load-testing.md").read_text(), "## Locust by hand")
+    lines = [line.strip() for line in blocks[0].splitlines()]
+    (master,) = [line for line in lines if "--master " in line and not line.startswith("#")]
+    (worker,) = [line for line in lines if "--worker" in line and not line.startswith("#")]
+    port = str(free_port())
+    async with demo_on_port_base(tmp_path) as (base, admin):
+
+        def adapt(cmd: str) -> str:
+            cmd = cmd.replace("http://127.0.0.1:8080", f"http://127.0.0.1:{base}")
+            cmd = re.sub(r"-t \S+", "-t 3s", cmd)
+            cmd = re.sub(r"-u \d+ -r \d+", "-u 4 -r 4", cmd)
+            return cmd.replace("--expect-workers 2", "--expect-workers 1")
+
+        master_cmd = adapt(master) + f" --master-bind-port {port} --only-summary"
+        worker_cmd = adapt(worker) + f" --master-port {port}"
+        assert master_cmd != master
+        script = f"{master_cmd} & m=$!\n{worker_cmd} & w=$!\nwait $m; rm=$?\nwait $w; exit $rm"
+        code, out = await shell(
+            script, limit=90, env={"JALUR_ADMIN_URL": f"http://127.0.0.1:{admin}"}
+        )
+    assert code == 0, out
+    assert "Aggregated" in out, out
