@@ -6,7 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all demo test lint format venv clean fuzz
+.PHONY: all demo test lint format venv clean fuzz generate
+
+# Rewrite the generated files (config/k8s/prometheus-rule.yaml, docs/configuration.md) from
+# their sources; make test fails while they differ (tests/test_generated.py).
+generate: $(STAMP)
+	$(BIN)/python scripts/generate.py
 
 all: test
 
@@ -18,8 +23,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# ARGS go to `jalur demo`, e.g. make demo ARGS="--port-base 18080" (every port moves together).
 demo: $(STAMP)
-	$(BIN)/jalur demo
+	$(BIN)/jalur demo $(ARGS)
 
 .PHONY: demo-trail audit-bench
 
@@ -94,6 +100,10 @@ fuzz: $(STAMP) test-tools
 # LOADTEST_SHAPE: migration (ramp the demo's split forward only, live share -> halfway -> 100 %),
 # rollback (the on-call drill: 95 %, an audited rollback to 80 %, then 100 %),
 # step (add users in steps) or none (LOADTEST_USERS at LOADTEST_RATE per second).
+# ARGS: more options, after these (so they win): loadtests/run.py's own (--users 200,
+# --shape none, --proxy-workers 1) and any Locust option, passed on unchanged
+# (--tags payment, --exclude-tags retry): make loadtest ARGS="--time 5m --tags transaction".
+# docs/load-testing.md shows the web UI and a distributed run by hand.
 LOADTEST_TIME  ?= 60s
 LOADTEST_USERS ?= 50
 LOADTEST_RATE  ?= 10
@@ -102,7 +112,7 @@ LOADTEST_SHAPE ?= migration
 LOADTEST_PROXY_WORKERS ?= 2
 LOADTEST_ARGS   = --time $(LOADTEST_TIME) --users $(LOADTEST_USERS) \
                   --spawn-rate $(LOADTEST_RATE) --shape $(LOADTEST_SHAPE) \
-                  --proxy-workers $(LOADTEST_PROXY_WORKERS)
+                  --proxy-workers $(LOADTEST_PROXY_WORKERS) $(ARGS)
 
 loadtest: $(STAMP) test-tools
 	$(BIN)/python loadtests/run.py $(LOADTEST_ARGS)

@@ -12,7 +12,12 @@
 Whatever happens (an error, Ctrl-C, SIGTERM) every process it started is stopped, by PID.
 
     .venv/bin/python loadtests/run.py [--distributed] [--time 60s] [--users 50] [--spawn-rate 10]
-        [--shape none|step|migration] [--config FILE] [--free-ports] [--reports DIR]
+        [--shape none|step|migration|rollback] [--proxy-workers N] [--config FILE]
+        [--free-ports] [--reports DIR] [LOCUST OPTION ...]
+
+Any option this script does not know is passed to Locust as it is (master and workers), e.g.
+``--tags payment``, ``--exclude-tags retry``, ``--loglevel DEBUG``: ``make loadtest
+ARGS="--users 200 --tags transaction"``.
 """
 
 from __future__ import annotations
@@ -289,6 +294,7 @@ def run_locust(
         "--exit-code-on-error",
         "1",
         "--only-summary",
+        *args.locust_args,
     ]
     workers: list[subprocess.Popen[bytes]] = []
     if args.distributed:
@@ -309,7 +315,15 @@ def run_locust(
             workers.append(
                 procs.start(
                     f"locust worker {i + 1}",
-                    [*common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)],
+                    [
+                        *common,
+                        "--worker",
+                        "--master-host",
+                        "127.0.0.1",
+                        "--master-port",
+                        str(port),
+                        *args.locust_args,
+                    ],
                     stdout=wlog,
                     stderr=subprocess.STDOUT,
                     env=env,
@@ -459,7 +473,11 @@ def _num(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other options go to Locust unchanged (e.g. --tags payment).",
+        allow_abbrev=False,  # --tag must reach Locust, not be read as a prefix of ours
+    )
     p.add_argument("--time", default="60s", help="locust --run-time (default 60s)")
     p.add_argument("--users", type=int, default=50)
     p.add_argument("--spawn-rate", type=float, default=10)
@@ -476,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEMO_CONFIG), help="config for jalur demo")
     p.add_argument("--free-ports", action="store_true", help="run the demo on free ports")
     p.add_argument("--reports", default=str(HERE / "reports"))
-    args = p.parse_args(argv)
+    args, to_locust = p.parse_known_args(argv)
+    args.locust_args = to_locust
     seconds(args.time)  # validate early
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)

@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     duration = seconds(args.time)
     # run_locust's knobs: a fixed number of users, no shape, one local Locust.
     args.shape, args.distributed, args.workers = "none", False, 0
+    args.locust_args = []  # no extra Locust options (run.py's pass-through)
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
     args.reports = str(reports)

@@ -1,4 +1,5 @@
-"""``jalur run | check | routes | demo | consent-token``: the command line (stdlib argparse).
+"""``jalur run | check | routes | demo | audit | report | consent-token | migration |
+version``: the command line (stdlib argparse).
 
 Logs go to stderr; the access log (when enabled) is JSON lines on stdout.
 """
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jalur", description="Jalur transaction routing proxy")
     p.add_argument("--version", action="version", version=f"jalur {__version__}")
     p.add_argument("--log-level", default="INFO", help="stderr log level (default INFO)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve with a config file")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
@@ -56,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default) or json, and exit without serving",
     )
 
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)  # started by the supervisor
-    worker.add_argument("-c", "--config", required=True)
+    # Started by the supervisor, not by people: no help= so it is not listed in --help.
+    worker = sub.add_parser("worker")
+    worker.add_argument("-c", "--config", required=True, help="YAML config file")
     worker.add_argument("--fd", type=int, required=True, help="inherited listening socket")
     worker.add_argument("--ready-fd", type=int, help="pipe to write 'ready' to")
     worker.add_argument("--slot", type=int, default=0, help="worker number (own audit trail)")
@@ -82,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-dir",
         type=Path,
         help="where --tls writes its CA and certificates (default: a new temporary directory)",
+    )
+    demo.add_argument(
+        "--port-base",
+        type=int,
+        metavar="N",
+        help="move every demo port by the same amount: the proxy on N (default 8080), the "
+        "admin listener and the back ends (9901, 9001-9006 by default) beside it",
     )
     demo.add_argument(
         "--backends-only",
@@ -124,8 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"HMAC key (default: ${CONSENT_KEY_ENV}; prefer it, argv is visible in ps)",
     )
     token.add_argument("--user", required=True, help="the user's id in the from system")
-    token.add_argument("--from", dest="from_system", metavar="SYSTEM", required=True)
-    token.add_argument("--to", dest="to_system", metavar="SYSTEM", required=True)
+    token.add_argument(
+        "--from", dest="from_system", metavar="SYSTEM", required=True, help="the id's system"
+    )
+    token.add_argument(
+        "--to", dest="to_system", metavar="SYSTEM", required=True, help="the receiving system"
+    )
     token.add_argument(
         "--scope",
         dest="scopes",
@@ -136,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--ttl", type=int, default=3600, help="seconds valid (default 3600)")
     migrationctl.add_parser(sub)
+    sub.add_parser("version", help="print the version and the runtime it uses")
     return p
 
 
@@ -191,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"refusing to start {args.workers} workers with store.kind: memory: routes "
                 f"{', '.join(gated)} deduplicate payments, each worker would keep its own "
                 "records, and a payment repeated on another worker would execute twice; set "
-                'store.kind: redis (README "Payments and idempotency") or run one worker',
+                "store.kind: redis (docs/payments.md) or run one worker",
                 file=sys.stderr,
             )
             return 1
@@ -218,12 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(args.config, args.fd, args.ready_fd, args.slot, args.supervisor)
     if args.command == "demo":
-        from .demo.run import DEMO_AUDIT_KEY, run_demo
+        from .demo.run import DEMO_AUDIT_KEY, moved_ports, run_demo
 
         os.environ.setdefault(AUDIT_KEY_ENV, DEMO_AUDIT_KEY)
         config = _load_or_report(args.config, sys.stderr)
         if config is None:
             return 1
+        if args.port_base is not None:
+            try:
+                config = moved_ports(config, args.port_base)
+            except ValueError as exc:
+                print(f"demo: --port-base: {exc}", file=sys.stderr)
+                return 2
         _run(
             run_demo(
                 config,
@@ -235,11 +255,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "consent-token":
         return consent_token(args, sys.stdout, sys.stderr)
+    if args.command == "version":
+        print(version_line())
+        return 0
     if args.command == "audit":
         return audit_verify(args, sys.stdout, sys.stderr)
     if args.command == "report":
         return report(args, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def version_line() -> str:
+    """``jalur X.Y.Z (python 3.11.7, aiohttp 3.x with its C parser, uvloop 0.x)``."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "missing"
+
+    parser = "with its C parser" if c_parser_in_use() else "pure-Python parser"
+    return (
+        f"jalur {__version__} (python {platform.python_version()}, "
+        f"aiohttp {of('aiohttp')} {parser}, uvloop {of('uvloop')})"
+    )
 
 
 def print_config(config: cfg.Config, fmt: str, out: TextIO) -> None:

@@ -413,7 +413,7 @@ class Route(_Base, frozen=True):
     idempotency: IdempotencyPolicy | None = None
     # The split's weights in this file win even where they give commerce a smaller share
     # than the live ones (an explicit, audited rollback); otherwise a reload never moves a
-    # shopper back to the legacy side (README "Running a migration").
+    # shopper back to the legacy side (docs/migration.md).
     split_rollback: bool = False
     # Largest request body on this route (413 beyond); None: ``listen.max_body_bytes``.
     max_body_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -521,7 +521,7 @@ class Store(_Base, frozen=True):
 
     # memory: this process only (refused with --workers N > 1); redis: shared by every
     # worker and replica. Production needs redis with maxmemory-policy noeviction and
-    # appendonly yes (README "Payments and idempotency").
+    # appendonly yes (docs/payments.md).
     kind: Literal["memory", "redis"] = "memory"
     # redis:// or rediss:// URL; put the password in the environment (JALUR_STORE__URL).
     url: str = "redis://127.0.0.1:6379/0"

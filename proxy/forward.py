@@ -458,7 +458,7 @@ class _ClientBody:
 
 
 # The answer to a repeat of a keyed request whose first attempt may have executed upstream
-# without Jalur seeing the answer (README: "outcome unknown").
+# without Jalur seeing the answer (docs/payments.md: "outcome unknown").
 OUTCOME_UNKNOWN: Final = (
     "the outcome of the first request with this Idempotency-Key is unknown: it may have "
     "been executed. Look up its status; use a new key for a new attempt"

@@ -1,6 +1,6 @@
 """Payment idempotency: a keyed payment is executed at most once, whatever happens to it.
 
-The rule (README "Payments and idempotency"): **once any byte of a keyed request has been
+The rule (docs/payments.md): **once any byte of a keyed request has been
 written to an upstream, that key is consumed for its ``ttl``: the request is never forwarded
 again, by Jalur's retries or by the client's.**
 
@@ -69,6 +69,7 @@ __all__ = [
     "identity_digest",
     "key_problem",
     "make_store",
+    "policy_of",
     "scope_of",
 ]
 
@@ -166,15 +167,21 @@ class Gate:
         return identity_digest(pairs)
 
 
+def policy_of(route: cfg.Route) -> cfg.IdempotencyPolicy | None:
+    """The route's enabled idempotency policy (a ``payment`` route gets the defaults when
+    it names none), or None when its requests are not deduplicated."""
+    policy = route.idempotency
+    if policy is None and route.category == IDEMPOTENT_BY_DEFAULT:
+        policy = cfg.IdempotencyPolicy()
+    return policy if policy is not None and policy.enabled else None
+
+
 def gates(config: cfg.Config) -> dict[str, Gate]:
-    """The gate of every route with an enabled idempotency policy (every ``payment`` route
-    gets the defaults when it names none)."""
+    """The gate of every route with an enabled idempotency policy (``policy_of``)."""
     out: dict[str, Gate] = {}
     for route in config.routes:
-        policy = route.idempotency
-        if policy is None and route.category == IDEMPOTENT_BY_DEFAULT:
-            policy = cfg.IdempotencyPolicy()
-        if policy is None or not policy.enabled:
+        policy = policy_of(route)
+        if policy is None:
             continue
         targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
         systems = {config.clusters[c].system for c in targets if c in config.clusters}

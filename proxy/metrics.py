@@ -70,8 +70,11 @@ from prometheus_client.exposition import generate_latest as _text_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as _OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as _openmetrics_latest
 
-from . import __version__
+from . import __version__, compliance, errors
 from . import config as cfg
+from .boundary import CONSENT_RESULTS
+from .boundary import KINDS as STRIPPED_KINDS
+from .idempotency import policy_of as idempotency_policy
 from .router import Router
 
 __all__ = [
@@ -125,6 +128,52 @@ def code_label(code: int) -> str:
 # The ``cluster`` label of a request answered before any cluster was chosen (e.g. blocked
 # by the compliance guard).
 NO_CLUSTER: Final = "-"
+# Label values exported at 0 from the start, so a dashboard panel or a rate() shows 0 rather
+# than "No data" before the first event (and, under --workers, the family exists at all).
+# Bounded: one series per value per route / cluster / system; adding a slug here costs a
+# series per route, never per request.
+BLOCK_REASONS: Final = (
+    compliance.SOCIAL_NOT_ALLOWED,
+    compliance.SOCIAL_AFTER_DEADLINE,
+    compliance.UNKNOWN_CLUSTER,
+    compliance.TRANSACTION_VARIANT,
+    compliance.AMBIGUOUS_VARIANT,
+)
+IDEMPOTENCY_OUTCOMES: Final = (
+    "stored",
+    "replayed",
+    "conflict",
+    "mismatch",
+    "missing",
+    "invalid",
+    "full",
+    "unknown",
+    "released",
+    "store_error",
+)
+SHADOW_OUTCOMES: Final = ("match", "mismatch", "error", "dropped", "blocked")
+REJECT_REASONS: Final = (
+    "no_route",
+    "version",
+    "transfer_encoding",
+    "body_too_large",
+    "body_timeout",
+)
+
+
+def _upstream_error_kinds() -> tuple[str, ...]:
+    kinds: list[str] = []
+    todo: list[type[errors.UpstreamError]] = [errors.UpstreamError]
+    while todo:
+        cls = todo.pop(0)
+        if cls.kind not in kinds:
+            kinds.append(cls.kind)
+        todo.extend(cls.__subclasses__())
+    return tuple(kinds)
+
+
+# Every ``errors.UpstreamError.kind`` (connect, timeout, reset, ...).
+UPSTREAM_ERROR_KINDS: Final = _upstream_error_kinds()
 TEXT_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 OPENMETRICS_CONTENT_TYPE: Final = _OPENMETRICS_TYPE
 
@@ -152,7 +201,14 @@ class RouteMetrics:
         "retries",
     )
 
-    def __init__(self, metrics: Metrics, name: str, category: str, clusters: Iterable[str]):
+    def __init__(
+        self,
+        metrics: Metrics,
+        name: str,
+        category: str,
+        clusters: Iterable[str],
+        spec: cfg.Route | None = None,
+    ):
         self._metrics = metrics
         self.name = name
         self.category = category
@@ -167,6 +223,26 @@ class RouteMetrics:
         self._idempotency: dict[str, Counter] = {}
         for cluster in clusters:
             self._duration_child(cluster)
+        if spec is not None:
+            self.prebind(spec)
+
+    def prebind(self, spec: cfg.Route) -> None:
+        """Export this route's reasons and outcomes at 0 (``BLOCK_REASONS``; the
+        idempotency and shadow outcomes of a route that has those policies)."""
+        for reason in BLOCK_REASONS:
+            self._blocked.setdefault(
+                reason, self._metrics.compliance_blocked.labels(self.name, reason)
+            )
+        if idempotency_policy(spec) is not None:
+            for outcome in IDEMPOTENCY_OUTCOMES:
+                if outcome not in self._idempotency:
+                    self._idempotency[outcome] = self._metrics.idempotency.labels(
+                        self.name, outcome
+                    )
+        if spec.shadow is not None:
+            for outcome in SHADOW_OUTCOMES:
+                if outcome not in self._shadow:
+                    self._shadow[outcome] = self._metrics.shadow.labels(self.name, outcome)
 
     # -- per request ---------------------------------------------------------------------
 
@@ -267,6 +343,11 @@ class RouteMetrics:
         for collector in (m.requests_in_flight, m.request_body_bytes, m.response_body_bytes):
             _remove(collector, name)
         _remove(m.retries, name)
+        # A request still running on the old config counts anew (a new series), not into a
+        # removed child: the pre-bound reasons and outcomes are forgotten with the route.
+        self._blocked.clear()
+        self._shadow.clear()
+        self._idempotency.clear()
 
 
 class ClusterMetrics:
@@ -279,7 +360,9 @@ class ClusterMetrics:
         self.name = name
         self.upstream_seconds: Histogram = metrics.upstream_response.labels(name)
         self.circuit: Gauge = metrics.circuit_open.labels(name)
-        self._errors: dict[str, Counter] = {}
+        self._errors: dict[str, Counter] = {
+            kind: metrics.upstream_errors.labels(name, kind) for kind in UPSTREAM_ERROR_KINDS
+        }
         self._healthy: dict[str, Gauge] = {}
         self._sync_endpoints(endpoints)
 
@@ -325,6 +408,7 @@ class ClusterMetrics:
             _remove(m.upstream_errors, self.name, kind)
         for endpoint in self._healthy:
             _remove(m.endpoint_healthy, self.name, endpoint)
+        self._errors.clear()  # a late error of a request in flight counts anew (RouteMetrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +625,10 @@ class Metrics:
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
             self.tls_reloads.labels(result)
+        for reason in REJECT_REASONS:
+            self.rejected(reason, 0)
+        for consent in CONSENT_RESULTS:
+            self._consent[consent] = self.consent_checks.labels(consent)
 
     @classmethod
     def from_config(cls, config: cfg.Config, registry: CollectorRegistry | None = None) -> Metrics:
@@ -564,11 +652,14 @@ class Metrics:
                 for cluster in clusters:
                     if cluster not in old._durations:
                         old._duration_child(cluster)
+                old.prebind(route.spec)
                 routes[route.name] = old
                 continue
             if old is not None:
                 self._retire_route(old)
-            routes[route.name] = RouteMetrics(self, route.name, route.category, clusters)
+            routes[route.name] = RouteMetrics(
+                self, route.name, route.category, clusters, route.spec
+            )
         for name, old in self._routes.items():
             if name not in routes:
                 self._retire_route(old)
@@ -586,6 +677,9 @@ class Metrics:
             if name not in clusters_bound and not self.multiprocess_dir:
                 gone._retire()
         self._clusters = clusters_bound
+        for system in sorted({spec.system for spec in config.clusters.values()}):
+            for kind in STRIPPED_KINDS:
+                self.stripped(system, kind, 0)
         return Bound(routes=dict(routes), clusters=dict(clusters_bound))
 
     def _retire_route(self, rm: RouteMetrics) -> None:
@@ -594,7 +688,7 @@ class Metrics:
 
     # -- process-wide events -------------------------------------------------------------
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, count: int = 1) -> None:
         """A request refused by the proxy itself: ``no_route``, a ``paths.PathError.reason``
         slug, ``malformed``, a listener limit (``max_connections``), ``transfer_encoding``,
         or a body limit (``body_too_large``, ``body_timeout``; also counted under the route).
@@ -602,7 +696,7 @@ class Metrics:
         child = self._rejected.get(reason)
         if child is None:
             child = self._rejected[reason] = self.requests_rejected.labels(reason)
-        child.inc()
+        child.inc(count)
 
     def upstream_error(self, cluster: str, kind: str) -> None:
         """Same as ``bound.clusters[cluster].error(kind)``, for callers without a Bound."""

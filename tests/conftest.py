@@ -429,3 +429,47 @@ async def jalur_demo(tmp: Path, *args: str) -> AsyncIterator[tuple[str, str]]:
         async with asyncio.timeout(20):
             code = await proc.wait()
     assert code == 0
+
+
+# The built-in demo's ports, relative to its proxy port 8080.
+DEMO_OFFSETS = (0, 9901 - 8080, *(p - 8080 for p in range(9001, 9007)))
+
+
+def free_base() -> int:
+    """A proxy port N such that N and every demo port moved with it are free now."""
+    for _ in range(50):
+        base = free_port()
+        if base + max(DEMO_OFFSETS) > 65535:
+            continue
+        taken = False
+        for offset in DEMO_OFFSETS:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + offset))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return base
+    raise AssertionError("no free port range for the demo")
+
+
+@contextlib.asynccontextmanager
+async def demo_on_port_base(tmp: Path) -> AsyncIterator[tuple[int, int]]:
+    """The built-in `jalur demo --port-base N` on a free range: yields (proxy port, admin
+    port) once it serves; stopped with SIGINT, which must exit 0."""
+    base = free_base()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "demo", "--port-base", str(base),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            first = (await proc.stdout.readline()).decode()
+        assert f"proxy on http://127.0.0.1:{base}," in first, first
+        yield base, base + 9901 - 8080
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -36,6 +36,7 @@ MANIFESTS = {
     NATIVE,
     CLASSIC,
     "podmonitor.yaml",
+    "prometheus-rule.yaml",
     "secret.example.yaml",
     "secret-store.example.yaml",
     "redis.yaml",

@@ -95,6 +95,24 @@ async def test_loadtest_smoke_with_migration_ramp_has_no_failures(tmp_path: Path
     assert (tmp_path / "loadtest.html").stat().st_size > 0
 
 
+async def test_make_loadtest_passes_args_to_run_py_and_locust(tmp_path: Path) -> None:
+    """`make loadtest ARGS=...`: run.py's own options override the Makefile's defaults and a
+    Locust option (--tags) reaches Locust: only the tagged task runs."""
+    code, out = await run(
+        "make",
+        "--no-print-directory",
+        "loadtest",
+        "ARGS=--free-ports --time 4s --users 4 --spawn-rate 4 --shape none --proxy-workers 1 "
+        f"--reports {tmp_path} --tags feed",
+        limit=120,
+    )
+    assert code == 0, out
+    rows = stats(tmp_path / "loadtest_stats.csv")
+    assert int(rows["Aggregated"]["Request Count"]) > 0, out
+    assert set(rows) == {"feed", "Aggregated"}, out
+    assert not (tmp_path / "migration.json").exists()  # --shape none won over migration
+
+
 async def test_soak_smoke_with_a_restart_and_resets(tmp_path: Path) -> None:
     summary = tmp_path / "soak.txt"
     code, out = await run(

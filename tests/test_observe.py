@@ -9,11 +9,12 @@ promtool and prometheus come from the Debian package ``prometheus`` (``.ci/run``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.metrics import Metrics
 from proxy.router import Router
 
-from .conftest import Harness, build_config, free_port
+from .conftest import Harness, RedisServer, build_config, free_port, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "jalur.json"
@@ -46,13 +47,21 @@ needs_prometheus = pytest.mark.skipif(
 )
 
 # Grafana's variables, replaced by values a plain PromQL parser accepts.
-GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "30s", "__range": "30m", "route": ".*"}
+GRAFANA_VARS = {
+    "__rate_interval": "1m",
+    "__interval": "30s",
+    "__range": "30m",
+    "route": ".*",
+    "instance": ".*",
+}
 GRAFANA_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 # A jalur_ metric name; not part of a recording rule name like route:jalur_requests:rate5m.
 METRIC = re.compile(r"(?<![\w:])(jalur_\w+)(?![\w:])")
 SELECTOR = re.compile(r"(?<![\w:])(jalur_\w+)(?![\w:])\s*(?:\{([^}]*)\})?")
 MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+# Labels Prometheus adds to every scraped series.
+TARGET_LABELS = frozenset({"instance", "job"})
 TYPE_LINE = re.compile(r"^# TYPE (\S+) (\w+)$", re.M)
 SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", re.M)
 
@@ -197,11 +206,14 @@ def rule_exprs() -> list[tuple[str, str]]:
     ]
 
 
-def substitute(expr: str) -> str:
+def substitute(expr: str, **values: str) -> str:
+    """``expr`` with Grafana's variables replaced (``values`` override ``GRAFANA_VARS``)."""
+    known = {**GRAFANA_VARS, **values}
+
     def value(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(2)
-        assert name in GRAFANA_VARS, f"unhandled Grafana variable ${name} in {expr!r}"
-        return GRAFANA_VARS[name]
+        assert name in known, f"unhandled Grafana variable ${name} in {expr!r}"
+        return known[name]
 
     return GRAFANA_VAR.sub(value, expr)
 
@@ -215,8 +227,17 @@ def test_dashboard_shape() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["datasource"]["current"]["value"] == "${DS_PROMETHEUS}"
-    assert variables["route"]["definition"] == "label_values(jalur_requests_total, route)"
+    # The route list exists from the start (a gauge per configured route), not only once a
+    # route has answered; the pod picker lists every scraped Jalur (plain or PodMonitor).
+    assert variables["route"]["definition"] == (
+        'label_values(jalur_requests_in_flight{instance=~"$instance"}, route)'
+    )
     assert variables["route"]["datasource"]["uid"] == "${datasource}"
+    assert variables["instance"]["definition"] == "label_values(jalur_build_info, instance)"
+    assert variables["instance"]["includeAll"]
+    assert variables["instance"]["allValue"] == ".*"
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names.index("instance") < names.index("route")  # route depends on instance
     ids = [p["id"] for p in panels(dash)]
     assert len(ids) == len(set(ids))
     cells: set[tuple[int, int]] = set()
@@ -234,6 +255,8 @@ def test_dashboard_shape() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}"
+            for name, matchers in SELECTOR.findall(target["expr"]):
+                assert 'instance=~"$instance"' in matchers, f"{panel['title']}: {name}"
     # The panels the brief asks for, by the metric each one reads.
     used = {m for _, e in dashboard_exprs() for m in METRIC.findall(e)}
     assert used >= {
@@ -249,6 +272,9 @@ def test_dashboard_shape() -> None:
         "jalur_config_reloads_total",
         "jalur_config_last_reload_success_timestamp_seconds",
         "jalur_requests_rejected_total",
+        "jalur_idempotency_total",
+        "jalur_migration_weights_held",
+        "jalur_migration_category_weight",
     }
     exprs = " ".join(e for _, e in dashboard_exprs())
     for q in ("0.5", "0.95", "0.99"):
@@ -290,6 +316,51 @@ async def test_the_fleet_migration_rules_pass_their_promtool_unit_tests() -> Non
     assert "SUCCESS" in out + err
 
 
+ALERT_TESTS = RULES.parent / "prometheus-alerts.test.yml"
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"] if "alert" in r}
+
+
+def test_every_alert_has_a_firing_and_a_silent_promtool_case_and_a_runbook() -> None:
+    cases: dict[str, set[bool]] = {}
+    for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]:
+        for case in test.get("alert_rule_test", []):
+            cases.setdefault(case["alertname"], set()).add(bool(case["exp_alerts"]))
+    assert set(cases) <= set(alerts()), "tests of alerts that do not exist"
+    for name, rule in alerts().items():
+        assert cases.get(name) == {True, False}, f"{name}: needs a firing and a silent case"
+        anchor = name.lower()
+        assert rule["annotations"]["runbook"] == f"docs/observability.md#{anchor}"
+        doc = (ROOT / "docs" / "observability.md").read_text()
+        assert f"\n### {name}\n" in doc, f"docs/observability.md has no section for {name}"
+
+
+@needs_promtool
+async def test_every_alert_passes_its_promtool_unit_tests() -> None:
+    """config/prometheus-alerts.test.yml: each alert firing and not firing, JalurDown on a
+    plain `jalur` job and on a PodMonitor's `<namespace>/jalur` target."""
+    assert PROMTOOL is not None
+    code, out, err = await run(PROMTOOL, "test", "rules", str(ALERT_TESTS))
+    assert code == 0, out + err
+    assert "SUCCESS" in out + err
+
+
+def test_jalur_down_matches_the_job_names_jalur_ships() -> None:
+    """The plain scrape config's job and the PodMonitor's operator job label
+    (`<namespace>/<name>`) both match JalurDown's job regex; another job does not."""
+    (pattern,) = re.findall(r'up\{job=~"([^"]+)"\}', alerts()["JalurDown"]["expr"])
+    assert re.findall(r'up\{job=~"([^"]+)"\}', alerts()["JalurTargetsMissing"]["expr"]) == [pattern]
+    (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    monitor = yaml.safe_load((ROOT / "config" / "k8s" / "podmonitor.yaml").read_text())
+    for name in (job["job_name"], f"shop/{monitor['metadata']['name']}", "a-b/jalur"):
+        assert re.fullmatch(pattern, name), name
+    for name in ("node", "jalur-canary", "shop/jalur-canary", "shop/jalurx", "/jalur"):
+        assert not re.fullmatch(pattern, name), name
+
+
 @needs_promtool
 async def test_every_dashboard_expression_passes_promtool_check_rules(tmp_path: Path) -> None:
     assert PROMTOOL is not None
@@ -324,8 +395,8 @@ def test_dashboard_and_rules_use_only_labels_the_metrics_have() -> None:
         for name, matchers in SELECTOR.findall(expr):
             assert name in labels, f"{where}: unknown series {name}"
             for label in MATCHER.findall(matchers):
-                assert label in labels[name], f"{where}: {name} has no label {label!r}"
-            in_expr |= labels[name]
+                assert label in labels[name] | TARGET_LABELS, f"{where}: {name} has no {label!r}"
+            in_expr |= labels[name] | TARGET_LABELS
         if not in_expr:
             continue  # only recording-rule outputs or non-jalur series
         for group in GROUPING.findall(expr):
@@ -378,8 +449,9 @@ def labels_by_series() -> dict[str, set[str]]:
     return out
 
 
-def test_readme_lists_every_metric_with_its_type() -> None:
-    section = (ROOT / "README.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_list_every_metric_with_its_type() -> None:
+    text = (ROOT / "docs" / "observability.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     listed = dict(re.findall(r"^\| `(jalur_\w+)` \| (\w+) \|", section, re.M))
     registry = CollectorRegistry()
     Metrics(registry)
@@ -432,11 +504,28 @@ async def until(
         await asyncio.sleep(0.2)
 
 
-@pytest.mark.slow
-@needs_prometheus
-async def test_prometheus_scrapes_the_proxy(harness: Harness, tmp_path: Path) -> None:
+class Prometheus:
+    """A real ``prometheus`` scraping ``targets`` every second (job ``jalur``)."""
+
+    def __init__(self, session: aiohttp.ClientSession, api: str, log: Path) -> None:
+        self.session = session
+        self.api = api
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def query(self, q: str) -> list[dict[str, Any]]:
+        assert self.proc is not None
+        assert self.proc.returncode is None, tail(self.log)
+        async with self.session.get(f"{self.api}/api/v1/query", params={"query": q}) as r:
+            body = await r.json()
+        assert body["status"] == "success", (q, body)
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+@contextlib.asynccontextmanager
+async def prometheus(tmp_path: Path, targets: list[str]) -> AsyncIterator[Prometheus]:
     assert PROMETHEUS is not None
-    port, admin = await observed_proxy(harness)
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -446,7 +535,7 @@ async def test_prometheus_scrapes_the_proxy(harness: Harness, tmp_path: Path) ->
                     {
                         "job_name": "jalur",
                         "metrics_path": "/metrics",
-                        "static_configs": [{"targets": [f"127.0.0.1:{admin}"]}],
+                        "static_configs": [{"targets": targets}],
                     }
                 ],
             }
@@ -464,57 +553,21 @@ async def test_prometheus_scrapes_the_proxy(harness: Harness, tmp_path: Path) ->
             stdout=log_file,
             stderr=log_file,
         )
-    api = f"http://{web}"
-    deadline = time.monotonic() + 60
     try:
         async with aiohttp.ClientSession() as s:
+            prom = Prometheus(s, f"http://{web}", log)
+            prom.proc = proc
 
             async def ready() -> bool | None:
                 assert proc.returncode is None, tail(log)
                 try:
-                    async with s.get(f"{api}/-/ready") as r:
+                    async with s.get(f"{prom.api}/-/ready") as r:
                         return True if r.status == 200 else None
                 except aiohttp.ClientConnectionError:
                     return None
 
-            async def query(q: str) -> list[dict[str, Any]]:
-                async with s.get(f"{api}/api/v1/query", params={"query": q}) as r:
-                    body = await r.json()
-                assert body["status"] == "success", (q, body)
-                result: list[dict[str, Any]] = body["data"]["result"]
-                return result
-
-            async def requests_total() -> dict[tuple[str, ...], float] | None:
-                assert proc.returncode is None, tail(log)
-                got = {
-                    tuple(
-                        r["metric"][k] for k in ("route", "category", "cluster", "method", "code")
-                    ): float(r["value"][1])
-                    for r in await query('jalur_requests_total{job="jalur"}')
-                }
-                return got if got == EXPECTED else None
-
-            await until(deadline, ready, "prometheus to be ready", log)
-            await send_traffic(port)
-            got = await until(deadline, requests_total, "the per-route series", log)
-            assert got == EXPECTED
-
-            (up,) = await query('up{job="jalur"}')
-            assert up["value"][1] == "1"
-            assert up["metric"]["instance"] == f"127.0.0.1:{admin}"
-            rejected = await query("jalur_requests_rejected_total")
-            assert [(r["metric"]["reason"], r["value"][1]) for r in rejected] == [("no_route", "1")]
-            per_route = await query("sum by (route) (jalur_request_duration_seconds_count)")
-            assert {r["metric"]["route"]: r["value"][1] for r in per_route} == {
-                "feed": "3",
-                "payment": "2",
-                "orders": "1",
-            }
-            # Every dashboard and rule expression evaluates against real data without error.
-            for where, expr in [*dashboard_exprs(), *rule_exprs()]:
-                async with s.get(f"{api}/api/v1/query", params={"query": substitute(expr)}) as r:
-                    body = await r.json()
-                assert body["status"] == "success", (where, expr, body)
+            await until(time.monotonic() + 60, ready, "prometheus to be ready", log)
+            yield prom
     finally:
         if proc.returncode is None:
             proc.terminate()  # SIGTERM to this PID only
@@ -524,3 +577,117 @@ async def test_prometheus_scrapes_the_proxy(harness: Harness, tmp_path: Path) ->
                 proc.kill()
                 await proc.wait()
     assert proc.returncode == 0, tail(log)
+
+
+@pytest.mark.slow
+@needs_prometheus
+async def test_prometheus_scrapes_the_proxy(harness: Harness, tmp_path: Path) -> None:
+    port, admin = await observed_proxy(harness)
+    deadline = time.monotonic() + 60
+    async with prometheus(tmp_path, [f"127.0.0.1:{admin}"]) as prom:
+        query, log = prom.query, prom.log
+
+        async def requests_total() -> dict[tuple[str, ...], float] | None:
+            got = {
+                tuple(
+                    r["metric"][k] for k in ("route", "category", "cluster", "method", "code")
+                ): float(r["value"][1])
+                for r in await query('jalur_requests_total{job="jalur"}')
+            }
+            return got if got == EXPECTED else None
+
+        await send_traffic(port)
+        got = await until(deadline, requests_total, "the per-route series", log)
+        assert got == EXPECTED
+
+        (up,) = await query('up{job="jalur"}')
+        assert up["value"][1] == "1"
+        assert up["metric"]["instance"] == f"127.0.0.1:{admin}"
+        rejected = await query("jalur_requests_rejected_total")
+        counted = [(r["metric"]["reason"], r["value"][1]) for r in rejected]
+        assert [c for c in counted if c[1] != "0"] == [("no_route", "1")]
+        per_route = await query("sum by (route) (jalur_request_duration_seconds_count)")
+        assert {r["metric"]["route"]: r["value"][1] for r in per_route} == {
+            "feed": "3",
+            "payment": "2",
+            "orders": "1",
+        }
+        # Every dashboard and rule expression evaluates against real data without error.
+        for _, expr in [*dashboard_exprs(), *rule_exprs()]:
+            await query(substitute(expr))
+
+
+# Panels that may be empty on a proxy that has not answered a request yet, and why; every
+# other panel must show a value (0 counts) from the first scrapes on.
+EMPTY_UNTIL_TRAFFIC = {
+    "Error ratio (5xx / all) by route": "a ratio of no requests is undefined, not 0",
+    "Requests/s by route and status code": "no status code has been answered yet",
+    "Migration progress by category": "a share of no requests is no figure, not 0 or 1",
+}
+
+
+def idle_config(social: str, commerce: str, redis: RedisServer, audit: Path) -> dict[str, Any]:
+    """The demo's routes (shadow, split, migration weights, payments deduplicated) on two
+    back ends, sharing ``redis`` as the fleet store; listeners on free ports."""
+    conf: dict[str, Any] = yaml.safe_load(DEMO.read_text())
+    for spec in conf["clusters"].values():
+        spec["endpoints"] = [social if spec["system"] == "tiktok" else commerce]
+    del conf["listen"], conf["admin"]
+    conf["compliance"]["audit"] = {"path": str(audit)}
+    conf["access_log"] = {"enabled": False}
+    conf["store"] = {"kind": "redis", "url": redis.url}
+    return conf
+
+
+@pytest.mark.slow
+@needs_prometheus
+async def test_every_panel_shows_a_value_on_an_idle_proxy_single_and_workers(
+    harness: Harness, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A real Prometheus scrapes a fresh one-process proxy and a fresh ``--workers 2`` proxy
+    (multiprocess exposition); every panel, per instance, returns a series (0, not "No
+    data") except the two EMPTY_UNTIL_TRAFFIC names; the instance variable lists both."""
+    social = await harness.backend("feed", "tiktok")
+    commerce = await harness.backend("pay", "tokopedia")
+    one, _, admin_one = await start_proxy(
+        tmp_path, idle_config(social.url, commerce.url, redis_server, tmp_path / "one.log")
+    )
+    two, _, admin_two = await start_proxy(
+        tmp_path,
+        idle_config(social.url, commerce.url, redis_server, tmp_path / "two.log"),
+        "--workers",
+        "2",
+    )
+    instances = [a.removeprefix("http://") for a in (admin_one, admin_two)]
+    panel_exprs = [
+        (panel["title"], target["expr"])
+        for panel in panels(dashboard())
+        for target in panel.get("targets", [])
+    ]
+    try:
+        async with prometheus(tmp_path, instances) as prom:
+
+            async def empty_panels() -> list[tuple[str, str]] | None:
+                empty = [
+                    (instance, title)
+                    for instance in instances
+                    for title, expr in panel_exprs
+                    if title not in EMPTY_UNTIL_TRAFFIC
+                    and not await prom.query(substitute(expr, instance=instance))
+                ]
+                return empty or None
+
+            deadline = time.monotonic() + 20
+            empty: list[tuple[str, str]] | None = []
+            while empty is not None and time.monotonic() < deadline:
+                empty = await empty_panels()
+                if empty:
+                    await asyncio.sleep(0.5)
+            assert empty is None, f"panels with no data on an idle proxy: {empty}"
+            listed = await prom.query("count by (instance) (jalur_build_info)")
+            assert sorted(r["metric"]["instance"] for r in listed) == sorted(instances)
+    finally:
+        for proc in (one, two):
+            if proc.returncode is None:
+                proc.terminate()
+                await asyncio.wait_for(proc.wait(), 30)

@@ -618,7 +618,12 @@ async def test_jalur_demo_tls_runs_commerce_over_mutual_tls(tmp_path: Path) -> N
             async with s.get(f"{admin}/metrics") as r:
                 text = await r.text()
     assert 'role="cert",section="clusters.tokopedia-pay.tls"' in text
-    assert 'jalur_upstream_errors_total{cluster="tokopedia-pay"' not in text
+    # Every error kind is exported at 0 from the start; none may have counted.
+    errors = re.findall(
+        r'^jalur_upstream_errors_total\{cluster="tokopedia-pay",.*\} (\S+)$', text, re.M
+    )
+    assert errors, text
+    assert {float(n) for n in errors} == {0.0}, text
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import msgspec
 import yaml
@@ -51,6 +51,41 @@ def backend_specs(config: Config) -> dict[tuple[str, int], BackendSpec]:
                 raise SystemExit(f"demo: endpoint {endpoint} of {name} is not a loopback address")
             specs.setdefault((url.host, url.port), BackendSpec(cluster=name, system=cluster.system))
     return specs
+
+
+# Highest port a TCP listener can have.
+MAX_PORT: Final = 65535
+
+
+def moved_ports(config: Config, base: int) -> Config:
+    """``config`` with the data listener on ``base`` and the admin listener and every
+    endpoint moved by the same amount (``jalur demo --port-base``), validated again. Raises
+    ValueError when a moved port would leave 1..65535."""
+    offset = base - config.listen.port
+    data = msgspec.to_builtins(config)
+
+    def moved(port: int, what: str) -> int:
+        new = port + offset
+        if not 1 <= new <= MAX_PORT:
+            raise ValueError(f"{what} would move from {port} to {new}, outside 1..{MAX_PORT}")
+        return new
+
+    data["listen"]["port"] = moved(config.listen.port, "the proxy port")
+    data["admin"]["port"] = moved(config.admin.port, "the admin port")
+    for name, cluster in data["clusters"].items():
+        cluster["endpoints"] = [
+            str(URL(e).with_port(moved(URL(e).port or 80, f"{name}'s endpoint {e}")))
+            for e in cluster["endpoints"]
+        ]
+    return reparse(data, f"demo --port-base {base}")
+
+
+def reparse(data: dict[str, Any], source: str) -> Config:
+    """A changed demo config through the loader again, so it is validated like any file
+    (the audit key, which comes only from the environment, passed as such)."""
+    key = (data.get("audit") or {}).pop("key", None)
+    env = {"JALUR_AUDIT__KEY": key} if key else None
+    return parse(yaml.safe_dump(data), source, env=env)
 
 
 def tls_endpoints(config: Config) -> set[tuple[str, int]]:
@@ -124,10 +159,7 @@ async def run_demo(
     if tls:
         pki = make_pki(tls_dir or Path(tempfile.mkdtemp(prefix="jalur-demo-tls-")))
         # Through the loader again: the new sections and files are validated like any config.
-        data = msgspec.to_builtins(over_tls(config, pki))
-        key = (data.get("audit") or {}).pop("key", None)  # only from the environment
-        env = {"JALUR_AUDIT__KEY": key} if key else None
-        config = parse(yaml.safe_dump(data), "demo --tls", env=env)
+        config = reparse(msgspec.to_builtins(over_tls(config, pki)), "demo --tls")
     secure = tls_endpoints(config)
     try:
         for (host, port), spec in backend_specs(config).items():
