@@ -57,6 +57,7 @@ __all__ = [
     "NON_IDEMPOTENT",
     "Begin",
     "Gate",
+    "Identity",
     "MemoryStore",
     "RedisStore",
     "Store",
@@ -68,6 +69,7 @@ __all__ = [
     "identity_digest",
     "key_problem",
     "make_store",
+    "route_identity",
     "scope_of",
 ]
 
@@ -146,13 +148,11 @@ def scope_of(route: str, identity: str, key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Gate:
-    """One route's idempotency policy, compiled at config load: who a key belongs to is read
-    from ``headers`` and ``cookies`` (what the route's target systems own, plus
-    ``Authorization``), never from a header the client picks on its own."""
+class Identity:
+    """Who a request is on one route, compiled at config load: read from ``headers`` and
+    ``cookies`` (what the route's target systems own, plus ``Authorization``), never from a
+    header the client picks on its own. Also the rate limiter's user key."""
 
-    route: str
-    policy: cfg.IdempotencyPolicy
     headers: tuple[str, ...]
     cookies: tuple[str, ...]
 
@@ -169,6 +169,27 @@ class Gate:
         return identity_digest(pairs)
 
 
+def route_identity(config: cfg.Config, route: cfg.Route) -> Identity:
+    """The ``Identity`` of ``route``: what its target systems own, plus Authorization."""
+    targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
+    systems = {config.clusters[c].system for c in targets if c in config.clusters}
+    headers = {"authorization"}
+    cookies: set[str] = set()
+    for name in systems:
+        owns = config.systems[name].owns
+        headers.update(h.lower() for h in owns.headers)
+        cookies.update(owns.cookies)
+    return Identity(tuple(sorted(headers)), tuple(sorted(cookies)))
+
+
+@dataclass(frozen=True, slots=True)
+class Gate(Identity):
+    """One route's idempotency policy; a key belongs to the request's ``identity``."""
+
+    route: str
+    policy: cfg.IdempotencyPolicy
+
+
 def gates(config: cfg.Config) -> dict[str, Gate]:
     """The gate of every route with an enabled idempotency policy (every ``payment`` route
     gets the defaults when it names none)."""
@@ -179,15 +200,8 @@ def gates(config: cfg.Config) -> dict[str, Gate]:
             policy = cfg.IdempotencyPolicy()
         if policy is None or not policy.enabled:
             continue
-        targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
-        systems = {config.clusters[c].system for c in targets if c in config.clusters}
-        headers = {"authorization"}
-        cookies: set[str] = set()
-        for name in systems:
-            owns = config.systems[name].owns
-            headers.update(h.lower() for h in owns.headers)
-            cookies.update(owns.cookies)
-        out[route.name] = Gate(route.name, policy, tuple(sorted(headers)), tuple(sorted(cookies)))
+        who = route_identity(config, route)
+        out[route.name] = Gate(who.headers, who.cookies, route.name, policy)
     return out
 
 
