@@ -607,6 +607,9 @@ TraceField = Literal["baggage", "tracestate"]
 class Tracing(_Base, frozen=True):
     """W3C Trace Context and OpenTelemetry spans (``proxy/tracing.py``)."""
 
+    # Read or start a W3C trace per request: a new traceparent per upstream try, the trace id
+    # in the access log and audit records. false: traceparent passes through untouched.
+    enabled: bool = True
     # OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces); None: no spans exported
     # (traceparent is still read, generated and passed on). Needs `pip install jalur[tracing]`.
     otlp_endpoint: str | None = None

@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors, paths, ratelimit, routepolicy, tls
+from . import errors, paths, ratelimit, routepolicy, tls, tracing
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
@@ -126,6 +126,7 @@ class State:
     idempotency: dict[str, idem.Gate]
     transaction_categories: frozenset[str]
     policies: dict[str, routepolicy.RoutePolicy]
+    tracer: tracing.Tracer
     limiters: dict[str, ratelimit.Limiter] = field(default_factory=dict)
     transports: list[Transport] = field(default_factory=list)
     # WebSocket upgrades go through aiohttp's client (H1Transport does not upgrade); one
@@ -157,6 +158,7 @@ class State:
         closing = [*self.transports, *self.ws_transports.values()]
         await asyncio.gather(*(t.close() for t in closing), return_exceptions=True)
         await ratelimit.close(self.limiters)
+        await asyncio.to_thread(self.tracer.close)  # flushes spans; bounded, off the loop
 
     def websocket_transport(self, cluster: ClusterRuntime) -> AiohttpTransport:
         transport = self.ws_transports.get(cluster.name)
@@ -209,6 +211,7 @@ def build_state(config: Config, metrics: Metrics) -> State:
     state = State(
         config=config,
         policies=routepolicy.build(config, router, clusters, limiters),
+        tracer=tracing.Tracer(config.tracing),
         limiters=limiters,
         idempotency=idem.gates(config),
         shadows=shadows,
@@ -474,12 +477,14 @@ class Exchange:
         "started",
         "status",
         "ticket",
+        "trace",
         "upstream_time",
     )
 
     def __init__(self, request_id: str, started: float = 0.0) -> None:
         self.request_id = request_id
         self.started = started  # time.monotonic() when the request arrived
+        self.trace: tracing.Trace | None = None
         self.route: Route | None = None
         self.cluster: ClusterRuntime | None = None
         self.endpoint: Endpoint | None = None
@@ -509,6 +514,7 @@ class Forwarder:
         state = self.state
         started = time.monotonic()
         ex = Exchange(new_request_id(request.headers.get("X-Request-Id")), started)
+        ex.trace = state.tracer.start(request.headers, request.method)
         state.active += 1
         try:
             resp = await self._serve(state, request, ex)
@@ -686,9 +692,12 @@ class Forwarder:
         attempt = 1
         stale = 0  # sends again after a pooled connection turned out closed
         ticket = ex.ticket
+        trace = ex.trace
         while True:
             host = ex.host
             assert host is not None
+            if trace is not None:
+                headers[tracing.TRACEPARENT] = trace.attempt(host.endpoint.url)
             started = time.monotonic()
             sent_before = ticket is not None and ticket.sent
             if ticket is not None:
@@ -714,6 +723,8 @@ class Forwarder:
                     )
                 )
                 cm.error(exc.kind)
+                if trace is not None:
+                    trace.attempt_done(None, exc.kind)
                 if (
                     stale < STALE_RESENDS
                     and isinstance(exc, errors.UpstreamReset)
@@ -766,6 +777,8 @@ class Forwarder:
             ex.upstream_time = time.monotonic() - started
             cm.upstream_response(ex.upstream_time)
             status = up.status
+            if trace is not None:
+                trace.attempt_done(status)
             if status < 500:
                 cluster.health.succeeded(host)
                 return up
@@ -1263,6 +1276,14 @@ class Forwarder:
             state.bound.routes[route.name].observe(
                 cluster_name, request.method, ex.status, duration, bytes_in, ex.bytes_out
             )
+        trace = ex.trace
+        if trace is not None:
+            trace.finish(
+                request.method,
+                route.name if route else None,
+                ex.status,
+                {"jalur.request_id": ex.request_id, "jalur.cluster": cluster_name},
+            )
         access = self.services.access
         if access.keep(ex.status):  # sampled before anything is formatted
             self._access_log(access, request, ex, duration, bytes_in)
@@ -1270,6 +1291,7 @@ class Forwarder:
             self.services.audit.record(
                 {
                     "request_id": ex.request_id,
+                    "trace_id": trace.trace_id if trace is not None else None,
                     "route": route.name,
                     "category": route.category,
                     "cluster": cluster_name,
@@ -1307,6 +1329,7 @@ class Forwarder:
             category=route.category if route else None,
             cluster=cluster.name if cluster else None,
             system=cluster.system if cluster else None,
+            trace_id=ex.trace.trace_id if ex.trace is not None else None,
         )
 
 
