@@ -368,3 +368,38 @@ def test_a_fleet_limit_needs_the_shared_store() -> None:
             }
         )
     assert "$.routes[0].rate_limit" in str(caught.value)
+
+
+async def test_a_keyed_payment_cut_by_the_deadline_is_never_sent_again(harness: Harness) -> None:
+    """The deadline counts from the request's arrival: a client that takes 0.3 s to upload
+    leaves 0.2 s of a 0.5 s deadline to the upstream (whose per-try timeout is 0.5 s). The
+    deadline cuts the keyed POST after its bytes reached the upstream, so the key's outcome
+    is unknown and a repeat with the same key is answered, never forwarded a second time."""
+    hang = await raw_upstream(accept_and_hang)
+    retry = {"attempts": 1, "per_try_timeout": 0.5}
+    p = await harness.proxy(
+        {
+            "clusters": {"pay": cluster("tokopedia", hang.url, retry=retry)},
+            "routes": _routes("pay", timeout=0.5),
+        }
+    )
+    head = (
+        b"POST /pay/charge HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer a\r\n"
+        b"Idempotency-Key: pay-1\r\nContent-Length: 8\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+    started = time.monotonic()
+    writer.write(head)
+    await asyncio.sleep(0.3)  # the fault: a slow upload
+    writer.write(b"amount=1")
+    async with asyncio.timeout(5):
+        answer = await reader.readuntil(b"\r\n\r\n")
+    elapsed = time.monotonic() - started
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert 0.5 <= elapsed < 0.75  # the deadline, not the per-try timeout (0.8 s)
+    assert len(hang.requests) == 1
+    repeat = await raw_request(p.data_port, head + b"amount=1")
+    assert b'"reason":"outcome_unknown"' in repeat.body  # answered, not executed again
+    assert repeat.header("Idempotent-Replayed") == "true"
+    assert len(hang.requests) == 1
