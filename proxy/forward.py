@@ -891,8 +891,7 @@ class Forwarder:
             return None
         rm = state.bound.routes[ex.route.name]
         rm.rate_limited(refusal.reason)
-        if refusal is ratelimit.STORE_ERROR:
-            log.error("rate-limit store error request_id=%s: let through", ex.request_id)
+        if refusal is ratelimit.STORE_ERROR:  # logged by the limiter, once per outage
             return None
         ex.flags = "RL"
         ex.status = 429

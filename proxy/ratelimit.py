@@ -24,6 +24,7 @@ its body and before any upstream connection is taken.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -32,6 +33,8 @@ from typing import Any, Final, NamedTuple
 
 from . import config as cfg
 from .idempotency import Identity, route_identity
+
+log = logging.getLogger("jalur")
 
 __all__ = [
     "MAX_LOCAL_KEYS",
@@ -153,6 +156,7 @@ class Limiter:
         "clock",
         "fleet",
         "keys",
+        "store_down",
     )
 
     def __init__(
@@ -178,6 +182,7 @@ class Limiter:
         self._script = redis.register_script(_TAKE) if redis is not None else None
         self._local = {reason: _LocalBuckets(bucket) for reason, bucket in self._specs}
         self.clock: Callable[[], float] = time.monotonic
+        self.store_down = False  # the last fleet call failed (logged once per outage)
 
     def user_key(
         self,
@@ -225,8 +230,14 @@ class Limiter:
 
         try:
             allowed, index, left, wait = await self._script(keys=keys, args=args)
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            if not self.store_down:
+                self.store_down = True
+                log.error("rate-limit store unavailable (%s): requests let through", exc)
             return STORE_ERROR
+        if self.store_down:
+            self.store_down = False
+            log.warning("rate-limit store answers again: fleet limits enforced")
         if allowed:
             return None
         reason, spec = self._specs[int(index) - 1]
