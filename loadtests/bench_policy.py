@@ -208,14 +208,20 @@ def micro(n: int, redis: str | None, otlp: str | None) -> list[tuple[str, float,
 
             await timed(f"rate limit, {scope} (route + user bucket)", check)
             await ratelimit.close(limiters)
-        specs = [("trace context (no SDK)", cfg.Tracing())]
+        fresh = CIMultiDictProxy(CIMultiDict(h.split(": ", 1) for h in HEADERS[:1]))
+        specs = [("trace context (no SDK)", cfg.Tracing(), headers)]
         if otlp:
-            specs.append(("trace + OTel spans (SDK)", cfg.Tracing(otlp_endpoint=otlp)))
-        for name, spec in specs:
+            spans = cfg.Tracing(otlp_endpoint=otlp)
+            specs.append(("trace + OTel spans (SDK), sampled parent", spans, headers))
+            tenth = cfg.Tracing(otlp_endpoint=otlp, sample=0.1)
+            specs.append(("trace + OTel spans (SDK), new traces at sample 0.1", tenth, fresh))
+        for name, spec, sent in specs:
             tracer = tracing.Tracer(spec)
 
-            async def trace(tracer: tracing.Tracer = tracer) -> None:
-                t = tracer.start(headers, "GET")
+            async def trace(
+                tracer: tracing.Tracer = tracer, sent: CIMultiDictProxy[str] = sent
+            ) -> None:
+                t = tracer.start(sent, "GET")
                 assert t is not None
                 t.attempt("http://127.0.0.1:9")
                 t.attempt_done(200)

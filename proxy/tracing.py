@@ -40,6 +40,7 @@ _TRACEPARENT: Final = re.compile(
 ).fullmatch
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+SAMPLED: Final = 0x01  # the sampled bit of trace-flags
 # Seconds the exporter may take to send what is left when a config is retired or at exit.
 EXPORT_FLUSH: Final = 5.0
 
@@ -148,10 +149,12 @@ class Tracer:
             return None
         traceparent = headers.getall(TRACEPARENT, ())
         parent = parse_traceparent(traceparent) if traceparent else None
-        if self._sdk is None:
+        # Parent-based sampling, decided here: an unsampled request makes no SDK object.
+        sampled = bool(parent[2] & SAMPLED) if parent is not None else random.random() < self.sample
+        if self._sdk is None or not sampled:
             if parent is not None:
                 return Trace(None, parent[0], f"{parent[2]:02x}")
-            return Trace(None, _new_id(128), "01" if random.random() < self.sample else "00")
+            return Trace(None, _new_id(128), "01" if sampled else "00")
         from opentelemetry import trace as otel
 
         context = None
@@ -177,16 +180,17 @@ class Tracer:
 
 def _sdk_tracer(spec: cfg.Tracing) -> tuple[Any, Any]:
     """An OpenTelemetry SDK provider exporting to ``spec.otlp_endpoint``, and its tracer.
-    Parent-based sampling: a sampled parent is followed, a new trace sampled at ``sample``."""
+    It records every span it is asked for: ``Tracer.start`` asks only for sampled requests
+    (a sampled parent is followed, a new trace sampled at ``sample``)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
     provider = TracerProvider(
         resource=Resource.create({"service.name": spec.service_name}),
-        sampler=ParentBased(TraceIdRatioBased(spec.sample)),
+        sampler=ALWAYS_ON,
     )
     provider.add_span_processor(
         BatchSpanProcessor(
