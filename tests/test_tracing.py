@@ -109,6 +109,20 @@ async def test_a_valid_traceparent_is_continued_with_a_span_per_try(harness: Har
     await until(lambda: f'"trace_id":"{TRACE}"' in trail.read_text().replace(" ", ""))
 
 
+async def test_the_trace_id_is_in_the_access_log(harness: Harness) -> None:
+    up = await raw_upstream(fail_once_then_ok)
+    up.requests.append(b"{}")
+    log = harness.tmp / "access.log"
+    p = await harness.proxy({**_config(up.url), "access_log": {"path": str(log)}})
+    assert await _get(p.data_port, {"traceparent": INCOMING}) == 200
+    assert await _get(p.data_port) == 200
+    await until(lambda: log.exists() and len(log.read_text().splitlines()) == 2)
+    first, second = (json.loads(line) for line in log.read_text().splitlines())
+    assert first["trace_id"] == TRACE
+    assert re.fullmatch(r"[0-9a-f]{32}", second["trace_id"])
+    assert second["trace_id"] != TRACE
+
+
 @pytest.mark.parametrize(
     "incoming",
     [None, f"00-{'0' * 32}-{PARENT}-01", "00-garbage", f"ff-{TRACE}-{PARENT}-01"],
