@@ -5,6 +5,7 @@ tries cannot fit in."""
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import time
 from pathlib import Path
@@ -12,12 +13,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import cli
 from proxy import config as cfg
 from proxy.server import ProxyServer
 
 from .conftest import (
+    SYSTEMS,
     Backend,
     Harness,
     RawUpstream,
@@ -403,3 +407,24 @@ async def test_a_keyed_payment_cut_by_the_deadline_is_never_sent_again(harness: 
     assert b'"reason":"outcome_unknown"' in repeat.body  # answered, not executed again
     assert repeat.header("Idempotent-Replayed") == "true"
     assert len(hang.requests) == 1
+
+
+def test_jalur_check_summarises_the_policies(tmp_path: Path) -> None:
+    conf = {
+        "systems": SYSTEMS,
+        "clusters": {"pay": cluster("tokopedia", "http://127.0.0.1:9")},
+        "routes": _routes(
+            "pay",
+            timeout=1.2,
+            retry={"attempts": 3, "per_try_timeout": 0.4},
+            rate_limit={"user": {"rate": 5, "burst": 10}},
+        ),
+        "compliance": {"audit": {"path": str(tmp_path / "audit.log")}},
+    }
+    path = tmp_path / "jalur.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.check(str(path), out, err) == 0
+    line = "timeout 1.2s, retry 3 tries of 0.4s, user 5/s burst 10 (local)"
+    assert f"  pay{' ' * 24}{line}" in out.getvalue()
+    assert "tracing: W3C trace context (no spans exported)" in out.getvalue()
