@@ -142,6 +142,14 @@ bench: $(STAMP) install-bench-tools
 bench-tls: $(STAMP) install-bench-tools
 	$(BIN)/python loadtests/bench_tls.py
 
+# What each traffic-policy feature (route timeout, local and fleet rate limits, trace context,
+# OTLP spans) costs per request, off and on (loadtests/bench_policy.py, ~3 min; then the
+# hooks alone in-process). Prints Markdown tables (docs/traffic-policy.md, RESULTS.md).
+.PHONY: bench-policy
+bench-policy: $(STAMP) install-bench-tools
+	$(BIN)/python loadtests/bench_policy.py
+	$(BIN)/python loadtests/bench_policy.py --micro 50000
+
 # nginx and wrk (Debian packages) for `make bench` and tests/test_loadtests.py. The package's
 # own nginx service is never used: bench.py runs nginx with its own -c config and -p prefix.
 install-bench-tools:

@@ -64,7 +64,8 @@ DEFAULT_SOCIAL = frozenset({"tiktok"})
 def admin_get(path: str, timeout: float = 3.0) -> Any:
     """``GET`` an admin endpoint and decode its JSON (raises on any error)."""
     req = urllib.request.Request(ADMIN_URL + path)
-    token = os.environ.get("JALUR_LOADTEST_ADMIN_TOKEN")
+    # /config needs the bearer token once one is set; the demo's by default (as shapes.py).
+    token = os.environ.get("JALUR_LOADTEST_ADMIN_TOKEN", "jalur-demo-token")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:

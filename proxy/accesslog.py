@@ -184,6 +184,7 @@ class AccessLog:
         category: str | None = None,
         cluster: str | None = None,
         system: str | None = None,
+        trace_id: str | None = None,
     ) -> None:
         """Log one finished request that ``keep`` accepted. Times are in seconds:
         ``start_time`` Unix time (default: now minus ``duration``), ``duration`` and
@@ -217,6 +218,7 @@ class AccessLog:
             "category": category,
             "cluster": cluster,
             "system": system,
+            "trace_id": trace_id,
         }
         try:
             line = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)

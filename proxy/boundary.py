@@ -33,6 +33,8 @@ Invariants (for a request forwarded to system ``S`` after ``Boundary.scrub(heade
   it never reaches a third system; its ``from_system`` (its owner) always gets it. Without
   ``consent.key`` it never crosses.
 - The consent header itself is never forwarded upstream, to any system.
+- ``baggage`` and ``tracestate`` (W3C trace context a client may fill with user data) reach
+  a system only if ``tracing.propagate`` lists them for it; counted as ``headers``.
 - ``filter_response`` reads each ``Set-Cookie`` line as a browser stores it (RFC 6265bis
   section 5.6: the pair before the first ``;``, split at the first ``=``, a pair without
   ``=`` being a nameless cookie, blanks trimmed) and removes the line when that cookie is
@@ -63,7 +65,7 @@ from urllib.parse import unquote
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import FORWARDING_HEADERS, Config, CrossIdentity
+from .config import FORWARDING_HEADERS, TRACE_CONTEXT_FIELDS, Config, CrossIdentity
 
 __all__ = [
     "CONSENT_RESULTS",
@@ -374,12 +376,17 @@ class Boundary:
             for i in spec.consent.identities
         ]
 
+        propagate = config.tracing.propagate
+
         def rules(system: str | None) -> _Rules:
             gated = tuple(i for i in identities if i.to_system == system)
             gated_names = {i.header for i in gated}
             own = {i.header for i in identities if i.from_system == system}
             crossing = {i.header for i in identities} - gated_names - own
             foreign = {h for h, owners in header_owners.items() if owners - {system}}
+            # Trace context a client sent may carry user data (baggage: "user=..."): like
+            # identity, dropped toward a system unless tracing.propagate lists it for it.
+            foreign.update(set(TRACE_CONTEXT_FIELDS) - set(propagate.get(system or "", ())))
             return _Rules(
                 headers=tuple(sorted(foreign - gated_names - crossing)),
                 identities=tuple(sorted(crossing)),

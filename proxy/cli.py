@@ -545,6 +545,10 @@ def check(path: str, out: TextIO, err: TextIO) -> int:
     for category, names in categories.items():
         mark = " (transaction)" if category in tx else ""
         print(f"  {category + mark:<26} {', '.join(names)}", file=out)
+    from .routepolicy import describe
+
+    for line in describe(config):
+        print(line, file=out)
     sealed = "sealed" if config.audit.key else f"NOT sealed: {AUDIT_KEY_ENV} is not set"
     print(f"audit trail: {config.compliance.audit.path} ({sealed})", file=out)
     return 0

@@ -13,6 +13,7 @@ afterwards in ``_check_references``.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -49,6 +50,8 @@ __all__ = [
     "Migration",
     "OutlierDetection",
     "Owns",
+    "RateBucket",
+    "RateLimit",
     "Retry",
     "RetryCondition",
     "Route",
@@ -57,6 +60,7 @@ __all__ = [
     "System",
     "Timeouts",
     "TlsVersion",
+    "Tracing",
     "UpstreamTls",
     "load",
     "parse",
@@ -402,6 +406,33 @@ class IdempotencyPolicy(_Base, frozen=True):
     upstream_dedupes: bool = False
 
 
+class RateBucket(_Base, frozen=True):
+    """A token bucket: ``burst`` requests at once, refilled at ``rate`` per second."""
+
+    # Tokens added per second (the sustained requests per second allowed).
+    rate: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]
+    # Bucket size: requests allowed at once after a quiet spell (at least 1).
+    burst: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)]
+
+
+class RateLimit(_Base, frozen=True):
+    """A route's rate limits (``proxy/ratelimit.py``); a request must find a token in each
+    bucket that is set, else 429."""
+
+    # One bucket for the whole route.
+    route: RateBucket | None = None
+    # One bucket per user key: the route's identity as the idempotency scope reads it (the
+    # headers and cookies its target systems own, plus Authorization), else the client address.
+    user: RateBucket | None = None
+    # local: buckets in each process (N workers x M replicas allow N*M times the rate);
+    # fleet: one bucket for every worker and replica, in the shared store (store.kind redis).
+    scope: Literal["local", "fleet"] = "local"
+
+    def __post_init__(self) -> None:
+        if self.route is None and self.user is None:
+            raise ValueError("rate_limit needs `route`, `user` or both")
+
+
 class Route(_Base, frozen=True):
     name: Name
     match: Match
@@ -420,6 +451,14 @@ class Route(_Base, frozen=True):
     # Bodies up to this size are read whole before an upstream connection is taken;
     # None: ``listen.buffer_body_bytes``; 0: always stream.
     buffer_body_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] | None = None
+    # Seconds from the request's arrival until the upstream response head, every retry and
+    # backoff included; beyond it 504 ``route_timeout``. None: only the clusters' timeouts.
+    timeout: Seconds | None = None
+    # Replaces the ``retry`` block of every cluster this route sends to (the cluster's retry
+    # budget still applies); None: each cluster's own.
+    retry: Retry | None = None
+    # Token-bucket rate limits (429 beyond); None: no limit.
+    rate_limit: RateLimit | None = None
 
 
 class Audit(_Base, frozen=True):
@@ -580,6 +619,30 @@ class AccessLog(_Base, frozen=True):
     flush_interval: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.1
 
 
+# Trace-context fields the boundary drops toward a system unless ``tracing.propagate`` lists
+# them for it: a client's baggage may carry another system's user data.
+TRACE_CONTEXT_FIELDS: Final = ("baggage", "tracestate")
+TraceField = Literal["baggage", "tracestate"]
+
+
+class Tracing(_Base, frozen=True):
+    """W3C Trace Context and OpenTelemetry spans (``proxy/tracing.py``)."""
+
+    # Read or start a W3C trace per request: a new traceparent per upstream try, the trace id
+    # in the access log and audit records. false: traceparent passes through untouched.
+    enabled: bool = True
+    # OTLP/HTTP traces URL (e.g. http://127.0.0.1:4318/v1/traces); None: no spans exported
+    # (traceparent is still read, generated and passed on). Needs `pip install jalur[tracing]`.
+    otlp_endpoint: str | None = None
+    # Share of new traces (no sampled traceparent from the client) whose spans are exported.
+    sample: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # service.name of the exported spans.
+    service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "jalur"
+    # Per system: the trace-context fields (baggage, tracestate) it may receive; every other
+    # system gets neither (the boundary strips them like identity).
+    propagate: dict[Name, list[TraceField]] = {}
+
+
 class Config(_Base, frozen=True):
     listen: Listen = Listen()
     admin: Admin = Admin()
@@ -596,6 +659,7 @@ class Config(_Base, frozen=True):
     access_log: AccessLog = AccessLog()
     # The audit trail's secret; the rest of the audit settings are compliance.audit.
     audit: AuditKey = AuditKey()
+    tracing: Tracing = Tracing()
 
 
 @dataclass(frozen=True, slots=True)
@@ -910,6 +974,7 @@ def _check_references(config: Config) -> list[FieldError]:
                 FieldError(f"$.clusters.{name}.tls", "set, but the endpoints are http://")
             )
     errors.extend(_check_unverified(config))
+    errors.extend(_check_policies(config))
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
         at = f"$.routes[{i}]"
@@ -967,6 +1032,56 @@ def _check_references(config: Config) -> list[FieldError]:
                 "needs a UTC offset (e.g. 2024-04-01T00:00:00+07:00)",
             )
         )
+    return errors
+
+
+def _check_policies(config: Config) -> list[FieldError]:
+    """Per-route timeouts, retries and rate limits that cannot work; tracing settings."""
+    errors: list[FieldError] = []
+    for i, route in enumerate(config.routes):
+        at = f"$.routes[{i}]"
+        targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
+        if route.timeout is not None:
+            for name in targets:
+                cluster = config.clusters.get(name)
+                if cluster is None:
+                    continue
+                retry = route.retry or cluster.retry
+                per_try = retry.per_try_timeout or cluster.timeouts.response_headers
+                if per_try * retry.attempts > route.timeout * (1 + 1e-9):
+                    where = f"{at}.retry" if route.retry else f"$.clusters.{name}.retry"
+                    errors.append(
+                        FieldError(
+                            f"{at}.timeout",
+                            f"{route.timeout:g}s is shorter than {retry.attempts} tries of "
+                            f"{per_try:g}s ({where}): the last tries could never finish; "
+                            "lower the per-try timeout or the attempts, or raise the timeout",
+                        )
+                    )
+        limit = route.rate_limit
+        if limit is not None and limit.scope == "fleet" and config.store.kind != "redis":
+            errors.append(
+                FieldError(
+                    f"{at}.rate_limit.scope",
+                    "fleet needs the shared store (store.kind: redis); use local for one process",
+                )
+            )
+    tracing = config.tracing
+    for name in tracing.propagate:
+        if name not in config.systems:
+            errors.append(FieldError(f"$.tracing.propagate.{name}", f"unknown system {name!r}"))
+    endpoint = tracing.otlp_endpoint
+    if endpoint is not None:
+        url = URL(endpoint)
+        if url.scheme not in ("http", "https") or not url.host:
+            errors.append(FieldError("$.tracing.otlp_endpoint", "must be an http(s):// URL"))
+        elif _missing("opentelemetry.sdk"):
+            errors.append(
+                FieldError(
+                    "$.tracing.otlp_endpoint",
+                    "needs the OpenTelemetry SDK: pip install 'jalur[tracing]'",
+                )
+            )
     return errors
 
 
@@ -1158,3 +1273,11 @@ def _line_of(root: yaml.Node, path: str) -> int | None:
 def _parts(path: str) -> Iterator[tuple[str | None, int | None]]:
     for m in _PATH_PART.finditer(path):
         yield (m.group(1), int(m.group(2)) if m.group(2) is not None else None)
+
+
+def _missing(module: str) -> bool:
+    """Whether an optional dependency (an extra) is not installed."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is absent
+        return True

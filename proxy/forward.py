@@ -21,16 +21,16 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from . import errors, paths, respond, tls
+from . import errors, paths, ratelimit, respond, routepolicy, tls, tracing
 from . import idempotency as idem
 from .accesslog import AccessLog
 from .boundary import Boundary, Stripped
@@ -41,7 +41,14 @@ from .health import EndpointState
 from .metrics import NO_CLUSTER, Bound, ClusterMetrics, Metrics
 from .migration import Migration
 from .requestid import new_id
-from .retry import BUDGET, IDEMPOTENCY_KEY, IDEMPOTENT_METHODS, NO_ENDPOINT, NO_OTHER_ENDPOINT
+from .retry import (
+    BUDGET,
+    IDEMPOTENCY_KEY,
+    IDEMPOTENT_METHODS,
+    NO_ENDPOINT,
+    NO_OTHER_ENDPOINT,
+    RetryPolicy,
+)
 from .router import Route, Router
 from .shadow import SHADOW_HEADER, Copy, Plan, Shadower
 from .split import Splitter
@@ -76,6 +83,8 @@ _WS_HANDSHAKE: Final = frozenset(
 # the id can be logged and echoed without escaping.
 _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
 VIA: Final = "1.1 jalur"
+# The reason (and upstream error kind) of a 504 when a route's whole-request timeout ran out.
+ROUTE_TIMEOUT: Final = "route_timeout"
 HTTP11: Final = aiohttp.HttpVersion11
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Seconds an unread request body is still read and discarded after a 413 before the
@@ -116,6 +125,9 @@ class State:
     shadows: dict[str, Plan]
     idempotency: dict[str, idem.Gate]
     transaction_categories: frozenset[str]
+    policies: dict[str, routepolicy.RoutePolicy]
+    tracer: tracing.Tracer
+    limiters: dict[str, ratelimit.Limiter] = field(default_factory=dict)
     transports: list[Transport] = field(default_factory=list)
     # WebSocket upgrades go through aiohttp's client (H1Transport does not upgrade); one
     # session per cluster, made on the first upgrade and closed with this state.
@@ -145,6 +157,8 @@ class State:
         await asyncio.gather(*(c.close() for c in self.clusters.values()))
         closing = [*self.transports, *self.ws_transports.values()]
         await asyncio.gather(*(t.close() for t in closing), return_exceptions=True)
+        await ratelimit.close(self.limiters)
+        await asyncio.to_thread(self.tracer.close)  # flushes spans; bounded, off the loop
 
     def websocket_transport(self, cluster: ClusterRuntime) -> AiohttpTransport:
         transport = self.ws_transports.get(cluster.name)
@@ -193,8 +207,12 @@ def build_state(config: Config, metrics: Metrics) -> State:
         for r in router.routes
         if r.spec.shadow is not None
     }
+    limiters = ratelimit.build(config)
     state = State(
         config=config,
+        policies=routepolicy.build(config, router, clusters, limiters),
+        tracer=tracing.Tracer(config.tracing),
+        limiters=limiters,
         idempotency=idem.gates(config),
         shadows=shadows,
         router=router,
@@ -483,13 +501,17 @@ class Exchange:
         "request_id",
         "retrying",
         "route",
+        "started",
         "status",
         "ticket",
+        "trace",
         "upstream_time",
     )
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, started: float = 0.0) -> None:
         self.request_id = request_id
+        self.started = started  # time.monotonic() when the request arrived
+        self.trace: tracing.Trace | None = None
         self.route: Route | None = None
         self.cluster: ClusterRuntime | None = None
         self.endpoint: Endpoint | None = None
@@ -517,8 +539,9 @@ class Forwarder:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         state = self.state
-        ex = Exchange(new_request_id(request.headers.get("X-Request-Id")))
         started = time.monotonic()
+        ex = Exchange(new_request_id(request.headers.get("X-Request-Id")), started)
+        ex.trace = state.tracer.start(request.headers, request.method)
         state.active += 1
         try:
             resp = await self._serve(state, request, ex)
@@ -599,6 +622,11 @@ class Forwarder:
             # Before any upstream connection, before 100 Continue: the body is never read.
             too_large = f"request body of {length} bytes is over this route's limit of {limit}"
             return self._refuse_body(request, ex, errors.BodyTooLarge(too_large))
+        policy = state.policies[route.name]
+        if policy.limiter is not None:
+            limited = await self._rate_limit(state, request, ex, policy.limiter)
+            if limited is not None:
+                return limited
         gate = state.idempotency.get(route.name)
         if gate is not None and request.method in idem.NON_IDEMPOTENT:
             early = await self._idempotency_gate(state, request, ex, target, gate, limit)
@@ -652,15 +680,20 @@ class Forwarder:
             if ex.ticket is None
             else gate is not None and gate.policy.upstream_dedupes
         )
-        repeatable = cluster.retry.enabled and (request.method in IDEMPOTENT_METHODS or keyed)
+        retry = policy.retry[cluster.name]
+        repeatable = retry.enabled and (request.method in IDEMPOTENT_METHODS or keyed)
         if repeatable and body is not None:
             try:
-                await body.buffer(cluster.retry.buffer_bytes)
+                await body.buffer(retry.buffer_bytes)
             except Exception:
                 return self._body_failed(request, ex, body)
-        up = await self._send(
-            state, request, ex, route, cluster, upstream_target, out_headers, key, repeatable
+        send = self._send(
+            state, request, ex, route, cluster, retry, upstream_target, out_headers, key, repeatable
         )
+        if policy.timeout is None:
+            up = await send
+        else:
+            up = await self._within(state, ex, cluster, policy.timeout, send)
         if isinstance(up, web.Response):
             return up
         state.migration.served(route.name, cluster.name)
@@ -678,15 +711,15 @@ class Forwarder:
         ex: Exchange,
         route: Route,
         cluster: ClusterRuntime,
+        policy: RetryPolicy,
         target: str,
         headers: CIMultiDict[str],
         key: str | None,
         repeatable: bool,
     ) -> UpstreamResponse | web.Response:
-        """Send to ``ex.host``, retrying within the cluster as ``cluster.retry`` allows
-        (see ``retry``; ``repeatable``: idempotent or keyed, and retries are on): the
-        response to relay, or the error answer."""
-        policy = cluster.retry
+        """Send to ``ex.host``, retrying within the cluster as ``policy`` (the route's or
+        the cluster's ``retry``) allows (see ``retry``; ``repeatable``: idempotent or keyed,
+        and retries are on): the response to relay, or the error answer."""
         cm = state.bound.clusters[cluster.name]
         send = cluster.transport.send
         method = request.method
@@ -695,9 +728,12 @@ class Forwarder:
         attempt = 1
         stale = 0  # sends again after a pooled connection turned out closed
         ticket = ex.ticket
+        trace = ex.trace
         while True:
             host = ex.host
             assert host is not None
+            if trace is not None:
+                headers[tracing.TRACEPARENT] = trace.attempt(host.endpoint.url)
             started = time.monotonic()
             sent_before = ticket is not None and ticket.sent
             if ticket is not None:
@@ -723,6 +759,8 @@ class Forwarder:
                     )
                 )
                 cm.error(exc.kind)
+                if trace is not None:
+                    trace.attempt_done(None, exc.kind)
                 if (
                     stale < STALE_RESENDS
                     and isinstance(exc, errors.UpstreamReset)
@@ -759,7 +797,7 @@ class Forwarder:
                     why = self._may_retry(state, ex, route, cluster, tried, connect)
                     if why is None:
                         why = await self._retry_on(
-                            state, ex, route, cluster, attempt, tried, key, connect
+                            state, ex, route, cluster, policy, attempt, tried, key, connect
                         )
                     if why is None:
                         attempt += 1
@@ -774,6 +812,8 @@ class Forwarder:
             ex.upstream_time = time.monotonic() - started
             cm.upstream_response(ex.upstream_time)
             status = up.status
+            if trace is not None:
+                trace.attempt_done(status)
             if status < 500:
                 cluster.health.succeeded(host)
                 return up
@@ -789,7 +829,9 @@ class Forwarder:
                 ex.host = None
                 cluster.release(host)
                 tried += (host,)
-                if await self._retry_on(state, ex, route, cluster, attempt, tried, key, False):
+                if await self._retry_on(
+                    state, ex, route, cluster, policy, attempt, tried, key, False
+                ):
                     err = errors.NoHealthyUpstream(f"{NO_ENDPOINT} after a {status} answer")
                     return self._unavailable(ex, cm, err)
                 attempt += 1
@@ -828,6 +870,7 @@ class Forwarder:
         ex: Exchange,
         route: Route,
         cluster: ClusterRuntime,
+        policy: RetryPolicy,
         attempt: int,
         tried: tuple[EndpointState, ...],
         key: str | None,
@@ -836,7 +879,7 @@ class Forwarder:
         """Wait the backoff, then take the endpoint for the try after ``attempt`` (one not
         in ``tried`` when there is one; only such with ``elsewhere``): None once
         ``ex.host`` holds it."""
-        await asyncio.sleep(cluster.retry.backoff(attempt))
+        await asyncio.sleep(policy.backoff(attempt))
         host = cluster.choose(key, tried, elsewhere)
         if host is None:
             return NO_OTHER_ENDPOINT if elsewhere else NO_ENDPOINT
@@ -844,6 +887,58 @@ class Forwarder:
         ex.endpoint = host.endpoint
         state.bound.routes[route.name].retry()
         return None
+
+    @staticmethod
+    async def _within(
+        state: State,
+        ex: Exchange,
+        cluster: ClusterRuntime,
+        deadline: float,
+        send: Coroutine[Any, Any, UpstreamResponse | web.Response],
+    ) -> UpstreamResponse | web.Response:
+        """``send`` (every try and backoff) within what is left of the route's timeout
+        (``deadline`` seconds) since the request arrived; 504 ``route_timeout`` when it
+        runs out. An attempt cut here is released by ``_serve`` (``ex.host``); a keyed
+        request whose bytes went out is stored as outcome unknown, as after any lost
+        answer."""
+        left = deadline - (time.monotonic() - ex.started)
+        try:
+            if left <= 0:
+                send.close()
+                raise TimeoutError
+            async with asyncio.timeout(left):
+                return await send
+        except TimeoutError:
+            state.bound.clusters[cluster.name].error(ROUTE_TIMEOUT)
+            ex.flags = "UT"
+            ex.status = 504
+            message = f"no upstream answer within this route's timeout of {deadline:g}s"
+            return error_response(504, message, ex.request_id, reason=ROUTE_TIMEOUT)
+
+    async def _rate_limit(
+        self, state: State, request: web.BaseRequest, ex: Exchange, limiter: ratelimit.Limiter
+    ) -> web.Response | None:
+        """None when the route's buckets had a token for this request; else 429 with
+        ``Retry-After`` and the ``RateLimit`` fields, counted per route and bucket."""
+        assert ex.route is not None
+        refusal = await limiter.check(request.headers.getall, request.cookies.get, request.remote)
+        if refusal is None:
+            return None
+        rm = state.bound.routes[ex.route.name]
+        rm.rate_limited(refusal.reason)
+        if refusal is ratelimit.STORE_ERROR:  # logged by the limiter, once per outage
+            return None
+        ex.flags = "RL"
+        ex.status = 429
+        ex.reason = "rate_limited"
+        resp = error_response(
+            429,
+            f"rate limit of this route ({refusal.reason}) exceeded; retry later",
+            ex.request_id,
+            reason=f"{refusal.reason}_rate_limited",
+        )
+        resp.headers.update(refusal.headers())
+        return resp
 
     @staticmethod
     def _unavailable(ex: Exchange, cm: ClusterMetrics, exc: errors.PolicyError) -> web.Response:
@@ -1233,6 +1328,14 @@ class Forwarder:
             state.bound.routes[route.name].observe(
                 cluster_name, request.method, ex.status, duration, bytes_in, ex.bytes_out
             )
+        trace = ex.trace
+        if trace is not None:
+            trace.finish(
+                request.method,
+                route.name if route else None,
+                ex.status,
+                {"jalur.request_id": ex.request_id, "jalur.cluster": cluster_name},
+            )
         access = self.services.access
         if access.keep(ex.status):  # sampled before anything is formatted
             self._access_log(access, request, ex, duration, bytes_in)
@@ -1240,6 +1343,7 @@ class Forwarder:
             self.services.audit.record(
                 {
                     "request_id": ex.request_id,
+                    "trace_id": trace.trace_id if trace is not None else None,
                     "route": route.name,
                     "category": route.category,
                     "cluster": cluster_name,
@@ -1277,6 +1381,7 @@ class Forwarder:
             category=route.category if route else None,
             cluster=cluster.name if cluster else None,
             system=cluster.system if cluster else None,
+            trace_id=ex.trace.trace_id if ex.trace is not None else None,
         )
 
 

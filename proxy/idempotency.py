@@ -58,6 +58,7 @@ __all__ = [
     "NON_IDEMPOTENT",
     "Begin",
     "Gate",
+    "Identity",
     "MemoryStore",
     "RedisStore",
     "Store",
@@ -70,6 +71,7 @@ __all__ = [
     "key_problem",
     "make_store",
     "policy_of",
+    "route_identity",
     "scope_of",
 ]
 
@@ -144,13 +146,11 @@ def scope_of(route: str, identity: str, key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Gate:
-    """One route's idempotency policy, compiled at config load: who a key belongs to is read
-    from ``headers`` and ``cookies`` (what the route's target systems own, plus
-    ``Authorization``), never from a header the client picks on its own."""
+class Identity:
+    """Who a request is on one route, compiled at config load: read from ``headers`` and
+    ``cookies`` (what the route's target systems own, plus ``Authorization``), never from a
+    header the client picks on its own. Also the rate limiter's user key."""
 
-    route: str
-    policy: cfg.IdempotencyPolicy
     headers: tuple[str, ...]
     cookies: tuple[str, ...]
 
@@ -176,6 +176,27 @@ def policy_of(route: cfg.Route) -> cfg.IdempotencyPolicy | None:
     return policy if policy is not None and policy.enabled else None
 
 
+def route_identity(config: cfg.Config, route: cfg.Route) -> Identity:
+    """The ``Identity`` of ``route``: what its target systems own, plus Authorization."""
+    targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
+    systems = {config.clusters[c].system for c in targets if c in config.clusters}
+    headers = {"authorization"}
+    cookies: set[str] = set()
+    for name in systems:
+        owns = config.systems[name].owns
+        headers.update(h.lower() for h in owns.headers)
+        cookies.update(owns.cookies)
+    return Identity(tuple(sorted(headers)), tuple(sorted(cookies)))
+
+
+@dataclass(frozen=True, slots=True)
+class Gate(Identity):
+    """One route's idempotency policy; a key belongs to the request's ``identity``."""
+
+    route: str
+    policy: cfg.IdempotencyPolicy
+
+
 def gates(config: cfg.Config) -> dict[str, Gate]:
     """The gate of every route with an enabled idempotency policy (``policy_of``)."""
     out: dict[str, Gate] = {}
@@ -183,15 +204,8 @@ def gates(config: cfg.Config) -> dict[str, Gate]:
         policy = policy_of(route)
         if policy is None:
             continue
-        targets = [route.to] if route.to is not None else [t.cluster for t in route.split or []]
-        systems = {config.clusters[c].system for c in targets if c in config.clusters}
-        headers = {"authorization"}
-        cookies: set[str] = set()
-        for name in systems:
-            owns = config.systems[name].owns
-            headers.update(h.lower() for h in owns.headers)
-            cookies.update(owns.cookies)
-        out[route.name] = Gate(route.name, policy, tuple(sorted(headers)), tuple(sorted(cookies)))
+        who = route_identity(config, route)
+        out[route.name] = Gate(who.headers, who.cookies, route.name, policy)
     return out
 
 

@@ -190,6 +190,7 @@ class RouteMetrics:
         "_blocked",
         "_durations",
         "_idempotency",
+        "_limited",
         "_metrics",
         "_requests",
         "_shadow",
@@ -221,6 +222,7 @@ class RouteMetrics:
         self._blocked: dict[str, Counter] = {}
         self._shadow: dict[str, Counter] = {}
         self._idempotency: dict[str, Counter] = {}
+        self._limited: dict[str, Counter] = {}
         for cluster in clusters:
             self._duration_child(cluster)
         if spec is not None:
@@ -303,6 +305,14 @@ class RouteMetrics:
             )
         child.inc()
 
+    def rate_limited(self, reason: str) -> None:
+        """A request of this route found a bucket empty (``route``, ``user``) or the shared
+        store silent (``store_error``: let through)."""
+        child = self._limited.get(reason)
+        if child is None:
+            child = self._limited[reason] = self._metrics.rate_limited.labels(self.name, reason)
+        child.inc()
+
     def shadow(self, outcome: str) -> None:
         """A shadow copy of a request of this route ended (``match``, ``mismatch``,
         ``error``, ``skipped``: the shadow module's bounded slugs)."""
@@ -340,6 +350,8 @@ class RouteMetrics:
             _remove(m.shadow, name, outcome)
         for outcome in self._idempotency:
             _remove(m.idempotency, name, outcome)
+        for reason in self._limited:
+            _remove(m.rate_limited, name, reason)
         for collector in (m.requests_in_flight, m.request_body_bytes, m.response_body_bytes):
             _remove(collector, name)
         _remove(m.retries, name)
@@ -578,6 +590,13 @@ class Metrics:
             "Idempotency gate decisions, by route and outcome (stored, replayed, conflict, "
             "mismatch, missing, store_error).",
             ["route", "outcome"],
+            registry=reg,
+        )
+        self.rate_limited = Counter(
+            "jalur_rate_limited_total",
+            "Requests answered 429 by a route's rate limit, by route and bucket (route, user); "
+            "reason store_error: the shared store did not answer and the request went through.",
+            ["route", "reason"],
             registry=reg,
         )
         self.config_reloads = Counter(

@@ -40,6 +40,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "category": (str, type(None)),
     "cluster": (str, type(None)),
     "system": (str, type(None)),
+    "trace_id": (str, type(None)),
 }
 
 
@@ -140,6 +141,7 @@ def test_all_fields_present_and_typed() -> None:
         "category": "payment",
         "cluster": "tokopedia-pay",
         "system": "tokopedia",
+        "trace_id": None,
     }
     # Defaults: no upstream, no headers, start time derived from now - duration.
     assert second["upstream_service_time"] is None

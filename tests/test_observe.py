@@ -429,6 +429,7 @@ def labels_by_series() -> dict[str, set[str]]:
     route.blocked("social-after-deadline")
     route.shadow("match")
     route.idempotency("replayed")
+    route.rate_limited("user")
     bound.clusters["pay"].upstream_response(0.01)
     bound.clusters["pay"].error("timeout")
     bound.clusters["pay"].set_circuit_open(False)
