@@ -1,0 +1,171 @@
+"""Red team: holes found in "a keyed payment is executed at most once", "one shopper's answer
+is never replayed to another" and "a ramp never moves a shopper back". Each test is the
+reproduction of one hole on real sockets (a real redis-server where the store matters), and
+is marked xfail(strict=True) until the proxy is fixed: when a fix lands the test passes and
+the strict xfail turns red, so the marker must be removed with the fix."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.demo.backend import EXECUTIONS
+
+from .conftest import Backend, Harness, RedisServer, build_config, free_port, raw_request, until
+from .test_fleet_migration import AUTH, USERS, assignment, fleet_conf, ramp, stop
+from .test_idempotency_faults import pay_config
+
+
+def executions(b: Backend, key: str) -> int:
+    return b.app[EXECUTIONS].by_key.get(key, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Double execution: a replica that never saw the fence, right after Redis lost its data.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: a process whose fence epoch is still '' (a fresh replica or worker) "
+    "that is first to touch an emptied Redis creates the fence with lost_at=0: no "
+    "quarantine, the repeat of an in-flight payment is forwarded again",
+)
+async def test_after_redis_restart_a_fresh_replica_executes_an_in_flight_payment_again(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Replica A sends a slow payment; Redis (no persistence) is SIGKILLed and restarted;
+    the shopper's repeat lands on replica B, which has not handled a keyed payment since it
+    started (a new pod, or the other worker of --workers 2). B's epoch is "" so the fence
+    script creates a new fence without starting the quarantine, finds no record and
+    forwards: the payment is executed twice."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        b = await harness.backend("pay", "tokopedia")
+        store = {"kind": "redis", "url": server.url}  # default lease 15 s: renewal every 3 s
+        conf = pay_config(b.url, store, {"timeouts": {"response_headers": 10}})
+        a = await harness.proxy(conf)
+        fresh = await harness.proxy(conf)
+        key = uuid.uuid4().hex
+        async with aiohttp.ClientSession() as s:
+            slow = f"http://127.0.0.1:{a.data_port}/api/payment/_sim/delay/2000"
+            first = asyncio.ensure_future(s.post(slow, data=b"x", headers={"Idempotency-Key": key}))
+            await until(lambda: executions(b, key) == 1)
+            server.stop(signal.SIGKILL)
+            server.start()  # same port, empty
+            repeat = f"http://127.0.0.1:{fresh.data_port}/api/payment/_sim/delay/2000"
+            async with s.post(repeat, data=b"x", headers={"Idempotency-Key": key}) as r:
+                await r.read()
+            async with await first as r:
+                assert r.status == 200
+        assert executions(b, key) == 1, f"executed {executions(b, key)} times"
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Double execution by Jalur's own retries: an empty Idempotency-Key.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: an empty Idempotency-Key skips the gate (`if not key`) but "
+    "`IDEMPOTENCY_KEY in request.headers` still makes the POST repeatable, so Jalur "
+    "retries it after the back end executed it",
+)
+@pytest.mark.parametrize("value", [b"", b"   "])
+async def test_an_empty_key_is_not_a_clear_400_and_jalur_retries_the_payment(
+    harness: Harness, store: dict[str, Any], value: bytes
+) -> None:
+    b = await harness.backend("pay", "tokopedia")
+    retrying = {
+        "timeouts": {"response_headers": 1},
+        "retry": {"attempts": 3, "retry_on": ["reset"]},
+    }
+    p = await harness.proxy(pay_config(b.url, store, retrying))
+    raw = (
+        b"POST /api/payment/_sim/reset-executed HTTP/1.1\r\nHost: shop\r\n"
+        b"Content-Length: 13\r\nIdempotency-Key: " + value + b"\r\nConnection: close\r\n\r\n"
+        b'{"amount": 5}'
+    )
+    resp = await raw_request(p.data_port, raw)
+    executed = executions(b, "")
+    assert executed <= 1, f"Jalur sent the payment {executed} times"
+    assert resp.status == 400  # bad input: a clear refusal, nothing forwarded
+    assert b"idempotency_key_invalid" in resp.body
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Double execution across a reload: the README's own cut-over step changes the identity.
+# --------------------------------------------------------------------------------------------
+
+
+def checkout(legacy: str, pay: str, store: dict[str, Any], *, cut_over: bool) -> dict[str, Any]:
+    clusters: dict[str, Any] = {"tokopedia-pay": {"system": "tokopedia", "endpoints": [pay]}}
+    route: dict[str, Any] = {
+        "name": "checkout",
+        "match": {"prefix": "/api/checkout"},
+        "category": "payment",
+        "sticky": {"header": "x-user-id"},
+    }
+    if cut_over:  # README step 5: legacy at 0, "then remove it from the config and reload"
+        route["to"] = "tokopedia-pay"
+    else:
+        clusters["shop-legacy"] = {"system": "tiktok", "endpoints": [legacy]}
+        route["split"] = [
+            {"cluster": "shop-legacy", "weight": 0},
+            {"cluster": "tokopedia-pay", "weight": 100},
+        ]
+    return {
+        "access_log": {"enabled": False},
+        "store": store,
+        "clusters": clusters,
+        "routes": [route],
+        "compliance": {
+            "transition_until": "2099-01-01T00:00:00+07:00",
+            "legacy_clusters": ["shop-legacy"] if not cut_over else [],
+        },
+    }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: the identity digest is built from the owns of every system a route "
+    "targets; removing the legacy cluster at cut-over (a reload) drops the social "
+    "system's cookie from the digest, so the same shopper's key gets a new scope",
+)
+async def test_the_cut_over_reload_makes_an_in_flight_payment_new_again(
+    harness: Harness, store: dict[str, Any], tmp_path: Path
+) -> None:
+    """A shopper who still carries the social app's session cookie (the shared front end
+    sends both) pays on checkout while it is split 0/100; the operator does README step 5
+    (remove shop-legacy, reload) while the payment runs; the shopper's repeat is executed
+    again, and after it completes the stored answer is never replayed either."""
+    legacy = await harness.backend("shop-legacy", "tiktok")
+    pay = await harness.backend("tokopedia-pay", "tokopedia")
+    p = await harness.proxy(checkout(legacy.url, pay.url, store, cut_over=False))
+    key = uuid.uuid4().hex
+    shopper = {
+        "Idempotency-Key": key,
+        "x-user-id": "u1",
+        "Cookie": "_SID_Tokopedia_=alice; tt_session=alice-social",
+    }
+    url = f"http://127.0.0.1:{p.data_port}/api/checkout/_sim/delay/1500"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+        first = asyncio.ensure_future(s.post(url, data=b"x", headers=shopper))
+        await until(lambda: executions(pay, key) == 1)
+        conf = checkout(legacy.url, pay.url, store, cut_over=True)
+        assert await p.reload(build_config(conf, audit=tmp_path / "audit.log"))
+        async with s.post(url, data=b"x", headers=shopper) as r:
+            second = r.status, r.headers.get("Idempotent-Replayed")
+        async with await first as r:
+            assert r.status == 200
+    assert executions(pay, key) == 1, f"executed {executions(pay, key)} times; repeat {second}"
