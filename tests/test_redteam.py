@@ -7,6 +7,8 @@ the strict xfail turns red, so the marker must be removed with the fix."""
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import signal
 import uuid
 from pathlib import Path
@@ -14,11 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.demo.backend import EXECUTIONS
 
 from .conftest import Backend, Harness, RedisServer, build_config, free_port, raw_request, until
-from .test_fleet_migration import AUTH, USERS, assignment, fleet_conf, ramp, stop
+from .test_fleet_migration import USERS, assignment, fleet_conf, ramp
 from .test_idempotency_faults import pay_config
 
 
@@ -169,3 +172,124 @@ async def test_the_cut_over_reload_makes_an_in_flight_payment_new_again(
         async with await first as r:
             assert r.status == 200
     assert executions(pay, key) == 1, f"executed {executions(pay, key)} times; repeat {second}"
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Shoppers moved back to the legacy side by a config edit that changes no weight.
+# --------------------------------------------------------------------------------------------
+
+
+def _rename_cluster(conf: dict[str, Any]) -> None:
+    """The commerce cluster gets a new name (same endpoints, same system)."""
+    conf["clusters"]["tokopedia-pay-v2"] = conf["clusters"].pop("tokopedia-pay")
+    for target in conf["routes"][0]["split"]:
+        if target["cluster"] == "tokopedia-pay":
+            target["cluster"] = "tokopedia-pay-v2"
+
+
+def _reorder_split(conf: dict[str, Any]) -> None:
+    """The same two clusters and weights, listed commerce first."""
+    conf["routes"][0]["split"].reverse()
+
+
+def _rename_route(conf: dict[str, Any]) -> None:
+    """The route gets a clearer name; same match, same clusters, same weights."""
+    conf["routes"][0]["name"] = "checkout-v2"
+
+
+EDITS = {"rename-cluster": _rename_cluster, "reorder-split": _reorder_split,
+         "rename-route": _rename_route}  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: live weights are keyed by route name and cluster-name set, and the "
+    "sticky buckets are laid out in the file's split order and salted with the route name: "
+    "an edit that changes none of the weights moves shoppers back to legacy",
+)
+@pytest.mark.parametrize("edit", sorted(EDITS))
+async def test_a_config_edit_that_changes_no_weight_moves_shoppers_back(
+    harness: Harness, redis_server: RedisServer, tmp_path: Path, edit: str
+) -> None:
+    """The file says 50/50 (never edited down: the operator ramped with the admin API to
+    5/95). A reload with one cosmetic edit -- a cluster renamed, the split listed in another
+    order, the route renamed -- and shoppers who were on commerce are served by the legacy
+    social checkout again, with no rollback asked for."""
+    conf = await fleet_conf(harness, redis_server, 50, 50)
+    p = await harness.proxy(conf)
+    base, admin = f"http://127.0.0.1:{p.data_port}", f"http://127.0.0.1:{p.admin_port}"
+    async with aiohttp.ClientSession() as s:
+        assert (await ramp(s, admin, 5, 95))[0] == 200
+        before = await assignment(s, base, USERS)
+        EDITS[edit](conf)
+        assert await p.reload(build_config(conf, audit=tmp_path / "audit.log"))
+        after = await assignment(s, base, USERS)
+    back = [u for u in USERS if before[u] == "tokopedia-pay" and after[u] == "shop-legacy"]
+    assert not back, f"{len(back)} of {len(USERS)} shoppers moved back to legacy by {edit}"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Shoppers moved back by two forward ramps racing on two replicas.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: Fleet.ramp judges the step against one read of the live record and "
+    "writes against a second read (Fleet._write): a ramp that lands in between is "
+    "overwritten by a smaller commerce share, without rollback",
+)
+async def test_two_forward_ramps_racing_on_two_replicas_never_step_back(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    """Two operators (or a deploy script and an operator) ramp forward at the same time on
+    two replicas: A to k %, B to k+1 %. Whatever the order, the live share may only end at
+    k+1 (B wins) or refuse A (409): never A's k % written over B's k+1 %."""
+    conf = await fleet_conf(harness, redis_server, 99, 1)
+    a = await harness.proxy(conf)
+    b = await harness.proxy(conf)
+    rng = random.Random(7)
+    admins = [f"http://127.0.0.1:{x.admin_port}" for x in (a, b)]
+    stepped_back = []
+    store = aioredis.Redis.from_url(redis_server.url)  # the record itself, not a view of it
+    async with aiohttp.ClientSession() as s:
+        for k in range(1, 99):  # 98 rounds, each a different interleaving
+
+            async def late(k: int = k) -> tuple[int, dict[str, Any]]:
+                # Jitter, not synchronisation: A starts 0-3 ms after B, so that some rounds
+                # land B's whole ramp between A's two reads of the record.
+                await asyncio.sleep(rng.uniform(0, 0.003))
+                return await ramp(s, admins[0], 100 - k, k)
+
+            (sa, _), (sb, _) = await asyncio.gather(late(), ramp(s, admins[1], 99 - k, k + 1))
+            live = json.loads(await store.hget("jalur:migration", "checkout"))
+            if live["weights"]["tokopedia-pay"] < k + 1 and sb == 200:
+                stepped_back.append((k, sa, sb, live["weights"], live["rollback"]))
+    await store.aclose()
+    assert not stepped_back, f"a forward ramp was overwritten by a smaller one: {stepped_back}"
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Shoppers moved back by a restart during a store outage.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: a process that starts while the store is down serves the file's "
+    "weights (ServerProxy._reconcile first=True): shoppers ramped past the file go back "
+    "to legacy until the store answers (documented in README, against the promise)",
+)
+async def test_a_replica_started_during_a_store_outage_moves_shoppers_back(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    conf = await fleet_conf(harness, redis_server, 50, 50)
+    a = await harness.proxy(conf)
+    async with aiohttp.ClientSession() as s:
+        assert (await ramp(s, f"http://127.0.0.1:{a.admin_port}", 5, 95))[0] == 200
+        before = await assignment(s, f"http://127.0.0.1:{a.data_port}", USERS)
+        redis_server.stop(signal.SIGKILL)
+        new = await harness.proxy(conf)  # a new pod, a rescheduled one, a restarted one
+        after = await assignment(s, f"http://127.0.0.1:{new.data_port}", USERS)
+    back = [u for u in USERS if before[u] == "tokopedia-pay" and after[u] == "shop-legacy"]
+    assert not back, f"{len(back)} of {len(USERS)} shoppers moved back to legacy"
