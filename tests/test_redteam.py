@@ -7,11 +7,13 @@ the strict xfail turns red, so the marker must be removed with the fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import signal
 import uuid
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +22,18 @@ import redis.asyncio as aioredis
 
 from proxy.demo.backend import EXECUTIONS
 
-from .conftest import Backend, Harness, RedisServer, build_config, free_port, raw_request, until
+from .conftest import (
+    Backend,
+    Harness,
+    RawUpstream,
+    RedisServer,
+    build_config,
+    free_port,
+    raw_request,
+    raw_upstream,
+    read_request,
+    until,
+)
 from .test_fleet_migration import USERS, assignment, fleet_conf, ramp
 from .test_idempotency_faults import pay_config
 
@@ -293,3 +306,108 @@ async def test_a_replica_started_during_a_store_outage_moves_shoppers_back(
         after = await assignment(s, f"http://127.0.0.1:{new.data_port}", USERS)
     back = [u for u in USERS if before[u] == "tokopedia-pay" and after[u] == "shop-legacy"]
     assert not back, f"{len(back)} of {len(USERS)} shoppers moved back to legacy"
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Identity: the scope follows credential *values*, which the back end itself rotates.
+# --------------------------------------------------------------------------------------------
+
+
+def rotating_payment(
+    cut: asyncio.Event,
+) -> Callable[[RawUpstream, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An upstream that executes the payment, answers a head that renews the session cookie
+    (as sliding sessions do on every answer), then breaks the connection before the body
+    (the first time once ``cut`` is set: the client has the head by then)."""
+
+    async def handle(up: RawUpstream, reader: asyncio.StreamReader, writer: Any) -> None:
+        _, _, body = await read_request(reader)
+        up.requests.append(body)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+            b"Set-Cookie: _SID_Tokopedia_=alice-2; Path=/; HttpOnly\r\n\r\n"
+        )
+        await writer.drain()
+        if len(up.requests) == 1:
+            await cut.wait()
+        writer.transport.abort()
+
+    return handle
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: the key's scope is a digest of the session cookie's value; a back end "
+    "that renews the session in the answer (relayed to the client before the cut) makes "
+    "the shopper's repeat a new scope, forwarded and executed again",
+)
+async def test_a_session_renewed_in_a_cut_answer_makes_the_repeat_execute_again(
+    harness: Harness,
+) -> None:
+    cut = asyncio.Event()
+    up = await raw_upstream(rotating_payment(cut))
+    try:
+        p = await harness.proxy(pay_config(up.url, {"kind": "memory"}))
+        key = uuid.uuid4().hex
+
+        def pay(session: str) -> bytes:
+            return (
+                b"POST /api/payment/charge HTTP/1.1\r\nHost: shop\r\nContent-Length: 13\r\n"
+                b"Cookie: _SID_Tokopedia_=" + session.encode() + b"\r\n"
+                b"Idempotency-Key: " + key.encode() + b"\r\nConnection: close\r\n\r\n"
+                b'{"amount": 5}'
+            )
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
+        writer.write(pay("alice-1"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Set-Cookie: _SID_Tokopedia_=alice-2" in head  # the browser stores it now
+        cut.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # the cut
+        writer.close()
+        # The app retries the payment with the same key, carrying the renewed session.
+        with contextlib.suppress(asyncio.IncompleteReadError):  # a second cut, if sent again
+            await raw_request(p.data_port, pay("alice-2"))
+        assert len(up.requests) == 1, f"the payment reached the back end {len(up.requests)} times"
+    finally:
+        up.server.close()
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Promise 2: one shopper's answer replayed to another.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: the gate reads cookies with request.cookies (the first Cookie line "
+    "only) while the boundary forwards every Cookie line: a session in a second line is "
+    "authenticated upstream but the key is scoped as anonymous",
+)
+async def test_a_session_cookie_in_a_second_cookie_line_is_replayed_to_a_stranger(
+    harness: Harness,
+) -> None:
+    """Alice's client (or an ingress forwarding HTTP/2 cookie crumbs) sends her session in a
+    second ``Cookie`` line. The back end answers Alice; Jalur stores the answer under the
+    anonymous scope; Bob, sending the same key and body, is replayed Alice's answer."""
+    b = await harness.backend("pay", "tokopedia")
+    p = await harness.proxy(pay_config(b.url, {"kind": "memory"}))
+
+    def pay(cookies: bytes) -> bytes:
+        return (
+            b"POST /api/payment/charge HTTP/1.1\r\nHost: shop\r\nContent-Length: 13\r\n"
+            + cookies
+            + b"Idempotency-Key: order-1001\r\nConnection: close\r\n\r\n"
+            b'{"amount": 5}'
+        )
+
+    alice = await raw_request(
+        p.data_port, pay(b"Cookie: theme=dark\r\nCookie: _SID_Tokopedia_=alice-secret\r\n")
+    )
+    assert alice.status == 200
+    assert b"alice-secret" in alice.body  # the back end saw (and answered) Alice's session
+    bob = await raw_request(p.data_port, pay(b"Cookie: _SID_Tokopedia_=bob\r\n"))
+    stranger = await raw_request(p.data_port, pay(b""))
+    leaked = [r.body for r in (bob, stranger) if b"alice-secret" in r.body]
+    assert not leaked, "Alice's stored answer was replayed to another client"
