@@ -12,8 +12,8 @@ import json
 import random
 import signal
 import uuid
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
