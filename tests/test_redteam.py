@@ -275,7 +275,9 @@ async def test_two_forward_ramps_racing_on_two_replicas_never_step_back(
                 return await ramp(s, admins[0], 100 - k, k)
 
             (sa, _), (sb, _) = await asyncio.gather(late(), ramp(s, admins[1], 99 - k, k + 1))
-            live = json.loads(await store.hget("jalur:migration", "checkout"))
+            record = await store.hget("jalur:migration", "checkout")
+            assert isinstance(record, bytes)
+            live = json.loads(record)
             if live["weights"]["tokopedia-pay"] < k + 1 and sb == 200:
                 stepped_back.append((k, sa, sb, live["weights"], live["rollback"]))
     await store.aclose()
@@ -411,3 +413,41 @@ async def test_a_session_cookie_in_a_second_cookie_line_is_replayed_to_a_strange
     stranger = await raw_request(p.data_port, pay(b""))
     leaked = [r.body for r in (bob, stranger) if b"alice-secret" in r.body]
     assert not leaked, "Alice's stored answer was replayed to another client"
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Double execution: an in-flight lock dies with the outcome ttl, not with the payment.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: the in-flight lock record is written with the outcome ttl and lease "
+    "renewals never extend it (memory: never; redis: only re-created at the next renewal "
+    "after it vanished), and nothing checks ttl against the cluster's timeouts",
+)
+async def test_a_payment_longer_than_the_ttl_is_executed_again_while_in_flight(
+    harness: Harness, store: dict[str, Any]
+) -> None:
+    """A route keeps outcomes for a short ``ttl`` (accepted down to 1 s) and its back end
+    may take longer than that (timeouts allow 10 s). A repeat once ttl has passed but while
+    the first attempt still runs is forwarded: the lock "lives as long as the payment" only
+    against the lease, not against the ttl."""
+    b = await harness.backend("pay", "tokopedia")
+    conf = pay_config(b.url, store, {"timeouts": {"response_headers": 10}}, ttl=1)
+    p = await harness.proxy(conf)
+    url = f"http://127.0.0.1:{p.data_port}/api/payment/_sim/delay/3000"
+    key = uuid.uuid4().hex
+    async with aiohttp.ClientSession() as s:
+        first = asyncio.ensure_future(s.post(url, data=b"x", headers={"Idempotency-Key": key}))
+        await until(lambda: executions(b, key) == 1)
+        codes = []
+        for _ in range(20):  # repeats while the first runs (bounded: 20 x 100 ms)
+            async with s.post(url, data=b"x", headers={"Idempotency-Key": key}) as r:
+                codes.append(r.status)
+                if r.status == 200 or first.done():
+                    break
+            await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.1)), 1)
+        async with await first as r:
+            assert r.status == 200
+    assert executions(b, key) == 1, f"executed {executions(b, key)} times; repeats {codes}"
