@@ -451,3 +451,100 @@ async def test_a_payment_longer_than_the_ttl_is_executed_again_while_in_flight(
         async with await first as r:
             assert r.status == 200
     assert executions(b, key) == 1, f"executed {executions(b, key)} times; repeats {codes}"
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Double execution: a Redis failover to a replica that lacked the last writes.
+# --------------------------------------------------------------------------------------------
+
+
+class Relay:
+    """The store's address as a Service/VIP gives it: a loopback TCP relay to the current
+    primary; ``switch`` points it at another server and breaks every open connection (what
+    a failover does to clients)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.open: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        self.open += [writer, up_w]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    def switch(self, target: int) -> None:
+        self.target = target
+        for w in self.open:
+            w.transport.abort()
+        self.open.clear()
+
+    def close(self) -> None:
+        self.switch(self.target)
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: the fence is replicated like any key, so a failover to a replica "
+    "that lacks the newest lock keeps the same epoch: no loss is detected, no quarantine, "
+    "and the repeat of the in-flight payment is forwarded again",
+)
+async def test_a_failover_to_a_lagging_replica_executes_an_in_flight_payment_again(
+    harness: Harness, tmp_path: Path
+) -> None:
+    primary = RedisServer(free_port(), tmp_path / "p")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "r").mkdir()
+    primary.start()
+    replica = RedisServer(
+        free_port(), tmp_path / "r", "--replicaof", "127.0.0.1", str(primary.port)
+    )
+    replica.start()
+    relay = Relay(primary.port)
+    await relay.start()
+    check = aioredis.Redis.from_url(replica.url)
+    try:
+        b = await harness.backend("pay", "tokopedia")
+        store = {"kind": "redis", "url": f"redis://127.0.0.1:{relay.port}/0"}
+        p = await harness.proxy(pay_config(b.url, store, {"timeouts": {"response_headers": 10}}))
+        base = f"http://127.0.0.1:{p.data_port}/api/payment"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{base}/warm", data=b"x", headers={"Idempotency-Key": "w"}) as r:
+                assert r.status == 200  # the fence exists now
+            for _ in range(200):  # until the replica has the fence (polled, bounded: 10 s)
+                if await check.exists("jalur:idem:fence"):
+                    break
+                await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.05)), 1)
+            assert await check.exists("jalur:idem:fence")
+            await check.execute_command("REPLICAOF", "NO", "ONE")  # lag: no newer writes
+            key = uuid.uuid4().hex
+            slow = f"{base}/_sim/delay/2000"
+            first = asyncio.ensure_future(s.post(slow, data=b"x", headers={"Idempotency-Key": key}))
+            await until(lambda: executions(b, key) == 1)
+            relay.switch(replica.port)  # the failover
+            primary.stop(signal.SIGKILL)
+            async with s.post(slow, data=b"x", headers={"Idempotency-Key": key}) as r:
+                await r.read()
+            async with await first as r:
+                assert r.status == 200
+        assert executions(b, key) == 1, f"executed {executions(b, key)} times"
+    finally:
+        await check.aclose()
+        relay.close()
+        replica.stop()
+        primary.stop()
