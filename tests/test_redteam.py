@@ -531,7 +531,7 @@ async def test_a_failover_to_a_lagging_replica_executes_an_in_flight_payment_aga
                     break
                 await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.05)), 1)
             assert await check.exists("jalur:idem:fence")
-            await check.execute_command("REPLICAOF", "NO", "ONE")  # lag: no newer writes
+            await check.replicaof("NO", "ONE")  # lag: it gets no newer writes
             key = uuid.uuid4().hex
             slow = f"{base}/_sim/delay/2000"
             first = asyncio.ensure_future(s.post(slow, data=b"x", headers={"Idempotency-Key": key}))
