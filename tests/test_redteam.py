@@ -548,3 +548,44 @@ async def test_a_failover_to_a_lagging_replica_executes_an_in_flight_payment_aga
         relay.close()
         replica.stop()
         primary.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# 11. Shoppers moved back by a Redis restart (no persistence): the live weights are gone.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: after the store loses the jalur:migration hash, every process's poll "
+    "finds no live record and applies the file's weights (Fleet.reconcile: live is None -> "
+    "chosen = file_weights); no fence protects the migration as it does idempotency",
+)
+async def test_a_redis_restart_without_persistence_moves_shoppers_back(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The same Redis the README accepts without persistence for idempotency (a fence and a
+    quarantine cover its restarts): restarted empty, the operator's ramp is forgotten
+    within a poll and the file's weights serve every replica."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        conf = await fleet_conf(harness, server, 50, 50)
+        p = await harness.proxy(conf)
+        base, admin = f"http://127.0.0.1:{p.data_port}", f"http://127.0.0.1:{p.admin_port}"
+        async with aiohttp.ClientSession() as s:
+            assert (await ramp(s, admin, 5, 95))[0] == 200
+            before = await assignment(s, base, USERS)
+            server.stop(signal.SIGKILL)
+            server.start()  # same port, empty
+            for _ in range(50):  # a few polls (POLL_INTERVAL 1 s), bounded: 5 s
+                async with s.get(f"{admin}/migration") as r:
+                    weights = (await r.json())["routes"]["checkout"]["weights"]
+                if weights != {"shop-legacy": 5, "tokopedia-pay": 95}:
+                    break
+                await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.1)), 1)
+            after = await assignment(s, base, USERS)
+        back = [u for u in USERS if before[u] == "tokopedia-pay" and after[u] == "shop-legacy"]
+        assert not back, f"{len(back)} of {len(USERS)} shoppers moved back; weights {weights}"
+    finally:
+        server.stop()
