@@ -589,3 +589,54 @@ async def test_a_redis_restart_without_persistence_moves_shoppers_back(
         assert not back, f"{len(back)} of {len(USERS)} shoppers moved back; weights {weights}"
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# 12. A store answer lost after the store acted: a payment never sent is "outcome unknown".
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: begin() timing out is answered 503 store_error (nothing forwarded), "
+    "but the script still runs once Redis is responsive: the orphan lock has no holder "
+    "and the key answers 409, then outcome_unknown for its whole ttl",
+)
+async def test_a_slow_store_leaves_a_payment_that_was_never_sent_outcome_unknown(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Redis stalls (a slow command, a fork for a snapshot) for longer than
+    ``store.timeout``: the payment is refused 503 ``idempotency_store_unavailable`` and
+    never forwarded. The app retries it with the same key once the store is back -- and is
+    refused for the next day, told the payment "may have been executed"."""
+    server = RedisServer(free_port(), tmp_path, "--enable-debug-command", "yes")
+    server.start()
+    try:
+        b = await harness.backend("pay", "tokopedia")
+        store = {"kind": "redis", "url": server.url, "timeout": 0.2, "lease_ttl": 0.5}
+        p = await harness.proxy(pay_config(b.url, store))
+        url = f"http://127.0.0.1:{p.data_port}/api/payment/charge"
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, data=b"x", headers={"Idempotency-Key": "warm"}) as r:
+                assert r.status == 200
+            # Written before the payment is even sent: Redis is asleep when the gate asks.
+            stall_r, stall_w = await asyncio.open_connection("127.0.0.1", server.port)
+            stall_w.write(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n0.6\r\n")
+            await stall_w.drain()
+            async with s.post(url, data=b"x", headers=key) as r:
+                assert r.status == 503
+                assert (await r.json())["reason"] == "idempotency_store_unavailable"
+            assert await stall_r.readline() == b"+OK\r\n"  # the stall is over
+            stall_w.close()
+            assert executions(b, key["Idempotency-Key"]) == 0
+            reasons = []
+            for _ in range(20):  # the app retries with backoff (bounded: about 2 s)
+                async with s.post(url, data=b"x", headers=key) as r:
+                    if r.status == 200:
+                        break
+                    reasons.append((await r.json())["reason"])
+                await asyncio.wait_for(asyncio.shield(asyncio.sleep(0.1)), 1)
+        assert executions(b, key["Idempotency-Key"]) == 1, f"never sent; answered {reasons}"
+    finally:
+        server.stop()
