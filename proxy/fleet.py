@@ -202,6 +202,13 @@ class RampError(ValueError):
 Apply = Callable[[str, tuple[Target, ...]], None]
 
 
+class _Unjudged:
+    """``Fleet._write`` was given no record to compare against: it reads the current one."""
+
+
+UNJUDGED: Final = _Unjudged()
+
+
 class Fleet:
     """Reads, reconciles and writes the live weights of one process's split routes."""
 
@@ -255,7 +262,14 @@ class Fleet:
                 if write and changed and (rollback or forward):
                     why = "rollback in the config file" if rollback else "config file ramp"
                     written = await self._write(
-                        name, file_weights, kinds, "config", why, rollback, file_weights
+                        name,
+                        file_weights,
+                        kinds,
+                        "config",
+                        why,
+                        rollback,
+                        file_weights,
+                        judged=records.get(name),
                     )
                     live = written or live
                     chosen = live.weights
@@ -279,10 +293,14 @@ class Fleet:
         rollback: bool,
         file_weights: Mapping[str, int] | None = None,
         peer: str | None = None,
+        judged: LiveWeights | _Unjudged | None = UNJUDGED,
     ) -> LiveWeights | None:
         """Write a new version; None when another process wrote first (the next poll reads
-        the winner). ``file_weights``: the config file's, if this write comes from it."""
-        old = (await self.store.load()).get(route)
+        the winner). ``file_weights``: the config file's, if this write comes from it.
+        ``judged``: the record the caller decided on (None: none existed): the write is then
+        a compare-and-set against exactly that version, so a change made in between is
+        never overwritten by a decision that did not see it."""
+        old = (await self.store.load()).get(route) if isinstance(judged, _Unjudged) else judged
         if file_weights is None:
             file_weights = old.file_weights if old is not None else {}
         record = LiveWeights(
@@ -339,7 +357,7 @@ class Fleet:
                     '"rollback": true to do that on purpose'
                 )
             written = await self._write(
-                route.name, weights, kinds, actor, reason, rollback, peer=peer
+                route.name, weights, kinds, actor, reason, rollback, peer=peer, judged=live
             )
             if written is not None:
                 self.records[route.name] = written

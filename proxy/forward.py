@@ -675,11 +675,12 @@ class Forwarder:
         # May this request be sent twice? Then keep its body (bounded) to send it again.
         # A keyed request the gate holds: only if the back end deduplicates keys itself
         # (else a retry after a byte went out could execute it twice).
-        keyed = (
-            IDEMPOTENCY_KEY in request.headers
-            if ex.ticket is None
-            else gate is not None and gate.policy.upstream_dedupes
-        )
+        if gate is not None and request.method in idem.NON_IDEMPOTENT:
+            # The gate holds a keyed request: only if the back end deduplicates keys itself.
+            # A request the gate let through without a key is not keyed at all.
+            keyed = ex.ticket is not None and gate.policy.upstream_dedupes
+        else:  # no gate here: the back end sees the key and is trusted to honour it
+            keyed = bool(request.headers.get(IDEMPOTENCY_KEY, "").strip())
         retry = policy.retry[cluster.name]
         repeatable = retry.enabled and (request.method in IDEMPOTENT_METHODS or keyed)
         if repeatable and body is not None:
@@ -984,7 +985,7 @@ class Forwarder:
         policy = gate.policy
         rid = ex.request_id
         key = request.headers.get(IDEMPOTENCY_KEY)
-        if not key:
+        if key is None:
             if not policy.require:
                 return None
             rm.idempotency("missing")
@@ -1008,7 +1009,7 @@ class Forwarder:
             return self._refuse_body(request, ex, too_large)
         upstream_target = f"{target.path}?{target.query}" if target.query else target.path
         fp = idem.fingerprint(request.method, upstream_target, data)
-        identity = gate.identity(request.headers.getall, request.cookies.get)
+        identity = gate.identity(request.headers.getall)
         scope = idem.scope_of(gate.route, identity, key)
         quota = identity or self._anonymous_quota(request, state.boundary.trusted_hops)
         store = self.services.idempotency

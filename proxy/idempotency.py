@@ -78,6 +78,9 @@ __all__ = [
 # Renewals per lease (store.lease_ttl): a store hiccup shorter than four renewal periods
 # does not lose a lease.
 RENEWALS_PER_LEASE: Final = 5
+# Seconds a settling request waits for its lease renewal to stop before it stores its outcome
+# anyway (the renewal only extends a lease; it cannot overwrite a result).
+RENEWER_STOP: Final = 0.5
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
 # Longest Idempotency-Key accepted (the draft suggests UUIDs; this bounds store keys).
 MAX_KEY: Final = 255
@@ -121,6 +124,8 @@ def fingerprint(method: str, path: str, body: bytes) -> str:
 
 def key_problem(key: str) -> str | None:
     """Why an Idempotency-Key is refused, or None."""
+    if not key:
+        return "Idempotency-Key is empty"
     if len(key) > MAX_KEY:
         return f"Idempotency-Key is longer than {MAX_KEY} bytes"
     if not all("\x21" <= ch <= "\x7e" for ch in key):
@@ -154,16 +159,16 @@ class Identity:
     headers: tuple[str, ...]
     cookies: tuple[str, ...]
 
-    def identity(
-        self,
-        get_all: Callable[[str, list[str]], list[str]],
-        cookies: Callable[[str], str | None],
-    ) -> str:
+    def identity(self, get_all: Callable[[str, list[str]], list[str]]) -> str:
+        """The digest of the request's owned headers and cookies: every value of each, from
+        every ``Cookie`` line (a back end reads a session from a second line too)."""
         pairs = [("h:" + name, value) for name in self.headers for value in get_all(name, [])]
-        for name in self.cookies:
-            value = cookies(name)
-            if value is not None:
-                pairs.append(("c:" + name, value))
+        if self.cookies:
+            for line in get_all("Cookie", []):
+                for raw in line.split(";"):
+                    name, sep, value = raw.strip(" \t").partition("=")
+                    if sep and name in self.cookies:
+                        pairs.append(("c:" + name, value))
         return identity_digest(pairs)
 
 
@@ -321,13 +326,19 @@ class MemoryStore:
         ):
             return Begin("full")
         lock = Stored(fingerprint=fp, owner=token)
-        self._put(scope, lock, ttl, quota, self.clock() + self.lease)
+        # The lock lives at least as long as its lease: renewals keep it while it runs.
+        self._put(scope, lock, max(ttl, self.lease), quota, self.clock() + self.lease)
         return Begin("new")
 
     async def renew(self, scope: str, fp: str, token: str, ttl: float) -> None:
         item = self._live(scope)
         if item is not None and not item.stored.done and item.stored.owner == token:
-            item.lease = self.clock() + self.lease
+            now = self.clock()
+            item.lease = now + self.lease
+            keep = max(ttl, self.lease)  # a payment may run longer than the key's ttl
+            if item.expires < now + keep:
+                item.expires = now + keep
+                heapq.heappush(self._expiries, (item.expires, scope))
 
     async def get(self, scope: str) -> Stored | None:
         item = self._live(scope)
@@ -398,14 +409,16 @@ return {'new', epoch}
 )
 
 # KEYS: record, lease, fence. ARGV: epoch, new epoch, token, lease ms, lock value, ttl ms.
-# Renew our lease; re-create our lock if the store lost it (a restart without persistence),
-# never over a result. Returns the epoch.
+# Renew our lease and our lock's ttl (a payment may run longer than the key's ttl); re-create
+# the lock only if the store lost its data (the fence changed), never over a result nor
+# after our own release. Returns the epoch.
 _RENEW: Final = (
     _FENCE
     + """
 local existing = redis.call('GET', KEYS[1])
 if existing and existing ~= ARGV[5] then return epoch end
-if not existing then redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6]) end
+if not existing and epoch == ARGV[1] then return epoch end
+redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 return epoch
 """
@@ -477,7 +490,7 @@ class RedisStore:
                     secrets.token_hex(8),
                     lock,
                     token,
-                    int(ttl * 1000),
+                    int(max(ttl, self.lease) * 1000),  # a lock outlives its lease
                     int(self.lease * 1000),
                     self.quarantine_ms,
                     _encode(_unknown_record(fp)),
@@ -511,7 +524,7 @@ class RedisStore:
                     token,
                     int(self.lease * 1000),
                     lock,
-                    int(ttl * 1000),
+                    int(max(ttl, self.lease) * 1000),
                 ],
             )
         )
@@ -643,7 +656,9 @@ class Ticket:
         self.renewer = asyncio.get_running_loop().create_task(self._renew(store))
 
     async def _renew(self, store: Store) -> None:
-        while True:
+        # ``settled`` ends the loop even where a cancellation was absorbed by the client
+        # library mid-command (redis-py can): the answer must never wait on a renewal.
+        while not self.settled:
             await asyncio.sleep(store.lease / RENEWALS_PER_LEASE)
             # A lapsed lease reads as outcome unknown: still never a second send.
             with contextlib.suppress(StoreError):
@@ -684,7 +699,8 @@ class Ticket:
         self.settled = True
         if self.renewer is not None:
             self.renewer.cancel()
-            await asyncio.gather(self.renewer, return_exceptions=True)
+            # Bounded: a renewal stuck in the store's client is left to end on its own.
+            await asyncio.wait({self.renewer}, timeout=RENEWER_STOP)
         stored = self.record(status)
         if stored is None:
             await store.release(self.scope, self.token)

@@ -184,13 +184,8 @@ class Limiter:
         self.clock: Callable[[], float] = time.monotonic
         self.store_down = False  # the last fleet call failed (logged once per outage)
 
-    def user_key(
-        self,
-        get_all: Callable[[str, list[str]], list[str]],
-        cookies: Callable[[str], str | None],
-        peer: str | None,
-    ) -> str:
-        who = self._identity.identity(get_all, cookies)
+    def user_key(self, get_all: Callable[[str, list[str]], list[str]], peer: str | None) -> str:
+        who = self._identity.identity(get_all)
         if who:
             return "id:" + who
         return "ip:" + client_address(get_all, peer, self._trusted)
@@ -202,7 +197,7 @@ class Limiter:
         peer: str | None,
     ) -> Refusal | None:
         """Take a token from each bucket (None), or say which one is empty."""
-        user = self.user_key(get_all, cookies, peer) if "user" in self.keys else ""
+        user = self.user_key(get_all, peer) if "user" in self.keys else ""
         if self._script is not None:
             return await self._check_fleet(user)
         now = self.clock()

@@ -91,12 +91,6 @@ async def test_after_redis_restart_a_fresh_replica_executes_an_in_flight_payment
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: an empty Idempotency-Key skips the gate (`if not key`) but "
-    "`IDEMPOTENCY_KEY in request.headers` still makes the POST repeatable, so Jalur "
-    "retries it after the back end executed it",
-)
 @pytest.mark.parametrize("value", [b"", b"   "])
 async def test_an_empty_key_is_not_a_clear_400_and_jalur_retries_the_payment(
     harness: Harness, store: dict[str, Any], value: bytes
@@ -246,12 +240,6 @@ async def test_a_config_edit_that_changes_no_weight_moves_shoppers_back(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: Fleet.ramp judges the step against one read of the live record and "
-    "writes against a second read (Fleet._write): a ramp that lands in between is "
-    "overwritten by a smaller commerce share, without rollback",
-)
 async def test_two_forward_ramps_racing_on_two_replicas_never_step_back(
     harness: Harness, redis_server: RedisServer
 ) -> None:
@@ -381,12 +369,6 @@ async def test_a_session_renewed_in_a_cut_answer_makes_the_repeat_execute_again(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: the gate reads cookies with request.cookies (the first Cookie line "
-    "only) while the boundary forwards every Cookie line: a session in a second line is "
-    "authenticated upstream but the key is scoped as anonymous",
-)
 async def test_a_session_cookie_in_a_second_cookie_line_is_replayed_to_a_stranger(
     harness: Harness,
 ) -> None:
@@ -420,12 +402,6 @@ async def test_a_session_cookie_in_a_second_cookie_line_is_replayed_to_a_strange
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: the in-flight lock record is written with the outcome ttl and lease "
-    "renewals never extend it (memory: never; redis: only re-created at the next renewal "
-    "after it vanished), and nothing checks ttl against the cluster's timeouts",
-)
 async def test_a_payment_longer_than_the_ttl_is_executed_again_while_in_flight(
     harness: Harness, store: dict[str, Any]
 ) -> None:
@@ -559,12 +535,6 @@ async def test_a_failover_to_a_lagging_replica_executes_an_in_flight_payment_aga
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: after the store loses the jalur:migration hash, every process's poll "
-    "finds no live record and applies the file's weights (Fleet.reconcile: live is None -> "
-    "chosen = file_weights); no fence protects the migration as it does idempotency",
-)
 async def test_a_redis_restart_without_persistence_moves_shoppers_back(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -651,13 +621,6 @@ async def test_a_slow_store_leaves_a_payment_that_was_never_sent_outcome_unknown
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: Ticket.settle cancels the renewer and waits for it; redis-py (8.2) "
-    "absorbs a cancellation that lands while a command is in flight and returns normally, "
-    "so Ticket._renew loops on: settle never returns, the answer is never sent and the "
-    "lease is renewed for as long as the process lives (repeats: 409 forever)",
-)
 async def test_a_payment_ending_during_a_lease_renewal_is_answered(
     harness: Harness, redis_server: RedisServer
 ) -> None:
