@@ -37,6 +37,8 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from . import config as cfg
+from .compliance import Guard
+from .migration import check_weights
 from .router import Route, Target
 from .store import StoreError, call, redis_client
 
@@ -336,17 +338,24 @@ class Fleet:
 
     async def ramp(
         self,
-        route: Route,
-        weights: Mapping[str, int],
+        routes: Mapping[str, Route],
+        guard: Guard,
         kinds: Mapping[str, str],
+        route_name: str,
+        weights: Mapping[str, Any],
+        now: float,
         *,
         actor: str,
         reason: str,
         rollback: bool,
         peer: str | None = None,
-    ) -> LiveWeights:
-        """An operator's change. A smaller commerce share than the live one is refused
+    ) -> tuple[Target, ...]:
+        """An operator's change, checked (``migration.check_weights``: WeightError) and
+        written; the targets to apply. A smaller commerce share than the live one is refused
         unless ``rollback``. Raises RampError or StoreError."""
+        targets = check_weights(routes, guard, route_name, weights, now)
+        route = routes[route_name]
+        weights = {t.cluster: t.weight for t in targets}
         for _ in range(3):  # another writer may win the compare-and-set: read and judge again
             live = (await self.store.load()).get(route.name)
             share = commerce_share(weights, kinds)
@@ -361,7 +370,8 @@ class Fleet:
             )
             if written is not None:
                 self.records[route.name] = written
-                return written
+                self.held[route.name] = False  # the operator's weights are the live ones
+                return targets
         raise RampError("the live weights kept changing; try again", 503)
 
     def view(self, route: str) -> dict[str, Any] | None:

@@ -1080,10 +1080,7 @@ class Forwarder:
         trusted hops the peer is the ingress every shopper shares."""
         if not trusted_hops:
             return ""
-        hops = [
-            h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")
-        ]
-        client = hops[-trusted_hops] if len(hops) >= trusted_hops else request.remote or ""
+        client = ratelimit.client_address(request.headers.getall, request.remote, trusted_hops)
         return f"client:{client}"
 
     @staticmethod

@@ -44,7 +44,6 @@ from .forward import (
 )
 from .idempotency import make_store
 from .metrics import Metrics
-from .migration import check_weights
 from .shadow import Shadower
 
 log = logging.getLogger("jalur")
@@ -478,21 +477,19 @@ class ProxyServer:
 
     async def _ramp(self, ask: admin_mod.RampRequest) -> dict[str, Any]:
         state = self.state
-        targets = check_weights(state.router.by_name, state.guard, ask.route, ask.weights, ask.now)
-        kinds = {name: c.kind for name, c in state.clusters.items()}
-        weights = {t.cluster: t.weight for t in targets}
-        route = state.router.by_name[ask.route]
-        await self.fleet.ramp(
-            route,
-            weights,
-            kinds,
+        targets = await self.fleet.ramp(
+            state.router.by_name,
+            state.guard,
+            {name: c.kind for name, c in state.clusters.items()},
+            ask.route,
+            ask.weights,
+            ask.now,
             actor=ask.actor,
             reason=ask.reason,
             rollback=ask.rollback,
             peer=ask.peer,
         )
         state.migration.apply(ask.route, targets)
-        self.fleet.held[ask.route] = False
         self.services.metrics.set_migration_config(state.config.migration.weights, self.fleet.held)
         view: dict[str, Any] = (await self._migration_view())["routes"][ask.route]
         return view

@@ -36,7 +36,7 @@ from . import fleet as fleet_mod
 from . import idempotency as idem
 from .compliance import AuditLog, Guard
 from .metrics import Metrics, mark_process_dead
-from .migration import PodProgress, check_weights
+from .migration import PodProgress
 from .router import Router
 from .server import PROGRESS_INTERVAL, start_admin, watch_config
 
@@ -154,19 +154,18 @@ class Supervisor:
     async def _ramp(self, ask: admin_mod.RampRequest) -> dict[str, Any]:
         config = self.config
         router = Router(config.routes)
-        targets = check_weights(
-            router.by_name, Guard(config, router), ask.route, ask.weights, ask.now
-        )
         await self.fleet.ramp(
-            router.by_name[ask.route],
-            {t.cluster: t.weight for t in targets},
+            router.by_name,
+            Guard(config, router),
             self._kinds(config),
+            ask.route,
+            ask.weights,
+            ask.now,
             actor=ask.actor,
             reason=ask.reason,
             rollback=ask.rollback,
             peer=ask.peer,
         )
-        self.fleet.held[ask.route] = False
         self.metrics.set_migration_config(config.migration.weights, self.fleet.held)
         view: dict[str, Any] = (await self._migration_view())["routes"][ask.route]
         return view
