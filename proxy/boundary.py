@@ -77,6 +77,7 @@ __all__ = [
     "cookie_key",
     "decode_token",
     "make_token",
+    "request_cookies",
     "verify_token",
 ]
 
@@ -163,6 +164,25 @@ def _safe_names(joined: str) -> bool:
     """Whether header names joined into one string use only ``[A-Za-z0-9-]`` (isalnum is
     Unicode: isascii first; two C calls, cheaper than a regex scan)."""
     return joined.isascii() and (joined.replace("-", "").isalnum() or not joined)
+
+
+def request_cookies(lines: Iterable[str]) -> dict[str, str]:
+    """A request's cookies as a back end reads what ``scrub`` forwards: the strict pairs
+    (``_COOKIE_PAIR``) of every ``Cookie`` line in order, a malformed pair skipped, the
+    first of a repeated name winning, a quoted value without its quotes. Sticky routing,
+    hashing and rate-limit keys read cookies this way, so they agree with the forwarding."""
+    cookies: dict[str, str] = {}
+    for line in lines:
+        for raw in line.split(";"):
+            pair = raw.strip(" \t")
+            match = _COOKIE_PAIR(pair) if pair else None
+            if match is None:
+                continue
+            name, _, value = pair.partition("=")
+            if match.group(2):
+                value = value[1:-1]
+            cookies.setdefault(name, value)
+    return cookies
 
 
 def browser_cookie(set_cookie: str) -> tuple[str, str] | None:
