@@ -145,6 +145,8 @@ _CRLF: Final = b"\r\n"
 _JSON: Final = "application/json"
 _STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
+# A timer may fire up to a clock tick early; within this it counts as expired.
+_TIMER_SLACK: Final = 0.001
 # Timer kinds (one re-armable handle per connection).
 _T_OFF: Final = 0
 _T_HEAD: Final = 1  # a complete request head is due (408)
@@ -534,7 +536,9 @@ class Connection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
     __slots__ = (
+        "__weakref__",  # the leak tests watch connections go
         "_broken",
+        "_deadline",
         "_detached",
         "_drain_waiter",
         "_head_bytes",
@@ -585,6 +589,7 @@ class Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = _T_OFF
+        self._deadline = 0.0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._lost = False
@@ -632,7 +637,7 @@ class Connection(asyncio.Protocol):
         if self._refused or self._detached:
             return
         self._lost = True
-        self._disarm()
+        self._stop_timer()
         self.listener.connection_gone(self)
         gone = ConnectionResetError("client closed the connection")
         for request in (self.current, self._parsing):
@@ -824,12 +829,20 @@ class Connection(asyncio.Protocol):
         self._broken = True
         log.debug("malformed request from %s: %s", self.remote, why)
         request = self._parsing
+        refusal = _Refused(f"malformed request: {why.strip()[:120]}")
         if request is not None and self._in_body:
+            queue = self.queue
+            if queue and queue[-1] is request:
+                # Not handed to the handler yet (llhttp checks the framing just after the
+                # head, e.g. an unknown Transfer-Encoding): refused like a bad head.
+                queue[-1] = refusal
+                self._parsing = None
+                return
             self.listener.on_error("malformed")
             request._keep = False
             request._fail(MalformedBody(f"malformed request body: {why}"))
             return
-        self.queue.append(_Refused(f"malformed request: {why.strip()[:120]}"))
+        self.queue.append(refusal)
 
     def _upgraded(self, tail: bytes) -> None:
         """llhttp stopped after an Upgrade (or CONNECT) request's head: what follows is
@@ -971,12 +984,12 @@ class Connection(asyncio.Protocol):
             connection = b""
         server = self.listener.server_line
         if server and "Server" in headers:
-            server = b""
+            server = b""  # the back end's own, relayed
         return b"".join(
             (
                 _status_line(status, reason),
                 _fields(headers.items()),
-                _date(),
+                b"" if "Date" in headers else _date(),
                 server,
                 connection,
                 framing,
@@ -1018,6 +1031,9 @@ class Connection(asyncio.Protocol):
                     return
                 if isinstance(result, Answer):
                     self._answer(request, result)
+                    if self.write_paused:
+                        # A client pipelining without reading holds one answer, not all.
+                        await self.drain()
                 else:
                     if not result.finished:
                         await result.finish()
@@ -1119,20 +1135,37 @@ class Connection(asyncio.Protocol):
     # -- timers and closing ------------------------------------------------------------
 
     def _arm(self, kind: int, delay: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        """Guard the connection with ``kind`` from now for ``delay`` seconds. The timer
+        handle is reused: a later deadline only moves ``_deadline`` (checked when the
+        handle fires), so a request on a kept-alive connection creates no timer."""
+        deadline = self.loop.time() + delay
         self._timer_kind = kind
-        self._timer = self.loop.call_later(delay, self._expired)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
+        """Nothing is guarded any more (a pending handle finds nothing to do)."""
+        self._timer_kind = _T_OFF
+
+    def _stop_timer(self) -> None:
+        self._timer_kind = _T_OFF
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._timer_kind = _T_OFF
 
     def _expired(self) -> None:
-        kind = self._timer_kind
         self._timer = None
+        kind = self._timer_kind
+        if kind == _T_OFF:
+            return
+        if self.loop.time() + _TIMER_SLACK < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+            return
         self._timer_kind = _T_OFF
         if self._lost or self._detached or self.current is not None or self.queue:
             return
@@ -1149,14 +1182,14 @@ class Connection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        self._disarm()
+        self._stop_timer()
         self._lingering = False
         transport = self.transport
         if transport is not None and not self._detached:
             transport.close()
 
     def abort(self) -> None:
-        self._disarm()
+        self._stop_timer()
         transport = self.transport
         if transport is not None and not self._detached:
             transport.abort()
@@ -1173,7 +1206,7 @@ class Connection(asyncio.Protocol):
             transport.pause_reading()
             self._read_paused = True
         self._detached = True
-        self._disarm()
+        self._stop_timer()
         tail = self._tail or b""
         self._tail = None
         self.queue.clear()

@@ -367,14 +367,25 @@ async def test_a_malformed_request_behind_a_good_one_is_refused_in_its_turn(serv
     assert s2.closed
 
 
-async def test_a_trailer_repeating_host_fails_the_body(serve: Any) -> None:
+async def test_a_trailer_repeating_host_refuses_the_request(serve: Any) -> None:
+    """Sent in one piece, the bad trailer is seen before the handler starts: a 400. Sent
+    after the handler began reading, the body read fails (``MalformedBody``), counted."""
     s = await serve()
+    head = b"POST /read-fails HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"3\r\nabc\r\n0\r\nHost: evil\r\n\r\n"
-    data = b"POST /read-fails HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
-    talk = await converse(s.port, data, linger=3)
-    assert talk.statuses == [500]  # the tiny handler does not catch it
+    talk = await converse(s.port, head + body, linger=3)
+    assert_refusal(talk, 400, "malformed")
+    assert s.seen == []
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(head + b"3\r\nabc\r\n")
+    await until(lambda: len(s.seen) == 1)
+    writer.write(b"0\r\nHost: evil\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 500 ")  # the tiny handler does not catch it
     assert s.events == ["MalformedBody"]
-    assert "malformed" in s.errors
+    assert s.errors == ["malformed", "malformed", "internal"]
 
 
 async def test_a_handler_crash_is_a_json_500_without_details(serve: Any) -> None:
