@@ -147,6 +147,9 @@ _STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() f
 
 # A timer may fire up to a clock tick early; within this it counts as expired.
 _TIMER_SLACK: Final = 0.001
+# Status lines with a back end's reason phrase remembered (relayed answers reuse a few).
+MAX_STATUS_LINES: Final = 256
+_REASON_LINES: dict[tuple[int, str], bytes] = {}
 # Timer kinds (one re-armable handle per connection).
 _T_OFF: Final = 0
 _T_HEAD: Final = 1  # a complete request head is due (408)
@@ -181,10 +184,17 @@ def _date() -> bytes:
 
 
 def _status_line(status: int, reason: str | None) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None or (reason is not None and not line.endswith(f" {reason}\r\n".encode())):
-        text = reason if reason is not None else "Unknown"
-        return f"HTTP/1.1 {status} {text}\r\n".encode("utf-8", "surrogateescape")
+    if reason is None:
+        line = _STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = "Unknown"
+    key = (status, reason)
+    line = _REASON_LINES.get(key)
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason}\r\n".encode("utf-8", "surrogateescape")
+        if len(_REASON_LINES) < MAX_STATUS_LINES:  # reasons come from back ends: bounded
+            _REASON_LINES[key] = line
     return line
 
 
