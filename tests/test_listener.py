@@ -611,3 +611,24 @@ async def test_an_upgrade_not_switched_closes_after_its_answer(serve: Any) -> No
     assert talk.statuses == [200]
     assert orjson.loads(talk.responses[0].body)["body"] == "hello"
     assert talk.closed
+
+
+async def test_input_split_anywhere_is_read_alike(serve: Any) -> None:
+    """The same pipelined requests (a sized body, a chunked one last) written whole, in
+    1-byte pieces and in odd pieces: the same answers in the same order."""
+    s = await serve(max_pipelined=2)
+    chunked = (
+        b"POST /echo/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n"
+    )
+    data = get("/echo/a") + post("/echo/b", b"hello") + get("/echo/d") + chunked
+    bodies = []
+    for step in (len(data), 1, 7, 64):
+        pieces = [data[i : i + step] for i in range(0, len(data), step)]
+        talk = await converse(s.port, pieces, responses=4, linger=3)
+        assert talk.closed  # after the chunked one
+        bodies.append(
+            [(orjson.loads(r.body)["path"], orjson.loads(r.body)["body"]) for r in talk.responses]
+        )
+    expected = [("/echo/a", ""), ("/echo/b", "hello"), ("/echo/d", ""), ("/echo/c", "abcde")]
+    assert bodies == [expected] * 4
