@@ -700,6 +700,7 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         assert parser is not None
         heads = self._heads
+        awaiting = not self._in_body  # these bytes start in a head (counted if it goes on)
         size = len(data)
         try:
             if size <= FEED_SLICE:
@@ -730,7 +731,9 @@ class Connection(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as exc:
             self._malformed(str(exc) or "malformed request")
-        if self._heads == heads and not self._in_body:
+        if awaiting and self._heads == heads:
+            # Still in the same head. (Bytes of a next head after a body's end are not
+            # counted: at most one read's worth beyond max_head_bytes, as aiohttp's.)
             self._head_bytes += size
         if self.queue:
             self._disarm()

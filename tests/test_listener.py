@@ -632,3 +632,28 @@ async def test_input_split_anywhere_is_read_alike(serve: Any) -> None:
         )
     expected = [("/echo/a", ""), ("/echo/b", "hello"), ("/echo/d", ""), ("/echo/c", "abcde")]
     assert bodies == [expected] * 4
+
+
+async def test_body_bytes_never_count_as_head_bytes(serve: Any) -> None:
+    """Bodies far larger than max_head_bytes, sized and chunked, in big writes, one after
+    the other on one connection (a body's end and the next head share a read)."""
+    s = await serve(max_head_bytes=1024)
+    body = b"y" * 300_000
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (50_000, body[i : i + 50_000]) for i in range(0, 300_000, 50_000)
+    )
+    data = (
+        post("/echo/1", body)
+        + post("/echo/2", body)
+        + (
+            b"POST /echo/3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked
+            + b"0\r\n\r\n"
+        )
+    )
+    talk = await converse(s.port, data, responses=3, wait=10)
+    assert talk.statuses == [200, 200, 200], talk.raw[:200]
+    assert [len(orjson.loads(r.body)["body"]) for r in talk.responses] == [300_000] * 3
+    # A body whose last read holds nothing more, then the next head on its own.
+    talk = await converse(s.port, post("/echo/4", body), responses=2, followup=get("/echo/5"))
+    assert talk.statuses == [200, 200], talk.raw[:200]
