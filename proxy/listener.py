@@ -669,9 +669,22 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool | None:
-        if self._lingering:
+        """The client will send nothing more (a half-close): what it sent is still
+        answered, the last answer closing the connection; a body cut short fails."""
+        if self._lingering or self._detached:
             self._close()
-        return None  # the transport closes its side; answers in progress fail to write
+            return None
+        parsing = self._parsing
+        if parsing is not None:
+            parsing._fail(ConnectionResetError("client ended its side mid-body"))
+        self._broken = True  # nothing more will be parsed
+        last = self.queue[-1] if self.queue else self.current
+        if isinstance(last, Request):
+            last._keep = False
+            return True  # keep writing: the transport closes after the last answer
+        if self.current is None and not self.queue:
+            return None  # idle: the transport closes
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._broken:

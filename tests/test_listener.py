@@ -657,3 +657,18 @@ async def test_body_bytes_never_count_as_head_bytes(serve: Any) -> None:
     # A body whose last read holds nothing more, then the next head on its own.
     talk = await converse(s.port, post("/echo/4", body), responses=2, followup=get("/echo/5"))
     assert talk.statuses == [200, 200], talk.raw[:200]
+
+
+async def test_a_client_half_close_still_gets_its_answers(serve: Any) -> None:
+    s = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(get("/gate") + get("/b"))
+    writer.write_eof()
+    await until(lambda: bool(s.seen) and s.seen[0]._conn._broken)  # the EOF was read
+    s.gate.set()
+    async with asyncio.timeout(5):
+        answers = await reader.read()
+    writer.close()
+    assert answers.count(b"HTTP/1.1 200 ") == 2
+    assert answers.count(b"Connection: close") == 1
+    await until(lambda: s.listener.open_connections == 0)
