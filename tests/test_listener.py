@@ -11,13 +11,17 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from proxy import accept
 from proxy import config as cfg
+from proxy.boundary import request_cookies
 from proxy.listener import Answer, Connection, Listener, Request, Stream
 
 from .conftest import until
+from .test_boundary import boundary
 from .wire import Conversation, converse
 
 
@@ -672,3 +676,34 @@ async def test_a_client_half_close_still_gets_its_answers(serve: Any) -> None:
     assert answers.count(b"HTTP/1.1 200 ") == 2
     assert answers.count(b"Connection: close") == 1
     await until(lambda: s.listener.open_connections == 0)
+
+
+_PAIR = st.builds(
+    "{}={}".format,
+    st.sampled_from(["a", "b", "tt_session", "TT_Session", "x.y", "_SID_Tokopedia_", ""]),
+    st.text(alphabet='ab"= ,1', max_size=6),
+)
+_COOKIE_TEXT = st.one_of(
+    st.text(alphabet='ab_ST=;" ,\t.%$x1', max_size=30),
+    st.builds(
+        lambda pairs, sep: sep.join(pairs),
+        st.lists(_PAIR, max_size=4),
+        st.sampled_from(["; ", ";", " ; "]),
+    ),
+)
+
+
+@given(st.lists(_COOKIE_TEXT, min_size=1, max_size=3))
+def test_request_cookies_are_what_the_boundary_forwards(lines: list[str]) -> None:
+    """Sticky routing, hashing and rate-limit keys read ``Request.cookies``: the same
+    cookies, with the same values, that the upstream gets after ``scrub`` (the first of a
+    repeated name, as back ends read it), minus what the system may not see."""
+    headers: CIMultiDict[str] = CIMultiDict([("Cookie", line) for line in lines])
+    boundary().scrub(headers, "tokopedia")  # tokopedia may not see tt_session
+    forwarded: dict[str, str] = {}
+    for pair in headers.get("Cookie", "").split("; "):
+        if pair:
+            name, _, value = pair.partition("=")
+            forwarded.setdefault(name, value[1:-1] if value.startswith('"') else value)
+    read = {k: v for k, v in request_cookies(lines).items() if k.lower() != "tt_session"}
+    assert read == forwarded
