@@ -501,7 +501,21 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("access log (proxy/accesslog.py)", ("proxy/accesslog.py",)),
     ("audit (compliance.AuditLog)", ("AuditLog",)),
     ("h1transport (upstream client)", ("proxy/h1transport.py", "proxy/upstream.py")),
-    ("forward.py (handler, headers, relay)", ("proxy/forward.py",)),
+    (
+        "handler (forward, steps, attempts, relay, gate, answers, headers, record)",
+        (
+            "proxy/forward.py",
+            "proxy/steps.py",
+            "proxy/attempts.py",
+            "proxy/relay.py",
+            "proxy/gate.py",
+            "proxy/answers.py",
+            "proxy/headers.py",
+            "proxy/record.py",
+            "proxy/clientbody.py",
+            "proxy/exchange.py",
+        ),
+    ),
     (
         "policies (paths, router, boundary, compliance, split, health, retry)",
         (
