@@ -14,10 +14,11 @@ import re
 from typing import Final
 
 import orjson
-from aiohttp import web
+from multidict import CIMultiDict
 
-from . import errors, respond
+from . import errors
 from .exchange import Exchange
+from .listener import Response
 from .metrics import ClusterMetrics
 from .requestid import new_id
 
@@ -30,9 +31,6 @@ _REQUEST_ID_OK: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}").fullmatch
 # connection closes (Envoy's delayed_close_timeout): closing at once with body bytes unread
 # would make the kernel send a reset that can destroy the 413 before the client reads it.
 REFUSED_LINGER: Final = 1.0
-# Set on a request whose body was refused: seconds the listener lingers after answering
-# (read and discard what the client still sends) before it closes the connection.
-LINGER: Final = web.RequestKey("jalur_linger", float)
 # The reason (and upstream error kind) of a 504 when a route's whole-request timeout ran out.
 ROUTE_TIMEOUT: Final = "route_timeout"
 
@@ -43,21 +41,21 @@ def new_request_id(incoming: str | None) -> str:
     return new_id()
 
 
-def error_response(status: int, message: str, request_id: str, **extra: str) -> web.Response:
+def error_response(status: int, message: str, request_id: str, **extra: str) -> Response:
     body = {"error": message, "request_id": request_id, **extra}
     if "reason" not in body and "kind" in body:  # an upstream failure: its kind says why
         body["reason"] = body["kind"]
-    return respond.Response(
-        status=status,
-        body=orjson.dumps(body),
+    return Response(
+        status,
+        orjson.dumps(body),
+        CIMultiDict({"x-request-id": request_id}),
         content_type="application/json",
-        headers={"x-request-id": request_id},
     )
 
 
 def failure_response(
     exc: errors.ProxyError, request_id: str, where: str, note: str = ""
-) -> web.Response:
+) -> Response:
     """The answer to a failed or refused upstream exchange: the kind of failure (``public``,
     ``kind``) and the request id; the detail is logged under the same request id."""
     level = logging.WARNING if isinstance(exc, errors.UpstreamError) else logging.INFO
@@ -65,7 +63,7 @@ def failure_response(
     return error_response(exc.status, exc.public + note, request_id, kind=exc.kind, reason=exc.kind)
 
 
-def reject(ex: Exchange, status: int, message: str, reason: str) -> web.Response:
+def reject(ex: Exchange, status: int, message: str, reason: str) -> Response:
     """Refused before routing: counted by reason, never under a route label."""
     ex.services.metrics.rejected(reason)
     if ex.flags == "-":
@@ -79,7 +77,7 @@ def reject(ex: Exchange, status: int, message: str, reason: str) -> web.Response
     return resp
 
 
-def block(ex: Exchange, status: int, reason: str, message: str) -> web.Response:
+def block(ex: Exchange, status: int, reason: str, message: str) -> Response:
     """Refused by compliance after routing: counted per route, always audited."""
     assert ex.route is not None
     ex.state.bound.routes[ex.route.name].blocked(reason)
@@ -99,14 +97,14 @@ def block(ex: Exchange, status: int, reason: str, message: str) -> web.Response:
     return resp
 
 
-def gate_refusal(ex: Exchange, status: int, message: str, reason: str) -> web.Response:
+def gate_refusal(ex: Exchange, status: int, message: str, reason: str) -> Response:
     """Refused by the idempotency gate (counted there, by outcome)."""
     ex.status = status
     ex.reason = ex.reason or reason
     return error_response(status, message, ex.request_id, reason=reason)
 
 
-def unavailable(ex: Exchange, cm: ClusterMetrics, exc: errors.PolicyError) -> web.Response:
+def unavailable(ex: Exchange, cm: ClusterMetrics, exc: errors.PolicyError) -> Response:
     """503 without sending anything: circuit breaker open (UO) or no healthy endpoint
     (UH). Never a fallback to another cluster."""
     ex.flags = exc.flag
@@ -115,7 +113,7 @@ def unavailable(ex: Exchange, cm: ClusterMetrics, exc: errors.PolicyError) -> we
     return failure_response(exc, ex.request_id, ex.cluster.name if ex.cluster else "-")
 
 
-def refuse_body(ex: Exchange, exc: errors.RequestError) -> web.Response:
+def refuse_body(ex: Exchange, exc: errors.RequestError) -> Response:
     """413 (over the limit) or 408 (body stalled), counted by kind; nothing more of the
     body is forwarded and the connection closes after the answer."""
     body_refused(ex, exc)
@@ -133,18 +131,26 @@ def body_refused(ex: Exchange, exc: errors.RequestError) -> None:
     ex.services.metrics.rejected(exc.kind)
     ex.flags = exc.flag
     stalled = type(exc) is errors.BodyTimeout  # a dripping (BodyDeadline) one still sends
-    ex.request[LINGER] = 0.0 if stalled else REFUSED_LINGER
+    # Seconds the listener lingers after answering (reads and discards what the client still
+    # sends) before it closes the connection.
+    ex.request.linger = 0.0 if stalled else REFUSED_LINGER
     # The body keeps its refusal, whose traceback holds the frames that read the body (and
     # through them the request and its connection): a cycle the collector would free only
     # at its next full pass. Dropped here, where the answer is decided.
     exc.__traceback__ = None
 
 
-def body_failed(ex: Exchange) -> web.Response:
+def body_failed(ex: Exchange) -> Response:
     """The answer when reading the client's body failed: its refusal (413/408) when a limit
     cut it, else 400 for a client that broke off mid-upload."""
     body = ex.body
     if body is not None and body.refused is not None:
         return refuse_body(ex, body.refused)
     ex.flags = "DC"
+    if body is not None and body.malformed:
+        # Its framing broke (a chunk size, a trailer): counted by the listener.
+        message = "malformed request: the request body's framing is invalid"
+        resp = error_response(400, message, ex.request_id, reason="malformed")
+        resp.force_close()
+        return resp
     return error_response(400, "client body ended early", ex.request_id)

@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Final
-
-import aiohttp
-from aiohttp import web
 
 from . import errors
-
-HTTP11: Final = aiohttp.HttpVersion11
-CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+from .listener import MalformedBody, Request
 
 
 class ClientBody:
@@ -28,9 +22,9 @@ class ClientBody:
     It enforces the route's body limits: more than ``limit`` bytes raises ``BodyTooLarge``
     and no byte for ``idle`` seconds raises ``BodyTimeout``; either is kept in ``refused``
     so that whoever was reading (the upstream transport, a policy) answers 413/408 instead
-    of blaming the upstream. ``100 Continue`` goes out on the first read only, so every
-    answer given without reading the body (a refusal, a 404, a 413 by Content-Length) is
-    given without inviting the body first.
+    of blaming the upstream. ``100 Continue`` goes out on the first read only (the
+    listener's ``Request.read``), so every answer given without reading the body (a
+    refusal, a 404, a 413 by Content-Length) is given without inviting the body first.
 
     It can be iterated again (a retry) when it is ``replayable``: the whole body is in
     ``preread``, or nothing of it was read for an upstream yet."""
@@ -38,11 +32,11 @@ class ClientBody:
     __slots__ = (
         "bytes",
         "client_failed",
-        "continue_",
         "copy",
         "deadline",
         "idle",
         "limit",
+        "malformed",
         "prefix",
         "preread",
         "refused",
@@ -51,31 +45,27 @@ class ClientBody:
     )
 
     def __init__(
-        self, request: web.BaseRequest, limit: int, idle: float, copy: bytearray | None = None
+        self, request: Request, limit: int, idle: float, copy: bytearray | None = None
     ) -> None:
         self.request = request
         self.limit = limit
         self.idle = idle
         self.bytes = 0
         self.client_failed = False
+        self.malformed = False  # the client's body framing broke (listener.MalformedBody)
         self.refused: errors.RequestError | None = None
-        # The client waits for ``100 Continue`` before sending the body (HTTP/1.1 only).
-        self.continue_ = request.version >= HTTP11 and (
-            request.headers.get("Expect", "").lower() == "100-continue"
-        )
         self.copy = copy  # a shadow's copy of the body (bounded by the shadow plan)
         self.preread: bytes | None = None  # the whole body, when a policy had to read it
         self.prefix: bytes | None = None  # read by ``buffer``, still to be sent first
         self.started = False  # an upstream attempt has begun reading the body
-        # The whole body must have arrived by then (``listen.body_timeout``, read from the
-        # listener's protocol; None off a listener): a client dripping a byte just inside
-        # ``idle`` cannot hold the request (and what it holds) open for ever.
-        total: float | None = getattr(request.protocol, "body_timeout", None)
-        self.deadline = None if total is None else asyncio.get_running_loop().time() + total
+        # The whole body must have arrived by then (``listen.body_timeout``): a client
+        # dripping a byte just inside ``idle`` cannot hold the request (and what it holds)
+        # open for ever.
+        self.deadline = asyncio.get_running_loop().time() + request.body_timeout
 
     def client_done(self) -> bool:
         """The client has sent its whole body (what is left is buffered here)."""
-        return self.request.content.is_eof()
+        return self.request.at_eof()
 
     @property
     def replayable(self) -> bool:
@@ -136,22 +126,17 @@ class ClientBody:
             yield chunk
 
     async def _stream(self) -> AsyncIterator[bytes]:
-        request = self.request
-        content = request.content
-        if self.continue_:
-            self.continue_ = False
-            await request.writer.write(CONTINUE)
+        content = self.request
         deadline = self.deadline
         while True:
             wait = self.idle
             try:
-                if content.total_bytes > self.bytes or content.is_eof():
-                    chunk = await content.readany()  # buffered: no timer needed
+                if content.total_bytes > self.bytes or content.at_eof():
+                    chunk = await content.read()  # buffered: no timer needed
                 else:
-                    if deadline is not None:
-                        wait = min(wait, max(0.0, deadline - asyncio.get_running_loop().time()))
+                    wait = min(wait, max(0.0, deadline - asyncio.get_running_loop().time()))
                     async with asyncio.timeout(wait):
-                        chunk = await content.readany()
+                        chunk = await content.read()
             except TimeoutError:
                 if wait == self.idle:
                     why = f"no request body bytes for {self.idle:g}s; request cut"
@@ -160,8 +145,9 @@ class ClientBody:
                     why = "request body not complete within listen.body_timeout; request cut"
                     self.refused = errors.BodyDeadline(why)
                 raise self.refused from None
-            except Exception:
+            except Exception as exc:
                 self.client_failed = True
+                self.malformed = isinstance(exc, MalformedBody)
                 raise
             if not chunk:
                 return

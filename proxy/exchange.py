@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .listener import Request, Response, Stream
 
 if TYPE_CHECKING:
     from . import idempotency as idem
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     from .state import Services, State
     from .upstream import ClusterRuntime, Endpoint
 
-# What a step answers with when it ends the request.
-Answer = web.StreamResponse
+# What a step answers with when it ends the request: a whole answer or a streamed one.
+Answer = Response | Stream
 
 
 class Exchange:
@@ -68,7 +69,7 @@ class Exchange:
         self,
         state: State,
         services: Services,
-        request: web.BaseRequest,
+        request: Request,
         request_id: str,
         started: float = 0.0,
     ) -> None:

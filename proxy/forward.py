@@ -27,19 +27,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from aiohttp import web
-
 from . import attempts
-from .answers import LINGER, error_response, failure_response, new_request_id
+from .answers import error_response, failure_response, new_request_id
 from .exchange import Answer, Exchange
 from .gate import settle
+from .listener import Request
 from .record import record
 from .relay import is_websocket, relay, websocket
 from .state import Services, State, build_state
 from .steps import STEPS
 
 __all__ = [
-    "LINGER",
     "Forwarder",
     "Services",
     "State",
@@ -67,7 +65,7 @@ class Forwarder:
     def clock(self, clock: Callable[[], float]) -> None:
         self.services.clock = clock
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Answer:
         state = self.state
         started = time.monotonic()
         rid = new_request_id(request.headers.get("X-Request-Id"))
@@ -90,7 +88,7 @@ async def _serve(ex: Exchange) -> Answer:
             out = step(ex)
             if out is None:
                 continue
-            if not isinstance(out, web.StreamResponse):
+            if not isinstance(out, Answer):
                 out = await out  # a step that had something to wait for
                 if out is None:
                     continue
@@ -122,7 +120,7 @@ async def _forward(ex: Exchange) -> Answer:
     assert ex.cluster is not None
     timeout = ex.policy.timeout
     up = await (send if timeout is None else attempts.within(ex, timeout, send))
-    if isinstance(up, web.StreamResponse):
+    if isinstance(up, Answer):
         return up
     state = ex.state
     state.migration.served(ex.route.name, ex.cluster.name)

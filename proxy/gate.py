@@ -13,7 +13,6 @@ import asyncio
 import logging
 from typing import Final
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from . import errors, ratelimit
@@ -21,6 +20,7 @@ from . import idempotency as idem
 from .answers import body_failed, gate_refusal, refuse_body
 from .clientbody import ClientBody
 from .exchange import Answer, Exchange
+from .listener import Response
 from .retry import IDEMPOTENCY_KEY
 from .upstream import UpstreamResponse
 
@@ -134,7 +134,7 @@ def replay(ex: Exchange, begun: idem.Begin) -> Answer:
     )
     headers[idem.REPLAYED_HEADER] = "true"
     headers["x-request-id"] = ex.request_id
-    return web.Response(status=stored.status, body=stored.body, headers=headers)
+    return Response(stored.status, stored.body, headers)
 
 
 def anonymous_quota(ex: Exchange, trusted_hops: int) -> str:

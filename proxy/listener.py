@@ -2,7 +2,7 @@
 
 Shaped like uvicorn's ``httptools_impl`` (read, not copied): one ``Connection`` protocol per
 client socket feeds ``httptools.HttpRequestParser``; each request head becomes a slotted
-``Request`` handed to one handler coroutine, ``async handler(request) -> Answer | Stream``.
+``Request`` handed to one handler coroutine, ``async handler(request) -> Response | Stream``.
 Requests on one connection are handled one at a time, in order (pipelining); what the
 client sent ahead waits parsed in a bounded queue. ``Listener`` is the protocol factory
 (given to ``accept.Acceptor``) and owns what is per listener: the connection count, the
@@ -38,7 +38,7 @@ Bodies
     mid-body raises ``ConnectionResetError`` from ``read``; a body llhttp refuses raises
     ``MalformedBody`` (counted ``malformed``; the connection closes after the answer).
 Answers
-    ``Answer``: a whole answer written in one ``transport.write`` (head and body).
+    ``Response``: a whole answer written in one ``transport.write`` (head and body).
     ``Stream``: a streamed one; its head goes out with the first body chunk (or alone by
     ``send_head``), chunked for HTTP/1.1 when no ``Content-Length`` is given,
     close-delimited for HTTP/1.0. HEAD, 1xx, 204 and 304 answers carry no body. ``Date``
@@ -82,12 +82,12 @@ __all__ = [
     "HTTP10",
     "HTTP11",
     "READ_HIGH_WATER",
-    "Answer",
     "Connection",
     "HttpVersion",
     "Listener",
     "MalformedBody",
     "Request",
+    "Response",
     "Stream",
     "head_refusal",
 ]
@@ -217,7 +217,7 @@ def head_refusal(status: bytes, error: str, reason: str, request_id: str) -> byt
     )
 
 
-class Answer:
+class Response:
     """A whole answer: ``headers`` (mutable) must not frame the body (the listener writes
     ``Content-Length``); ``close`` makes it the connection's last."""
 
@@ -486,7 +486,7 @@ class Stream:
         self._conn.abort()
 
 
-Handler = Callable[[Request], Awaitable[Answer | Stream]]
+Handler = Callable[[Request], Awaitable[Response | Stream]]
 
 
 class Listener:
@@ -902,7 +902,7 @@ class Connection(asyncio.Protocol):
         )
 
     def _refuse_raw(self, status: bytes, error: str, reason: str) -> None:
-        """Answer a head that never became a request, then close (no handler involved)."""
+        """Response a head that never became a request, then close (no handler involved)."""
         self._broken = True
         self.listener.on_error(reason)
         transport = self.transport
@@ -1001,7 +1001,9 @@ class Connection(asyncio.Protocol):
         close: bool,
     ) -> bytes:
         """An answer's head; ``close`` (or the connection's state) makes it the last."""
-        if close or self.closing(request):
+        if status == 101:
+            connection = b""  # the answer names the protocol switched to itself
+        elif close or self.closing(request):
             request._keep = False
             connection = _CLOSE
         elif request.version < HTTP11:
@@ -1023,7 +1025,7 @@ class Connection(asyncio.Protocol):
             )
         )
 
-    def _answer(self, request: Request, answer: Answer) -> None:
+    def _answer(self, request: Request, answer: Response) -> None:
         status = answer.status
         body = answer.body
         if status < 200 or status in _NO_BODY_STATUS:
@@ -1055,7 +1057,7 @@ class Connection(asyncio.Protocol):
                 result = await self.listener.handler(request)
                 if self._detached:
                     return
-                if isinstance(result, Answer):
+                if isinstance(result, Response):
                     self._answer(request, result)
                     if self.write_paused:
                         # A client pipelining without reading holds one answer, not all.
@@ -1084,7 +1086,7 @@ class Connection(asyncio.Protocol):
         if transport is None or self._lost:
             return
         if self.current is request and not transport.is_closing() and not self._wrote:
-            answer = Answer(
+            answer = Response(
                 500,
                 orjson.dumps(
                     {

@@ -1,4 +1,5 @@
-"""The upstream's answer, streamed to the client; WebSocket upgrades relayed both ways.
+"""The upstream's answer, streamed to the client; WebSocket upgrades relayed both ways
+(``wsbridge``, until the byte tunnel takes upgrades over).
 
 Invariants:
 - The answer's head goes out with its first body bytes (one write for a small answer) but
@@ -11,14 +12,12 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 from typing import Final
 
-import aiohttp
-from aiohttp import web
+from multidict import CIMultiDict
 
-from . import errors, respond
-from .answers import body_refused, failure_response
+from . import errors, wsbridge
+from .answers import body_refused, failure_response, reject
 from .exchange import Answer, Exchange
 from .gate import capture_rest, settle
 from .headers import response_headers
@@ -32,19 +31,13 @@ _WS_HANDSHAKE: Final = frozenset(
 WS_MAX_MESSAGE: Final = 4 * 1024 * 1024
 
 
-class _Relayed(respond.StreamResponse):
-    """A relayed response whose head is written together with its first body bytes (one
-    ``write``, one system call for a small answer). ``relay`` flushes the head on its own
-    when the upstream has not sent body bytes yet, so a slow body never delays the head."""
-
-    _send_headers_immediately = False  # aiohttp's own switch (web.Response sets it too)
-
-
 async def relay(ex: Exchange, upr: UpstreamResponse) -> Answer:
     request, cluster, state = ex.request, ex.cluster, ex.state
     assert cluster is not None
-    resp = _Relayed(status=upr.status, reason=upr.reason)
-    headers = response_headers(upr.header_items(), ex.request_id, resp.headers)
+    headers = response_headers(upr.header_items(), ex.request_id, CIMultiDict())
+    # The head goes out with the first body bytes (one write), or alone below when the
+    # upstream has sent none yet, so a slow body never delays the head.
+    resp = request.stream(upr.status, headers, reason=upr.reason)
     copy = ex.copy
     digest = copy.digest if copy is not None else None
     dropped = state.boundary.filter_response(headers, cluster.system)
@@ -56,9 +49,8 @@ async def relay(ex: Exchange, upr: UpstreamResponse) -> Answer:
         ticket.answered = True
     ex.status = upr.status
     try:
-        await resp.prepare(request)
         if not upr.body_ready():
-            request.writer.send_headers()
+            resp.send_head()
     except ConnectionError:
         ex.flags = "DC"
         if ticket is not None:
@@ -91,9 +83,7 @@ async def relay(ex: Exchange, upr: UpstreamResponse) -> Answer:
         # The head is out: the only honest signal left is to cut the connection.
         _failed_mid_answer(ex, cluster, exc)
         upr.close()
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
+        resp.abort()
         return resp
     except ConnectionError:
         ex.flags = "DC"
@@ -135,6 +125,9 @@ async def websocket(ex: Exchange) -> Answer:
     assert endpoint is not None
     assert headers is not None
     request_id = ex.request_id
+    problem = wsbridge.handshake_problem(ex.headers)
+    if problem is not None:
+        return reject(ex, 400, problem, "websocket_handshake")
     # The request's own state (not the forwarder's, which a reload may have swapped): the
     # session is closed with the state this upgrade started on.
     transport = ex.state.websocket_transport(cluster)
@@ -148,54 +141,17 @@ async def websocket(ex: Exchange) -> Answer:
         ex.flags = exc.flag
         ex.state.bound.clusters[cluster.name].error(exc.kind)
         return failure_response(exc, request_id, f"{cluster.name}/{endpoint.url}")
-    ws = respond.WebSocketResponse(
-        protocols=[upstream_ws.protocol] if upstream_ws.protocol else (),
-        max_msg_size=WS_MAX_MESSAGE,
-        autoping=True,
+    head = wsbridge.switching_head(
+        ex.headers.get("Sec-WebSocket-Key", ""), upstream_ws.protocol, request_id
     )
-    ws.headers["x-request-id"] = request_id
-    await ws.prepare(ex.request)
-    ex.status = 101
-    await _pump_websockets(ws, upstream_ws)
-    return ws
-
-
-async def _pump_websockets(
-    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    async def client_to_upstream() -> None:
-        async for msg in client:
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                await upstream.send_str(msg.data)
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                await upstream.send_bytes(msg.data)
-            else:
-                break
-        await upstream.close()
-
-    async def upstream_to_client() -> None:
-        async for msg in upstream:
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                await client.send_str(msg.data)
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                await client.send_bytes(msg.data)
-            else:
-                break
-        await client.close(code=upstream.close_code or aiohttp.WSCloseCode.OK)
-
-    tasks = [
-        asyncio.ensure_future(client_to_upstream()),
-        asyncio.ensure_future(upstream_to_client()),
-    ]
+    switched = ex.request.stream(101, head)
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:
-            exc = t.exception()
-            if exc is not None and not isinstance(exc, ConnectionError | aiohttp.ClientError):
-                raise exc
-    finally:
-        await upstream.close()
-        await client.close()
+        switched.send_head()
+        client, leftover = ex.request.detach()
+    except ConnectionError:
+        ex.flags = "DC"
+        await upstream_ws.close()
+        return switched
+    ex.status = 101
+    await wsbridge.bridge(client, leftover, upstream_ws, WS_MAX_MESSAGE)
+    return switched

@@ -1,10 +1,8 @@
 """Assembly and lifecycle: the data listener, the admin listener, reload and drain.
 
-The data listener is aiohttp's low-level ``web.Server`` (no router, no middlewares: one
-handler) with a protocol subclass that enforces a header-read deadline, which aiohttp does
-not have: a client that has not sent a complete request head within
-``listen.header_read_timeout`` seconds is answered 408 and disconnected. Its connections are
-accepted by ``accept.Acceptor`` (a burst in one wake-up, not one per loop iteration as uvloop).
+The data listener is Jalur's own (``listener``: asyncio protocols and llhttp, with every
+listener limit); its connections are accepted by ``accept.Acceptor`` (a burst in one
+wake-up, not one per loop iteration as uvloop). The admin listener is aiohttp.
 """
 
 from __future__ import annotations
@@ -18,12 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from . import accept, heap, parentwatch, tls
 from . import admin as admin_mod
@@ -31,17 +24,10 @@ from . import audit as audit_mod
 from . import config as cfg
 from . import fleet as fleet_mod
 from . import idempotency as idem
+from . import listener as listener_mod
 from .accesslog import AccessLog
 from .compliance import AuditLog
-from .forward import (
-    LINGER,
-    Forwarder,
-    Services,
-    State,
-    build_state,
-    error_response,
-    new_request_id,
-)
+from .forward import Forwarder, Services, State, build_state
 from .idempotency import make_store
 from .metrics import Metrics
 from .shadow import Shadower
@@ -62,267 +48,36 @@ RELEASE_DELAY: Final = 1.0
 RELEASE_MAX_WAIT: Final = 15.0
 
 
-def timeout_408(request_id: str) -> bytes:
-    """The answer to a client that did not send a whole request head in time (written to the
-    socket directly: there is no request object to answer)."""
-    return head_refusal(
-        b"408 Request Timeout", "request head not received in time", "header_timeout", request_id
-    )
+class DataListener(listener_mod.Listener):
+    """The data listener (``listener.Listener``) plus the release of the heap a burst of
+    connections used once they are gone."""
 
-
-def head_refusal(status: bytes, error: str, reason: str, request_id: str) -> bytes:
-    """A JSON refusal of a request whose head never became a request, as raw bytes."""
-    body = orjson.dumps({"error": error, "request_id": request_id, "reason": reason})
-    return b"".join(
-        (
-            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n",
-            b"Connection: close\r\nX-Request-Id: ",
-            request_id.encode(),
-            b"\r\nContent-Length: ",
-            str(len(body)).encode(),
-            b"\r\n\r\n",
-            body,
-        )
-    )
-
-
-class _Protocol(RequestHandler):
-    """aiohttp's HTTP/1.1 protocol plus the listener limits aiohttp does not have: a
-    deadline for a complete request head, a connection cap, requests per connection and a
-    bound on pipelined requests parsed ahead."""
-
-    def __init__(self, manager: _Server, *, limits: cfg.Listen, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._limits = limits
-        self._jalur = manager
-        self.server_header = limits.server_header  # read by ``respond.ServerHeader``
-        self.body_timeout = limits.body_timeout  # read by ``clientbody.ClientBody``
-        # Bytes of the request head being received (reset when a head is complete), and
-        # the body of the last request parsed (bytes before its end are body, not head).
-        self._head_bytes = 0
-        self._last_payload: StreamReader | None = None
-        self._header_timeout = limits.header_read_timeout
-        self._header_deadline: asyncio.TimerHandle | None = None
-        # Requests taken on for handling on this connection (the one reaching
-        # ``max_requests_per_connection`` is served and answered with Connection: close).
-        self.served = 0
-        # aiohttp pauses reading when this many parsed requests wait (pipelining depth).
-        self._max_msg_queue_size = limits.max_pipelined
-        self._msg_queue_resume_size = max(1, limits.max_pipelined // 2)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._jalur
-        if server.open_connections >= self._limits.max_connections:
-            server.on_error("max_connections")
-            transport.close()  # refused before any byte is read
-            self._refused = True
-            return
-        self._refused = False
-        server.open_connections += 1
-        if server.open_connections > server.peak_connections:
-            server.peak_connections = server.open_connections
-        super().connection_made(transport)
-        self._arm()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if getattr(self, "_refused", True):
-            return
-        self._jalur.connection_gone()
-        self._last_payload = None  # it refers back to this protocol: no cycle left behind
-        self._disarm()
-        super().connection_lost(exc)
-
-    @property
-    def closing(self) -> bool:
-        """The answer being written is this connection's last: it must say
-        ``Connection: close`` (read by ``respond.ServerHeader`` and ``finish_response``)."""
-        return (
-            self._close
-            or self._force_close
-            or self._jalur.draining
-            or self.served >= self._limits.max_requests_per_connection
-        )
-
-    def _awaiting_head(self) -> bool:
-        """The next bytes belong to a request head: the last request parsed on this
-        connection (if any) has its whole body."""
-        last = self._last_payload
-        return last is None or last.is_eof()
-
-    def _head_over_limit(self, data: bytes) -> bool:
-        """Would ``data`` take the head being received over ``max_head_bytes``? (Checked
-        before the parser sees the bytes, so they are never buffered.)"""
-        limit = self._limits.max_head_bytes
-        if self._head_bytes + len(data) <= limit:
-            return False
-        end = data.find(b"\r\n\r\n")
-        return end < 0 or self._head_bytes + end + 4 > limit
-
-    def data_received(self, data: bytes) -> None:
-        awaiting = self._awaiting_head()
-        if awaiting and self._head_over_limit(data):
-            if self.transport is not None:
-                message = f"request head over {self._limits.max_head_bytes} bytes"
-                rid = new_request_id(None)
-                self.transport.write(
-                    head_refusal(
-                        b"431 Request Header Fields Too Large", message, "head_too_large", rid
-                    )
-                )
-            self._jalur.on_error("head_too_large")
-            self.force_close()
-            return
-        count = self._request_count
-        if (self._close or self._force_close) and self._request_in_progress:
-            # Closing (drain, or aiohttp's shutdown) while a request is being served: its
-            # body must still arrive, or the request it belongs to is lost. aiohttp would
-            # ignore these bytes; requests parsed from them are not served (the answer in
-            # progress says Connection: close, so the client knows).
-            close, force = self._close, self._force_close
-            self._close = self._force_close = False
-            try:
-                super().data_received(data)
-            finally:
-                self._close, self._force_close = close, force
-        else:
-            super().data_received(data)
-        if self._request_count != count:
-            self._head_bytes = 0  # a head completed (a partial next one is not counted)
-            if self._messages:
-                self._last_payload = self._messages[-1][1]
-        elif awaiting:
-            self._head_bytes += len(data)
-        if self._messages or self._request_in_progress:
-            self._disarm()  # a whole head arrived (or a handler owns the connection)
-        elif self._header_deadline is None:
-            self._arm()
-
-    def _arm(self) -> None:
-        if self._header_deadline is None:
-            self._header_deadline = self._loop.call_later(self._header_timeout, self._expired)
-
-    def _disarm(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
-
-    def _expired(self) -> None:
-        self._header_deadline = None
-        if self._messages or self._request_in_progress or self.transport is None:
-            return
-        self.transport.write(timeout_408(new_request_id(None)))
-        self._jalur.on_error("header_timeout")
-        self.force_close()  # closes the transport (the 408 is flushed first)
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        headers = request.headers
-        if "Transfer-Encoding" in headers or "Upgrade" in headers:
-            # No further request on this connection, for two aiohttp parser flaws: after a
-            # chunked request its C parser carries the last trailer field over into the next
-            # request's headers; and after a request asking for an Upgrade it stops parsing,
-            # so when no 101 is sent (the upgrade is not performed) whatever the client
-            # pipelined behind that request is dropped unread.
-            resp.force_close()
-        if self.closing and not resp.prepared:
-            resp.force_close()  # the last answer says so (Connection: close)
-        out = await super().finish_response(request, resp, start_time)
-        linger = request.get(LINGER)
-        if linger is not None:
-            # The body was refused (413/408): read and discard what still comes for at
-            # most this long instead of aiohttp's 10 s, then close.
-            self._lingering_time = linger
-        return out
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """Requests aiohttp refuses itself (malformed request line or headers) and handler
-        crashes: a JSON error like every other, counted, never a traceback per bad client."""
-        if request.writer.output_size > 0:
-            log.error("error after the response started: %r", exc, exc_info=exc)
-            raise ConnectionError("response already started; closing the connection")
-        request_id = new_request_id(None)
-        if status >= 500:
-            log.error("internal error request_id=%s", request_id, exc_info=exc)
-            reason, text = "internal", "internal proxy error"
-        else:
-            reason = "malformed"
-            detail = getattr(exc, "message", None) or message or "malformed request"
-            text = f"malformed request: {str(detail).strip().splitlines()[0][:120]}"
-            log.debug("malformed request from %s: %s", request.remote, exc)
-        manager = self._manager
-        if isinstance(manager, _Server):
-            manager.on_error(reason)
-        resp = error_response(status, text, request_id, reason=reason)
-        resp.force_close()
-        # aiohttp answers an unparsable request as HTTP/1.0, where close is only implied.
-        resp.headers["Connection"] = "close"
-        return resp
-
-
-class _Server(web.Server):
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        limits: cfg.Listen,
-        on_error: Callable[[str], None] = lambda reason: None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(handler, **kwargs)
-        self.limits = limits
-        self.on_error = on_error
-        self.open_connections = 0
-        # Set when a drain starts: every answer from then on says Connection: close and
-        # its connection closes after it (clients reconnect, to another replica).
-        self.draining = False
-        # Most connections open since the heap was last released (see connection_gone).
-        self.peak_connections = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._release: asyncio.TimerHandle | None = None
         self._release_first = 0.0  # when the pending release was first armed
 
-    def connection_gone(self) -> None:
+    def connection_gone(self, conn: listener_mod.Connection) -> None:
         """One connection fewer. Once ``RELEASE_AFTER_CLOSED`` of the peak are gone, the
         heap they used is released, ``RELEASE_DELAY`` after the closes pause (each close
         of the burst moves it, for at most ``RELEASE_MAX_WAIT``): a burst of closes is one
         release, so a flood of heavy connections does not stay resident."""
-        self.open_connections -= 1
+        super().connection_gone(conn)
         if self.peak_connections - self.open_connections < RELEASE_AFTER_CLOSED:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         if self._release is None:
             self._release_first = now
         elif now - self._release_first < RELEASE_MAX_WAIT:
             self._release.cancel()
         else:
             return
-        self._release = self._loop.call_later(RELEASE_DELAY, self._release_heap)
+        self._release = self.loop.call_later(RELEASE_DELAY, self._release_heap)
 
     def _release_heap(self) -> None:
         self._release = None
         self.peak_connections = self.open_connections
         heap.release()
-
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        if isinstance(protocol, _Protocol):
-            protocol.served += 1
-        return super()._make_request(message, payload, protocol, writer, task)
-
-    def __call__(self) -> RequestHandler:
-        return _Protocol(self, loop=self._loop, limits=self.limits, **self._kwargs)
 
 
 class ProxyServer:
@@ -351,8 +106,8 @@ class ProxyServer:
             idempotency=make_store(config.store),
         )
         self.forwarder: Forwarder | None = None
-        self._data_runner: web.BaseRunner | None = None
-        self._data_server: _Server | None = None
+        self._data_server: DataListener | None = None
+        self._acceptor: accept.Acceptor | None = None
         self._admin_runner: web.AppRunner | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._progress: asyncio.Task[None] | None = None
@@ -375,28 +130,16 @@ class ProxyServer:
         self.services.audit.record(audit_mod.config_record(config, state.migration.weights))
         self.forwarder = Forwarder(state, self.services)
         listen = config.listen
-        server = _Server(
-            self.forwarder.handle,
-            limits=listen,
-            keepalive_timeout=listen.keepalive_timeout,
-            max_line_size=listen.max_line_size,
-            max_field_size=listen.max_field_size,
-            max_headers=listen.max_headers,
-            access_log=None,
-            auto_decompress=False,
-            on_error=self.services.metrics.rejected,
-        )
+        metrics = self.services.metrics
+        server = DataListener(self.forwarder.handle, listen, on_error=metrics.rejected)
         self._data_server = server
-        self._data_runner = web.ServerRunner(server, shutdown_timeout=config.drain.timeout)
-        await self._data_runner.setup()
         batch = accept.SHARED_ACCEPT_BATCH  # the supervisor's socket, shared by the workers
         if data_sock is None:
             data_sock = accept.bind(listen.host, listen.port, listen.backlog)
             batch = accept.ACCEPT_BATCH
-        metrics = self.services.metrics
-        site = accept.AcceptSite(
-            self._data_runner,
+        self._acceptor = accept.Acceptor(
             data_sock,
+            server,
             batch=batch,
             on_exhausted=lambda: metrics.rejected("accept_failed"),
             # The handshake is part of the request head's time budget (slow handshakes).
@@ -404,8 +147,8 @@ class ProxyServer:
             handshake_timeout=listen.header_read_timeout,
             on_handshake_failed=lambda: metrics.rejected("tls_handshake"),
         )
-        await site.start()
-        self.data_port = _bound_port(self._data_runner)
+        await self._acceptor.start_serving()
+        self.data_port = int(data_sock.getsockname()[1])
         if self.with_admin:
             self._admin_runner, self.admin_port = await start_admin(
                 config, self.status, self.services.metrics
@@ -560,8 +303,11 @@ class ProxyServer:
             log.info("draining: not ready, still serving for %.1fs", delay)
             await asyncio.sleep(delay)
         log.info("draining: no longer accepting, waiting for in-flight requests")
-        if self._data_runner is not None:
-            await self._data_runner.cleanup()
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()  # every accepted connection is counted
+        if self._data_server is not None:
+            await self._data_server.shutdown(self.config.drain.timeout)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.services.shadower.close()

@@ -142,7 +142,7 @@ async def test_a_body_still_uploading_when_the_listener_stops_is_read_and_answer
         assert p._data_server is not None
         server = p._data_server
         stopping = asyncio.create_task(p.stop(drain_delay=0))
-        await until(lambda: all(conn._force_close for conn in server.connections))
+        await until(lambda: server.draining)
         await c.send(BODY)
         status, headers, body = await c.answer()
         assert status == 200, body

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from proxy import accept
-from proxy.server import ProxyServer, _Server
+from proxy.server import DataListener, ProxyServer
 
 from .conftest import (
     SYSTEMS,
@@ -461,10 +461,8 @@ async def test_a_burst_of_idle_connections_is_all_accepted(harness: Harness) -> 
     them until accepted. (With aiohttp's default of 128, the kernel drops the final ACK of
     the overflow and those idle clients are never accepted.)"""
     port = await limited(harness, header_read_timeout=30)
-    runner = harness.proxies[-1]._data_runner
-    assert runner is not None
-    assert isinstance(runner.server, _Server)
-    server = runner.server
+    server = harness.proxies[-1]._data_server
+    assert isinstance(server, DataListener)
     results = await asyncio.gather(
         *(asyncio.open_connection("127.0.0.1", port) for _ in range(400))
     )

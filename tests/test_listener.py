@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from proxy import accept
 from proxy import config as cfg
 from proxy.boundary import request_cookies
-from proxy.listener import Answer, Connection, Listener, Request, Stream
+from proxy.listener import Connection, Listener, Request, Response, Stream
 
 from .conftest import until
 from .test_boundary import boundary
@@ -41,8 +41,8 @@ class Served:
     detached: list[tuple[asyncio.Transport, bytes]] = field(default_factory=list)
 
 
-def _json(status: int, data: Any) -> Answer:
-    return Answer(status, orjson.dumps(data), content_type="application/json")
+def _json(status: int, data: Any) -> Response:
+    return Response(status, orjson.dumps(data), content_type="application/json")
 
 
 async def _read_all(request: Request) -> bytes:
@@ -57,7 +57,7 @@ def _connection(request: Request) -> Connection:
     return conn
 
 
-async def handler(s: Served, request: Request) -> Answer | Stream:
+async def handler(s: Served, request: Request) -> Response | Stream:
     s.seen.append(request)
     s.active += 1
     s.most_active = max(s.most_active, s.active)
@@ -141,7 +141,7 @@ async def serve() -> AsyncIterator[Any]:
         sock = accept.bind("127.0.0.1", 0, 128)
         box: list[Served] = []
 
-        async def handle(request: Request) -> Answer | Stream:
+        async def handle(request: Request) -> Response | Stream:
             return await handler(box[0], request)
 
         listen = cfg.Listen(host="127.0.0.1", port=0, **limits)
