@@ -32,6 +32,13 @@ def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask + data
 
 
+def upgrade(key: str) -> bytes:
+    return (
+        f"GET /_sim/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+    ).encode()
+
+
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     b0, b1 = await reader.readexactly(2)
     n = b1 & 0x7F
@@ -44,11 +51,8 @@ async def test_fragments_and_pings_from_a_raw_client(harness: Harness) -> None:
     p = await echo_proxy(harness)
     key = base64.b64encode(os.urandom(16)).decode()
     reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
-    writer.write(
-        f"GET /_sim/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n".encode()
-        + masked(0x1, b"hel", fin=False)  # sent with the head: the listener's leftover
-    )
+    # A fragment sent with the head: the listener's leftover.
+    writer.write(upgrade(key) + masked(0x1, b"hel", fin=False))
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
@@ -84,10 +88,7 @@ async def test_an_unmasked_client_frame_closes_with_1002(harness: Harness) -> No
     p = await echo_proxy(harness)
     key = base64.b64encode(os.urandom(16)).decode()
     reader, writer = await asyncio.open_connection("127.0.0.1", p.data_port)
-    writer.write(
-        f"GET /_sim/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n".encode()
-    )
+    writer.write(upgrade(key))
     async with asyncio.timeout(5):
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
         writer.write(bytes((0x81, 2)) + b"hi")
