@@ -59,13 +59,16 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
+import bench_memory
 import yaml
+from bench_memory import Memory, bulk_routes, tree
 from run import start_redis
 
 HERE = Path(__file__).resolve().parent
@@ -78,6 +81,10 @@ SMALL_BODY = (
 BIG_BODY = bytes(range(256)) * 256  # 64 KiB
 SIZES = {"small": ("/api/feed/small", SMALL_BODY), "64k": ("/api/feed/64k", BIG_BODY)}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Seconds per measured cell: 6 contenders x 2 sizes x 2 concurrencies x 3 rounds, the scaling
+# and memory phases keep `make bench` near 14 minutes; with --before (a 7th contender) a
+# shorter cell keeps it there.
+DURATION, DURATION_BEFORE = 8.0, 7.0
 LOAD_CPU, PROXY_CPU = 0, 1
 
 
@@ -121,18 +128,6 @@ def pinned(cpu: int | None, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if cpu is not None else cmd
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-    return out
-
-
 def cpu_times(pid: int) -> tuple[float, float]:
     """utime and stime (user and kernel CPU) of ``pid``'s process tree, in seconds."""
     user = system = 0
@@ -148,17 +143,6 @@ def cpu_times(pid: int) -> tuple[float, float]:
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid``'s process tree, in seconds."""
     return sum(cpu_times(pid))
-
-
-def rss_kib(pid: int) -> int:
-    """Sum of VmRSS over ``pid``'s process tree, in KiB."""
-    total = 0
-    for p in tree(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
 
 
 def wait_http(url: str, deadline: float, proc: subprocess.Popen[bytes]) -> None:
@@ -339,7 +323,7 @@ def start_jalur(
     work: Path,
     source: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``jalur run``; with ``source``, the ``proxy`` package found there (``--baseline``)."""
+    """``jalur run``; with ``source``, the ``proxy`` package found there (``--before``)."""
     jalur = Path(sys.executable).parent / "jalur"
     cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
     cmd += ["--log-level", "WARNING" if workers == 1 else "INFO", "run", "-c", str(config)]
@@ -557,6 +541,65 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rpartition(':')[0]})" if ":" in where else frame
 
 
+# Own time (below): a sample is charged to its innermost frame from Jalur's package or from the
+# aiohttp listener's libraries; standard-library and other libraries' frames (prometheus_client,
+# uuid, logging, orjson, ...) are charged to the Jalur function that called them. A sample with
+# neither is the event loop's own (uvloop's C code under ``Runner.run``: epoll, socket I/O).
+JALUR_FRAMES: Final = ("proxy/",)
+LISTENER_FRAMES: Final = ("aiohttp/", "multidict/", "yarl/", "propcache/")
+LOOP_FRAMES: Final = ("asyncio/runners.py", "uvloop/")
+
+
+def own_time(frames: list[str]) -> tuple[str, str | None]:
+    """``(part, Jalur function or None)`` a sample with this stack (outermost first) is
+    charged to: part is "jalur", "aiohttp listener" or "event loop"."""
+    for frame in reversed(frames):
+        if any(n in frame for n in JALUR_FRAMES):
+            return "jalur", _function(frame)
+        if any(n in frame for n in LISTENER_FRAMES):
+            return "aiohttp listener", None
+        if any(n in frame for n in LOOP_FRAMES):
+            break
+    return "event loop", None
+
+
+def own_tables(stacks: list[tuple[list[str], int]], total: int, top: int = 20) -> list[str]:
+    """Markdown: the listener / Jalur / loop split, Jalur's own time by module, and the
+    ``top`` Jalur functions by own time."""
+    parts: dict[str, int] = {}
+    functions: dict[str, int] = {}
+    modules: dict[str, int] = {}
+    for frames, n in stacks:
+        part, function = own_time(frames)
+        parts[part] = parts.get(part, 0) + n
+        if function is not None:
+            functions[function] = functions.get(function, 0) + n
+            module = function.rpartition(" (")[2].rstrip(")")
+            modules[module] = modules.get(module, 0) + n
+
+    def pct(n: int) -> str:
+        return f"{100 * n / total:.1f} %"
+
+    out = [
+        "",
+        "Own time: each sample charged to its innermost frame of Jalur (`proxy/`) or of the "
+        "aiohttp listener (aiohttp, multidict, yarl); standard-library and other libraries' "
+        "frames (prometheus_client, uuid, logging, orjson...) to the Jalur function that called "
+        "them; neither: the event loop (uvloop's C code, epoll and socket I/O).",
+        "",
+        "| part | own time |",
+        "|---|---:|",
+    ]
+    out += [f"| {p} | {pct(n)} |" for p, n in sorted(parts.items(), key=lambda kv: -kv[1])]
+    out += ["", "Jalur's own time by module:", "", "| module | own time |", "|---|---:|"]
+    out += [f"| `{m}` | {pct(n)} |" for m, n in sorted(modules.items(), key=lambda kv: -kv[1])]
+    out += ["", f"Top {top} Jalur functions by own time:", "", "| function | own time |"]
+    out += ["|---|---:|"]
+    ranked = sorted(functions.items(), key=lambda kv: -kv[1])[:top]
+    out += [f"| `{f}` | {pct(n)} |" for f, n in ranked]
+    return out
+
+
 def summarize_profile(raw: Path, title: str, top: int = 25) -> str:
     """Markdown summary of py-spy's collapsed stacks (``frame;frame;... count`` lines) of
     the event-loop thread; other threads (the access and audit log writers, mostly waiting
@@ -565,6 +608,7 @@ def summarize_profile(raw: Path, title: str, top: int = 25) -> str:
     inclusive: dict[str, int] = {}
     areas: dict[str, int] = {}
     total = other_threads = 0
+    stacks: list[tuple[list[str], int]] = []
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -575,6 +619,7 @@ def summarize_profile(raw: Path, title: str, top: int = 25) -> str:
             other_threads += n
             continue
         total += n
+        stacks.append((frames, n))
         leaf = frames[-1]
         self_time[leaf] = self_time.get(leaf, 0) + n
         for f in {_function(f) for f in frames}:
@@ -599,6 +644,7 @@ def summarize_profile(raw: Path, title: str, top: int = 25) -> str:
     ]
     out += ["| area | samples |", "|---|---:|"]
     out += [f"| {a} | {pct(n)} |" for a, n in sorted(areas.items(), key=lambda kv: -kv[1])]
+    out += own_tables(stacks, total)
     out += ["", f"Top {top} lines by self time:", "", "| frame | self |", "|---|---:|"]
     ranked = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
     out += [f"| `{f}` | {pct(n)} |" for f, n in ranked]
@@ -659,10 +705,22 @@ def profile(
     return written
 
 
-def baseline_source(ref: str, work: Path) -> Path:
+def before_source(ref: str, work: Path) -> tuple[Path, str]:
     """The ``proxy`` package as of git ``ref``, extracted under ``work`` (read-only use of
-    the repository: ``git archive``, no worktree)."""
-    dest = work / "baseline"
+    the repository: ``git archive``, no worktree), and the commit it resolved to.
+
+    ``jalur-before`` runs this venv's Python with ``PYTHONPATH`` set to it: PYTHONPATH comes
+    before the editable install's finder (a ``sys.meta_path`` entry appended after the path
+    finder), which ``check_imports_from`` verifies on every run."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if commit.returncode != 0:
+        raise SystemExit(f"bench: --before {ref}: {commit.stderr.strip()}")
+    dest = work / "before"
     dest.mkdir()
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", ref, "proxy"], capture_output=True, check=False
@@ -670,49 +728,26 @@ def baseline_source(ref: str, work: Path) -> Path:
     if archive.returncode != 0:
         raise SystemExit(f"bench: git archive {ref}: {archive.stderr.decode(errors='replace')}")
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    return dest
+    check_imports_from(dest, work)
+    return dest, commit.stdout.strip()
 
 
-# -- idle connections --------------------------------------------------------------------------
-
-
-async def _idle(port: int, n: int, path: str, requests: int = 1) -> list[asyncio.StreamWriter]:
-    """Open ``n`` connections, make ``requests`` requests on each, keep them open and idle."""
-    sem = asyncio.Semaphore(100)
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-
-    async def one() -> asyncio.StreamWriter:
-        async with sem:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            for _ in range(requests):
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
-                await reader.readexactly(int(length.group(1)) if length else 0)
-            return writer
-
-    return list(await asyncio.gather(*(one() for _ in range(n))))
-
-
-def idle_rss(c: Contender, n: int) -> tuple[int, int]:
-    """``(RSS KiB before, RSS KiB with n idle keep-alive client connections)``."""
-    assert c.pid is not None
-
-    async def run() -> tuple[int, int]:
-        # Warm up: 100 requests on one connection (pools, caches, lazy imports), then measure.
-        for w in await _idle(c.port, 1, SIZES["small"][0], requests=100):
-            w.close()
-        await asyncio.sleep(1.0)
-        before = rss_kib(c.pid or 0)
-        async with asyncio.timeout(60):
-            writers = await _idle(c.port, n, SIZES["small"][0])
-        await asyncio.sleep(1.0)
-        after = rss_kib(c.pid or 0)
-        for w in writers:
-            w.close()
-        return before, after
-
-    return asyncio.run(run())
+def check_imports_from(source: Path, work: Path) -> Path:
+    """Where ``import proxy`` finds the package with ``PYTHONPATH=source`` (the environment
+    ``start_jalur`` gives ``jalur-before``); exits unless it is ``source/proxy``."""
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    code = "import proxy, proxy.forward; print(proxy.__file__); print(proxy.forward.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, check=False
+    )
+    files = [Path(f) for f in done.stdout.split()]
+    if done.returncode != 0 or not files or any(source not in f.parents for f in files):
+        raise SystemExit(
+            f"bench: with PYTHONPATH={source} `import proxy` found {done.stdout.split()} "
+            f"{done.stderr.strip()}: jalur-before would not run the tree asked for"
+        )
+    log(f"jalur-before imports proxy from {files[0]}")
+    return files[0]
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -721,8 +756,9 @@ def idle_rss(c: Contender, n: int) -> tuple[int, int]:
 @dataclass
 class Results:
     samples: dict[tuple[str, str, int], list[Sample]] = field(default_factory=dict)
-    idle: dict[str, tuple[int, int]] = field(default_factory=dict)
+    memory: dict[str, Memory] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    before: str = ""  # the git ref and commit jalur-before ran, when it did
 
     def med(self, name: str, size: str, conns: int, attr: str) -> float | None:
         values = [getattr(s, attr) for s in self.samples.get((name, size, conns), [])]
@@ -768,6 +804,19 @@ def _f(value: float | None, fmt: str) -> str:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def cells(
+    res: Results, args: argparse.Namespace
+) -> Iterator[tuple[int, str, Callable[[str, str], float | None]]]:
+    """Each (conns, size) cell with ``m(contender, attr)``: that cell's median."""
+    for conns in args.conns:
+        for size in args.sizes:
+
+            def m(name: str, attr: str, size: str = size, conns: int = conns) -> float | None:
+                return res.med(name, size, conns, attr)
+
+            yield conns, size, m
 
 
 def report(
@@ -825,56 +874,110 @@ def report(
         "Ratios of medians (req/s: higher is better for Jalur; p99 and CPU/request: lower is):",
         "",
         "| conns | size | req/s jalur-1 / nginx | req/s jalur-1 / direct | req/s jalur-2 / nginx "
-        "| p99 jalur-1 / nginx | CPU/req jalur-1 / nginx |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| req/s jalur-2 / jalur-1 | p99 jalur-1 / nginx | CPU/req jalur-1 / nginx "
+        "| CPU/req jalur-1 / floor-bare |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for conns in args.conns:
-        for size in args.sizes:
-
-            def m(name: str, attr: str, size: str = size, conns: int = conns) -> float | None:
-                return res.med(name, size, conns, attr)
-
-            lines.append(
-                f"| {conns} | {size} | {_ratio(m('jalur-1', 'rps'), m('nginx', 'rps'))} "
-                f"| {_ratio(m('jalur-1', 'rps'), m('direct', 'rps'))} "
-                f"| {_ratio(m('jalur-2', 'rps'), m('nginx', 'rps'))} "
-                f"| {_ratio(m('jalur-1', 'p99_ms'), m('nginx', 'p99_ms'))} "
-                f"| {_ratio(m('jalur-1', 'cpu_us'), m('nginx', 'cpu_us'))} |"
-            )
-    if any(name == "jalur-base" for name, _, _ in res.samples):
-        lines += ["", f"A/B against `--baseline {args.baseline}` (jalur-base, one worker):", ""]
-        lines += ["| conns | size | req/s jalur-1 / jalur-base | req/s jalur-base / nginx "]
-        lines[-1] += "| p99 jalur-1 / jalur-base | CPU/req jalur-1 / jalur-base |"
-        lines += ["|---:|---|---:|---:|---:|---:|"]
-        for conns in args.conns:
-            for size in args.sizes:
-
-                def b(name: str, attr: str, size: str = size, conns: int = conns) -> float | None:
-                    return res.med(name, size, conns, attr)
-
-                lines.append(
-                    f"| {conns} | {size} | {_ratio(b('jalur-1', 'rps'), b('jalur-base', 'rps'))} "
-                    f"| {_ratio(b('jalur-base', 'rps'), b('nginx', 'rps'))} "
-                    f"| {_ratio(b('jalur-1', 'p99_ms'), b('jalur-base', 'p99_ms'))} "
-                    f"| {_ratio(b('jalur-1', 'cpu_us'), b('jalur-base', 'cpu_us'))} |"
-                )
+    for conns, size, m in cells(res, args):
+        lines.append(
+            f"| {conns} | {size} | {_ratio(m('jalur-1', 'rps'), m('nginx', 'rps'))} "
+            f"| {_ratio(m('jalur-1', 'rps'), m('direct', 'rps'))} "
+            f"| {_ratio(m('jalur-2', 'rps'), m('nginx', 'rps'))} "
+            f"| {_ratio(m('jalur-2', 'rps'), m('jalur-1', 'rps'))} "
+            f"| {_ratio(m('jalur-1', 'p99_ms'), m('nginx', 'p99_ms'))} "
+            f"| {_ratio(m('jalur-1', 'cpu_us'), m('nginx', 'cpu_us'))} "
+            f"| {_ratio(m('jalur-1', 'cpu_us'), m('floor-bare', 'cpu_us'))} |"
+        )
+    if any(name == "jalur-2" for name, _, _ in res.samples):
+        lines += ["", WORKERS_NOTE]
+    if any(name == "jalur-before" for name, _, _ in res.samples):
+        lines += before_after_table(res, args)
     if any(name == "floor-bare" for name, _, _ in res.samples):
         lines += floor_table(res, args)
-    if res.idle:
-        lines += ["", f"Resident memory with {args.idle_conns} idle keep-alive connections:", ""]
-        lines += ["| proxy | RSS before | RSS with idle conns | per connection |"]
-        lines += ["|---|---:|---:|---:|"]
-        for name, (before, after) in res.idle.items():
-            per = (after - before) / args.idle_conns
-            lines.append(
-                f"| {name} | {before / 1024:.1f} MiB | {after / 1024:.1f} MiB | {per:.1f} KiB |"
-            )
+    if any(name.startswith("scaling-") for name, _, _ in res.samples):
+        lines += scaling_table(res)
+    lines += bench_memory.report(res.memory)
     for note in res.skipped:
         lines += ["", f"**Skipped:** {note}"]
     lines += ["", "Machine and versions:", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines.append(END)
     return "\n".join(lines)
+
+
+WORKERS_NOTE = (
+    "`jalur-2` (`--workers 2`, a redis store) is pinned to the proxy's one core like every "
+    "contender above, so `jalur-2 / jalur-1` is what a second worker costs on the same core, "
+    "not scaling; the 2-workers-on-2-cores figure is the scaling table below."
+)
+
+
+def before_after_table(res: Results, args: argparse.Namespace) -> list[str]:
+    """jalur-before and jalur-1 side by side, with their ratios to NGINX and floor-bare."""
+    lines = [
+        "",
+        f"Before / after in the same interleaved run: `jalur-before` = proxy/ at {res.before}, "
+        "`jalur-1` = this tree; one process each, the same config (medians; ratios of "
+        "medians: req/s higher is better, CPU and p99 lower):",
+        "",
+        "| conns | size | req/s before | req/s after | after / before "
+        "| req/s / nginx before | after | CPU µs/req before | after "
+        "| CPU / floor-bare before | after | p99 ms before | after | p99 / nginx before | after |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    old, new = "jalur-before", "jalur-1"
+    for conns, size, m in cells(res, args):
+        lines.append(
+            f"| {conns} | {size} | {_f(m(old, 'rps'), ',.0f')} | {_f(m(new, 'rps'), ',.0f')} "
+            f"| {_ratio(m(new, 'rps'), m(old, 'rps'))} "
+            f"| {_ratio(m(old, 'rps'), m('nginx', 'rps'))} "
+            f"| {_ratio(m(new, 'rps'), m('nginx', 'rps'))} "
+            f"| {_f(m(old, 'cpu_us'), '.0f')} | {_f(m(new, 'cpu_us'), '.0f')} "
+            f"| {_ratio(m(old, 'cpu_us'), m('floor-bare', 'cpu_us'))} "
+            f"| {_ratio(m(new, 'cpu_us'), m('floor-bare', 'cpu_us'))} "
+            f"| {_f(m(old, 'p99_ms'), '.2f')} | {_f(m(new, 'p99_ms'), '.2f')} "
+            f"| {_ratio(m(old, 'p99_ms'), m('nginx', 'p99_ms'))} "
+            f"| {_ratio(m(new, 'p99_ms'), m('nginx', 'p99_ms'))} |"
+        )
+    spread = [
+        f"{name} {size} c={conns}: "
+        + ", ".join(f"{s.rps:,.0f}" for s in res.samples.get((name, size, conns), []))
+        for conns in args.conns
+        for size in args.sizes
+        for name in ("jalur-before", "jalur-1")
+    ]
+    lines += ["", "Every round's req/s (the spread is this box's noise):", ""]
+    lines += [f"- {line}" for line in spread]
+    return lines
+
+
+def scaling_table(res: Results) -> list[str]:
+    """One worker against two, neither pinned (the scaling phase of ``main``)."""
+    cells = sorted({(size, conns) for name, size, conns in res.samples if name == "scaling-1"})
+    lines = [
+        "",
+        "2 workers vs 1 on both cores: `jalur run` and `jalur run --workers 2` (redis store) "
+        "unpinned, wrk and the upstream still on CPU 0. **The load generator and the upstream "
+        "share this box's 2 cores with the proxy** (and other engineers' test runs share the "
+        "box), so the issue's ≥ 1.8x is not reachable here: it needs the workers on 2 cores "
+        "free of wrk and the upstream (a 4-core box, or the load from another machine).",
+        "",
+        "| conns | size | req/s 1 worker | req/s 2 workers | 2 / 1 | CPU µs/req 1 | CPU µs/req 2 "
+        "| proxy cores busy 1 | 2 |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size, conns in cells:
+        one, two = ("scaling-1", "scaling-2")
+        b1, b2 = res.med(one, size, conns, "busy"), res.med(two, size, conns, "busy")
+        lines.append(
+            f"| {conns} | {size} | {_f(res.med(one, size, conns, 'rps'), ',.0f')} "
+            f"| {_f(res.med(two, size, conns, 'rps'), ',.0f')} "
+            f"| {_ratio(res.med(two, size, conns, 'rps'), res.med(one, size, conns, 'rps'))} "
+            f"| {_f(res.med(one, size, conns, 'cpu_us'), '.0f')} "
+            f"| {_f(res.med(two, size, conns, 'cpu_us'), '.0f')} "
+            f"| {_f(b1, '.2f')} | {_f(b2, '.2f')} |"
+        )
+    return lines
 
 
 def floor_table(res: Results, args: argparse.Namespace) -> list[str]:
@@ -925,12 +1028,32 @@ def write_results(path: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="1 s per cell, 1 round, 50 connections")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="~4 min for development: 3 s per cell, 50 connections only, 3 rounds",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds per measurement (default {DURATION:g}, {DURATION_BEFORE:g} with --before)",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="0: the memory measurements only")
     p.add_argument("--conns", default="50,200", help="comma-separated wrk connection counts")
     p.add_argument("--sizes", default="small,64k")
     p.add_argument("--idle-conns", type=int, default=1000)
+    p.add_argument(
+        "--stream-bytes",
+        type=int,
+        default=2**30,
+        help="bytes streamed up and down through Jalur while its RSS is sampled (0: skip)",
+    )
+    p.add_argument(
+        "--no-scaling",
+        action="store_true",
+        help="leave out the unpinned 1-worker / 2-worker comparison",
+    )
     p.add_argument("--no-nginx", action="store_true", help="as if nginx were not installed")
     p.add_argument("--out", help="results file (default loadtests/RESULTS.md; smoke: reports/)")
     p.add_argument(
@@ -939,9 +1062,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="--profile: py-spy samples per second")
     p.add_argument("--native", action="store_true", help="--profile: include C frames")
     p.add_argument(
+        "--before",
         "--baseline",
         metavar="GIT_REF",
-        help="also run jalur-base: one worker of the proxy/ package as of GIT_REF (A/B runs)",
+        help="also run jalur-before: one worker of the proxy/ package as of GIT_REF, "
+        "interleaved with jalur-1 (before/after runs; make bench BENCH_BEFORE=GIT_REF)",
     )
     p.add_argument(
         "--contenders",
@@ -957,9 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_upstream:
         serve_upstream(args.serve_upstream)
         return 0
+    if args.duration is None:
+        args.duration = DURATION_BEFORE if args.before else DURATION
+    if args.quick:
+        args.duration, args.warmup, args.conns = 3.0, 0.5, "50"
     if args.smoke:
         args.duration, args.warmup, args.rounds, args.idle_conns = 1.0, 0.0, 1, 100
-        args.conns = "50"
+        args.conns, args.stream_bytes, args.no_scaling = "50", 16 * 2**20, True
     args.conns = [int(c) for c in args.conns.split(",")]
     args.sizes = [s for s in args.sizes.split(",") if s in SIZES]
     default_out = HERE / ("reports/RESULTS-smoke.md" if args.smoke else "RESULTS.md")
@@ -1023,14 +1152,24 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{up_port}{SIZES['small'][0]}", deadline, up)
         contenders = [Contender("direct", up_port, None, "no proxy")]
 
-        def launch_jalur(name: str, workers: int, source: Path | None = None) -> Contender:
+        def launch_jalur(
+            name: str,
+            workers: int,
+            source: Path | None = None,
+            cpu: int | None = proxy_cpu,
+            bulk: str | None = None,
+        ) -> Contender:
             port = free_port()
             conf_path = work / f"{name}.yaml"
             conf = jalur_config(port, f"http://127.0.0.1:{up_port}", work)
             if workers > 1:  # payments deduplicated across workers: the fleet's store
                 conf["store"] = {"kind": "redis", "url": start_redis(procs, work)}
+            if bulk:  # the memory phase's streaming route, on its own processes only
+                cluster, routes = bulk_routes(bulk)
+                conf["clusters"].update(cluster)
+                conf["routes"] += routes
             conf_path.write_text(yaml.safe_dump(conf))
-            proc = start_jalur(procs, name, conf_path, workers, proxy_cpu, work, source)
+            proc = start_jalur(procs, name, conf_path, workers, cpu, work, source)
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(name, port, proc.pid, f"{workers} proc")
 
@@ -1054,8 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(contenders[-1], args, load_cpu, started.strftime("%Y%m%dT%H%M%S"))
             return 0
-        if args.baseline:
-            contenders.append(launch_jalur("jalur-base", 1, baseline_source(args.baseline, work)))
+        before: Path | None = None
+        if args.before:
+            before, commit = before_source(args.before, work)
+            res.before = f"`{args.before}` (git {commit})"
+            contenders.append(launch_jalur("jalur-before", 1, before))
         wanted = set(args.contenders.split(",")) if args.contenders else None
         if wanted is None or "jalur-2" in wanted:
             contenders.append(launch_jalur("jalur-2", 2))
@@ -1066,7 +1208,7 @@ def main(argv: list[str] | None = None) -> int:
         if nginx and (wanted is None or "nginx" in wanted):
             contenders.append(launch_nginx("nginx", nginx))
         if wanted is not None:  # direct and jalur-1 start anyway: the checks below use them
-            contenders = [c for c in contenders if c.name in wanted | {"jalur-base"}]
+            contenders = [c for c in contenders if c.name in wanted | {"jalur-before"}]
 
         # Same bytes from every contender, or the comparison means nothing.
         for c in contenders:
@@ -1077,36 +1219,72 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"bench: {c.name} {size}: HTTP {r.status}, {len(got)} bytes")
 
         cells = len(args.conns) * len(args.sizes) * len(contenders) * args.rounds
+        cells += 0 if args.no_scaling else 2 * args.rounds
         each = args.warmup + args.duration
         log(
             f"{len(contenders)} contenders x {len(args.sizes)} sizes x {len(args.conns)} "
-            f"concurrencies x {args.rounds} rounds = {cells} runs of {each:g} s "
-            f"(~{cells * (each + 0.5) / 60:.1f} min)"
+            f"concurrencies x {args.rounds} rounds (+ the scaling cells) = {cells} runs of "
+            f"{each:g} s (~{cells * (each + 0.5) / 60:.1f} min), then memory"
         )
+
+        def run_cell(c: Contender, size: str, conns: int, rnd: int) -> None:
+            if args.warmup > 0:
+                wrk(c.url(size), conns, args.warmup, load_cpu)
+            s = measure(c, size, conns, args.duration, load_cpu, up.pid)
+            res.samples.setdefault((c.name, size, conns), []).append(s)
+            log(
+                f"round {rnd + 1} c={conns} {size:<5} {c.name:<12} "
+                f"{s.rps:>9,.0f} req/s  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms"
+                + (f"  {s.cpu_us:.0f} µs/req" if s.cpu_us is not None else "")
+                + (f"  errors {s.errors}" if s.errors else "")
+            )
+
         for rnd in range(args.rounds):
+            # Interleaved, the order reversed every other round (A B C D, D C B A, ...) so
+            # no contender always follows the same neighbour.
+            order = contenders if rnd % 2 == 0 else contenders[::-1]
             for conns in args.conns:
                 for size in args.sizes:
-                    for c in contenders:  # interleaved: A B C D A B C D ...
-                        if args.warmup > 0:
-                            wrk(c.url(size), conns, args.warmup, load_cpu)
-                        s = measure(c, size, conns, args.duration, load_cpu, up.pid)
-                        res.samples.setdefault((c.name, size, conns), []).append(s)
-                        log(
-                            f"round {rnd + 1} c={conns} {size:<5} {c.name:<8} "
-                            f"{s.rps:>9,.0f} req/s  p50 {s.p50_ms:.2f} ms  p99 {s.p99_ms:.2f} ms"
-                            + (f"  {s.cpu_us:.0f} µs/req" if s.cpu_us is not None else "")
-                            + (f"  errors {s.errors}" if s.errors else "")
-                        )
-        # Memory per idle connection, on fresh processes (after a load test a process holds
-        # memory it may hand back at any time, which would blur a before/after difference).
-        deadline = time.monotonic() + 30
-        fresh = [launch_jalur("jalur-1-idle", 1)] if args.idle_conns > 0 else []
-        if nginx and args.idle_conns > 0:
-            fresh.append(launch_nginx("nginx-idle", nginx))
-        for c in fresh:
-            name = c.name.removesuffix("-idle")
-            res.idle[name] = idle_rss(c, args.idle_conns)
-            log(f"{name}: RSS {res.idle[name][0]} -> {res.idle[name][1]} KiB")
+                    for c in order:
+                        run_cell(c, size, conns, rnd)
+
+        if args.rounds > 0 and not args.no_scaling:
+            # 1 worker against 2, neither pinned: the only figure here where the proxy may use
+            # both cores (wrk and the upstream stay on CPU 0).
+            deadline = time.monotonic() + 30
+            scaling = [launch_jalur(f"scaling-{n}", n, cpu=None) for n in (1, 2)]
+            for rnd in range(args.rounds):
+                for c in scaling if rnd % 2 == 0 else scaling[::-1]:
+                    run_cell(c, "small", max(args.conns), rnd)
+
+        # Memory on fresh processes (after a load test a process holds memory it may hand
+        # back at any time, which would blur a before/after difference).
+        if args.idle_conns > 0 or args.stream_bytes > 0:
+            deadline = time.monotonic() + 30
+            bulk_port = free_port()
+            cmd = [sys.executable, str(HERE / "bench_memory.py"), "--serve-bulk", str(bulk_port)]
+            bulk_proc = procs.start("bulk-upstream", pinned(load_cpu, cmd))
+            bulk = f"http://127.0.0.1:{bulk_port}"
+            wait_http(f"{bulk}/bulk/down?bytes=0", deadline, bulk_proc)
+            fresh = [(launch_jalur("jalur-1-mem", 1, bulk=bulk), args.stream_bytes)]
+            if before is not None:
+                mem = launch_jalur("jalur-before-mem", 1, before, bulk=bulk)
+                fresh.append((mem, args.stream_bytes))
+            if nginx and args.idle_conns > 0:
+                fresh.append((launch_nginx("nginx-mem", nginx), 0))
+            for c, stream_bytes in fresh:
+                name = c.name.removesuffix("-mem")
+                assert c.pid is not None
+                path = SIZES["small"][0]
+                mem = bench_memory.measure(c.pid, c.port, args.idle_conns, stream_bytes, path)
+                res.memory[name] = mem
+                log(
+                    f"{name}: idle RSS {mem.idle_before} -> {mem.idle_after} KiB; "
+                    + "; ".join(
+                        f"{s.direction} {s.mib_per_s:.0f} MiB/s RSS {s.start}/{s.peak}/{s.end} KiB"
+                        for s in mem.streams
+                    )
+                )
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -1130,7 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": {
                     f"{n} {s} {c}": [vars(x) for x in v] for (n, s, c), v in res.samples.items()
                 },
-                "idle_rss_kib": res.idle,
+                "memory_kib": {name: asdict(m) for name, m in res.memory.items()},
             },
             indent=1,
         )

@@ -7,8 +7,9 @@
   aimed straight at a social back end (no proxy) must report those failures.
 * ``loadtests/soak.py`` (what ``make soak`` runs) for 6 s with one back-end restart and 5 %
   resets: it attributes every failure to an injected fault and reports its figures.
-* ``loadtests/bench.py --smoke`` (what ``make bench`` runs, 1 s per cell): it produces the
-  results table, with the two feature-less floor proxies of ``loadtests/floor.py``. It needs
+* ``loadtests/bench.py --smoke --before HEAD`` (what ``make bench BENCH_BEFORE=HEAD`` runs,
+  1 s per cell): it produces the results table, with the two feature-less floor proxies of
+  ``loadtests/floor.py``, jalur-before beside jalur-1 and the memory tables. It needs
   ``wrk`` (skipped without it); without ``nginx`` the NGINX contender is skipped and the
   report says so. ``make test`` installs both (Debian packages).
 """
@@ -191,8 +192,9 @@ async def test_transaction_answered_by_social_system_is_a_locust_failure(
 )
 async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
     out_file = tmp_path / "RESULTS.md"
+    bench = str(LOADTESTS / "bench.py")
     code, out = await run(
-        sys.executable, str(LOADTESTS / "bench.py"), "--smoke", "--out", str(out_file), limit=120
+        sys.executable, bench, "--smoke", "--before", "HEAD", "--out", str(out_file), limit=150
     )
     assert code == 0, out
     text = out_file.read_text()
@@ -212,6 +214,36 @@ async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
     assert re.search(
         r"^\| 50 \| small \| (\d+|-) \| \d+ \| \d+ \| \d+ \| [+-]\d+ \|", text, re.M
     ), text
-    assert "| jalur-1 |" in text  # the idle-connections RSS row
+    # jalur-before: HEAD's proxy/ from `git archive`, imported from there (not from the
+    # editable install), measured in the same rounds and reported beside jalur-1.
+    imported = re.search(r"jalur-before imports proxy from (\S+)", out)
+    assert imported, out
+    assert imported.group(1).endswith("/before/proxy/__init__.py"), out
+    assert not imported.group(1).startswith(str(ROOT)), out
+    assert "| 50 | small | jalur-before |" in text, text
+    assert "Before / after in the same interleaved run" in text, text
+    assert re.search(r"^\| 50 \| small \| [\d,]+ \| [\d,]+ \| [\d.]+ \|", text, re.M), text
+    # Memory on fresh processes: idle connections (jalur-1, jalur-before and NGINX) and the
+    # streams up and down through both Jalur builds.
+    assert re.search(r"^\| jalur-1 \| [\d.]+ MiB \| [\d.]+ MiB \|", text, re.M), text
+    assert re.search(r"^\| jalur-before \| [\d.]+ MiB \| [\d.]+ MiB \|", text, re.M), text
+    for name in ("jalur-1", "jalur-before"):
+        for direction in ("upload", "download"):
+            assert re.search(rf"^\| {name} \| {direction} \| [\d,]+ \| ", text, re.M), text
     assert "- python: " in text
     assert "- kernel: " in text
+
+
+async def test_bench_refuses_a_before_tree_proxy_does_not_import_from(tmp_path: Path) -> None:
+    """The check behind jalur-before: with a tree that has no ``proxy`` package, ``import
+    proxy`` finds the editable install instead, and bench.py stops rather than measuring it."""
+    empty = tmp_path / "before"
+    empty.mkdir()
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench; "
+        "bench.check_imports_from(Path(sys.argv[2]), Path(sys.argv[2]))"
+    )
+    status, out = await run(sys.executable, "-c", code, str(LOADTESTS), str(empty), limit=60)
+    assert status == 1, out
+    assert "jalur-before would not run the tree asked for" in out, out
+    assert str(ROOT / "proxy" / "__init__.py") in out, out
