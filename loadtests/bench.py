@@ -12,16 +12,24 @@ file). They are fetched with ``wrk`` at fixed concurrency through each contender
   one with aiohttp's; with ``jalur-1`` they split Jalur's CPU per request into the floor, the
   aiohttp listener and Jalur's features;
 * ``nginx``: NGINX as an equivalent reverse proxy (``worker_processes 1``, an upstream block
-  with keep-alive, access log off, the same forwarding headers Jalur sets).
+  with keep-alive, access log off, the same forwarding headers Jalur sets);
+* ``jalur-before`` (``--before GIT_REF``, ``make bench BENCH_BEFORE=GIT_REF``): one process of
+  the ``proxy/`` package as of GIT_REF (``git archive`` into the temp dir, run by this venv's
+  Python with ``PYTHONPATH`` pointing there; where ``proxy`` imports from is checked before
+  anything is measured), with jalur-1's config, reported side by side with jalur-1.
 
 CPU placement is the same for every contender: wrk and the upstream on CPU 0, the proxy on
 CPU 1 (``taskset``). Each (concurrency, size) cell is measured ``--rounds`` times with the
 contenders interleaved (A B C D A B C D ...); the report gives medians of req/s, p50 and p99
 (``wrk --latency``), the proxy's CPU time per request (``/proc/PID/stat`` utime + stime of the
 proxy's process tree, over the measured interval; the stime part, the kernel's, is shown too)
-and how busy that made the proxy's core.
-Then Jalur's (and NGINX's) resident memory is read at ``--idle-conns`` idle keep-alive client
-connections. The result is written between the bench markers of ``--out`` (default
+and how busy that made the proxy's core. Every other round runs the contenders in reverse order.
+Then one worker against two, neither pinned (small bodies, the highest concurrency): the one
+figure where the proxy may use both cores, which it shares with wrk and the upstream.
+Then, on fresh processes (``bench_memory.py``), Jalur's (and NGINX's) resident memory with
+``--idle-conns`` idle keep-alive client connections, and Jalur's RSS sampled while
+``--stream-bytes`` go through it up and down. ``--quick`` (``BENCH_QUICK=1``) is the ~4 min
+version for development. The result is written between the bench markers of ``--out`` (default
 ``loadtests/RESULTS.md``; the rest of the file is kept) and printed; raw samples go to
 ``loadtests/reports/bench-*.json``.
 
