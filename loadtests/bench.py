@@ -558,6 +558,11 @@ LISTENER_FRAMES: Final = ("aiohttp/", "multidict/", "yarl/", "propcache/")
 LOOP_FRAMES: Final = ("asyncio/runners.py", "uvloop/")
 
 
+def _module(frame: str) -> str:
+    """``name (proxy/x.py:12)`` or ``name (proxy/x.py)`` -> ``proxy/x.py``."""
+    return frame.rpartition(" (")[2].rstrip(")").partition(":")[0]
+
+
 def own_time(frames: list[str]) -> tuple[str, str | None]:
     """``(part, Jalur function or None)`` a sample with this stack (outermost first) is
     charged to: part is "jalur", "aiohttp listener" or "event loop"."""
@@ -577,13 +582,15 @@ def own_tables(stacks: list[tuple[list[str], int]], total: int, top: int = 20) -
     parts: dict[str, int] = {}
     functions: dict[str, int] = {}
     modules: dict[str, int] = {}
+    within: dict[str, int] = {}  # samples with a frame of the module anywhere on the stack
     for frames, n in stacks:
+        for module in {_module(f) for f in frames if any(j in f for j in JALUR_FRAMES)}:
+            within[module] = within.get(module, 0) + n
         part, function = own_time(frames)
         parts[part] = parts.get(part, 0) + n
         if function is not None:
             functions[function] = functions.get(function, 0) + n
-            module = function.rpartition(" (")[2].rstrip(")")
-            modules[module] = modules.get(module, 0) + n
+            modules[_module(function)] = modules.get(_module(function), 0) + n
 
     def pct(n: int) -> str:
         return f"{100 * n / total:.1f} %"
@@ -599,8 +606,12 @@ def own_tables(stacks: list[tuple[list[str], int]], total: int, top: int = 20) -
         "|---|---:|",
     ]
     out += [f"| {p} | {pct(n)} |" for p, n in sorted(parts.items(), key=lambda kv: -kv[1])]
-    out += ["", "Jalur's own time by module:", "", "| module | own time |", "|---|---:|"]
-    out += [f"| `{m}` | {pct(n)} |" for m, n in sorted(modules.items(), key=lambda kv: -kv[1])]
+    out += ["", "Jalur's time by module (own; inclusive: a frame of it anywhere on the stack):"]
+    out += ["", "| module | own time | inclusive |", "|---|---:|---:|"]
+    out += [
+        f"| `{m}` | {pct(modules.get(m, 0))} | {pct(n)} |"
+        for m, n in sorted(within.items(), key=lambda kv: -modules.get(kv[0], 0))
+    ]
     out += ["", f"Top {top} Jalur functions by own time:", "", "| function | own time |"]
     out += ["|---|---:|"]
     ranked = sorted(functions.items(), key=lambda kv: -kv[1])[:top]
