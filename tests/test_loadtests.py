@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import importlib
 import json
 import os
 import re
@@ -247,3 +248,45 @@ async def test_bench_refuses_a_before_tree_proxy_does_not_import_from(tmp_path: 
     assert status == 1, out
     assert "jalur-before would not run the tree asked for" in out, out
     assert str(ROOT / "proxy" / "__init__.py") in out, out
+
+
+def test_profile_summary_charges_own_time_to_jalur_listener_and_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make profile``'s summary: a standard-library or metrics-library frame is charged to
+    the Jalur function that called it, aiohttp's frames to the listener, ``Runner.run``'s
+    own samples to the event loop, and other threads are left out."""
+    monkeypatch.syspath_prepend(str(LOADTESTS))
+    bench = importlib.import_module("bench")  # loadtests/bench.py (not a package)
+
+    base = "<module> (jalur:8);main (proxy/cli.py:10);_run (proxy/cli.py:20)"
+    base += ";run (uvloop/__init__.py:105);Runner.run (asyncio/runners.py:118)"
+    handler = ";RequestHandler._handle_request (aiohttp/web_protocol.py:500)"
+    handler += ";Forwarder.handle (proxy/forward.py:543)"
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "\n".join(
+            [
+                f"{base} 30",  # the loop's own
+                f"{base};RequestHandler.start (aiohttp/web_protocol.py:686) 20",
+                f"{base}{handler};RouteMetrics.observe (proxy/metrics.py:280)"
+                ";MutexValue.inc (prometheus_client/values.py:28) 15",
+                f"{base}{handler};_new_id (proxy/tracing.py:68);getrandbits (random.py:1) 5",
+                f"{base}{handler};StreamWriter._writelines (aiohttp/http_writer.py:116) 25",
+                f"{base}{handler} 5",
+                "Thread._bootstrap (threading.py:1002);AuditLog._run (proxy/compliance.py:767)"
+                ";Condition.wait (threading.py:327) 500",
+            ]
+        )
+        + "\n"
+    )
+    text = bench.summarize_profile(raw, "synthetic")
+    assert "100 samples of the event-loop thread (500 of other threads" in text, text
+    assert "| jalur | 25.0 % |" in text, text
+    assert "| aiohttp listener | 45.0 % |" in text, text
+    assert "| event loop | 30.0 % |" in text, text
+    assert "| `proxy/metrics.py` | 15.0 % | 15.0 % |" in text, text
+    assert "| `proxy/forward.py` | 5.0 % | 50.0 % |" in text, text
+    assert "| `RouteMetrics.observe (proxy/metrics.py)` | 15.0 % |" in text, text
+    assert "| `_new_id (proxy/tracing.py)` | 5.0 % |" in text, text
+    assert "_run (proxy/cli.py)` |" not in text.split("Top 20 Jalur functions")[1].split("Top")[0]
