@@ -958,15 +958,31 @@ def before_after_table(res: Results, args: argparse.Namespace) -> list[str]:
             f"| {_ratio(m(old, 'p99_ms'), m('nginx', 'p99_ms'))} "
             f"| {_ratio(m(new, 'p99_ms'), m('nginx', 'p99_ms'))} |"
         )
-    spread = [
-        f"{name} {size} c={conns}: "
-        + ", ".join(f"{s.rps:,.0f}" for s in res.samples.get((name, size, conns), []))
-        for conns in args.conns
-        for size in args.sizes
-        for name in ("jalur-before", "jalur-1")
+    lines += [
+        "",
+        "Paired per round (each round measures jalur-before and jalur-1 back to back, so both "
+        "see the same background load): median of the rounds' after / before ratios "
+        "[lowest-highest]; an A/A run (the same code twice) shows this box's noise:",
+        "",
+        "| conns | size | req/s after / before | CPU/req after / before | p99 after / before |",
+        "|---:|---|---:|---:|---:|",
     ]
-    lines += ["", "Every round's req/s (the spread is this box's noise):", ""]
-    lines += [f"- {line}" for line in spread]
+    for conns, size, _ in cells(res, args):
+        old_s = res.samples.get(("jalur-before", size, conns), [])
+        new_s = res.samples.get(("jalur-1", size, conns), [])
+        row = f"| {conns} | {size} "
+        for attr in ("rps", "cpu_us", "p99_ms"):
+            ratios = [
+                a / b
+                for x, y in zip(new_s, old_s, strict=False)
+                if (a := getattr(x, attr)) is not None and (b := getattr(y, attr))
+            ]
+            row += (
+                f"| {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+                if ratios
+                else "| - "
+            )
+        lines.append(row + "|")
     return lines
 
 
