@@ -1258,8 +1258,10 @@ def main(argv: list[str] | None = None) -> int:
         each = args.warmup + args.duration
         log(
             f"{len(contenders)} contenders x {len(args.sizes)} sizes x {len(args.conns)} "
-            f"concurrencies x {args.rounds} rounds (+ the scaling cells) = {cells} runs of "
-            f"{each:g} s (~{cells * (each + 0.5) / 60:.1f} min), then memory"
+            f"concurrencies x {args.rounds} rounds"
+            + ("" if args.no_scaling else f" + 2 x {args.rounds} scaling")
+            + f" = {cells} runs of {each:g} s (~{cells * (each + 0.5) / 60:.1f} min)"
+            + (", then memory" if args.idle_conns > 0 or args.stream_bytes > 0 else "")
         )
 
         def run_cell(c: Contender, size: str, conns: int, rnd: int) -> None:
