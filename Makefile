@@ -152,7 +152,8 @@ bench: $(STAMP) install-bench-tools
 # connections of small requests for PROFILE_SECONDS; writes the collapsed stacks and a summary
 # (the aiohttp listener's share, Jalur's own time by module and top functions) to
 # loadtests/reports/profile-*.{txt,md} and prints the summary (~20 s). ARGS: more options
-# (e.g. --sizes small,64k --conns 50,200).
+# (e.g. --sizes small,64k --conns 50,200; --cprofile: cProfile instead, exact calls per
+# request, stats in loadtests/reports/cprofile-*.prof).
 PROFILE_SECONDS ?= 8
 .PHONY: profile
 profile: $(STAMP) install-bench-tools

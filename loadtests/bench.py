@@ -43,7 +43,10 @@ drives each (concurrency, size) cell with wrk for ``--duration`` seconds while `
 (the ``load`` extra installs it) samples the proxy, and writes per cell the collapsed stacks
 (``loadtests/reports/profile-*.txt``: open them in https://www.speedscope.app or feed them to
 ``flamegraph.pl``) and a summary (``profile-*.md``: top self-time frames, share of samples by
-area, top inclusive frames of Jalur's own code), printed as well. ``--native`` adds C frames.
+area, own time split between Jalur, the aiohttp listener and the event loop, Jalur's time by
+module, its top functions), printed as well. ``--native`` adds C frames (too slow to help
+here). ``--profile --cprofile`` runs ``jalur-1`` under cProfile instead and prints calls and
+µs per request of the top functions (``make profile ARGS=--cprofile``).
 
 Everything started here runs on loopback and is stopped by PID, whatever happens.
 """
@@ -330,10 +333,14 @@ def start_jalur(
     cpu: int | None,
     work: Path,
     source: Path | None = None,
+    cprofile_to: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``jalur run``; with ``source``, the ``proxy`` package found there (``--before``)."""
+    """``jalur run``; with ``source``, the ``proxy`` package found there (``--before``); with
+    ``cprofile_to``, under cProfile, which writes its stats there when the process exits."""
     jalur = Path(sys.executable).parent / "jalur"
     cmd = [str(jalur)] if jalur.exists() else [sys.executable, "-m", "proxy"]
+    if cprofile_to is not None:
+        cmd = [sys.executable, "-m", "cProfile", "-o", str(cprofile_to), "-m", "proxy"]
     cmd += ["--log-level", "WARNING" if workers == 1 else "INFO", "run", "-c", str(config)]
     if workers > 1:
         cmd += ["--workers", str(workers)]
@@ -724,6 +731,76 @@ def profile(
     return written
 
 
+def _where(path: str) -> str:
+    """A profiled function's file, short: ``proxy/forward.py``, ``aiohttp/web_protocol.py``."""
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    if "/proxy/" in path:
+        return "proxy/" + path.rsplit("/proxy/", 1)[1]
+    if "/python3." in path:  # the standard library: lib/python3.11/asyncio/runners.py
+        return path.split("/python3.", 1)[1].partition("/")[2]
+    return path
+
+
+def cprofile(
+    c: Contender,
+    proc: subprocess.Popen[bytes],
+    args: argparse.Namespace,
+    load_cpu: int | None,
+    stats_file: Path,
+    top: int = 25,
+) -> str:
+    """Drive ``c`` (``jalur run`` under cProfile) with wrk on each cell, stop it so cProfile
+    writes its stats, and summarise them per request: Markdown."""
+    import pstats
+
+    requests = 1  # wait_http's readiness probe
+    for conns in args.conns:
+        for size in args.sizes:
+            if args.warmup > 0:
+                requests += parse_wrk(wrk(c.url(size), conns, args.warmup, load_cpu)).requests
+            sample = parse_wrk(wrk(c.url(size), conns, args.duration, load_cpu))
+            requests += sample.requests
+            log(f"cprofile: c={conns} {size}: {sample.rps:,.0f} req/s under cProfile")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    if not stats_file.exists():
+        raise SystemExit(f"bench: cProfile wrote no stats (jalur exited {proc.returncode})")
+    raw = cast(Any, pstats.Stats(str(stats_file))).stats
+    rows = []  # (where, name, calls, tottime, cumtime)
+    for (path, line, name), (_cc, calls, tt, ct, _callers) in raw.items():
+        if name.startswith("<") and path != "~":  # <listcomp>, <genexpr>: which one
+            name = f"{name}:{line}"
+        rows.append((_where(path) if path != "~" else "(C)", name, calls, tt, ct))
+    total = sum(r[3] for r in rows)
+
+    def table(title: str, chosen: list[tuple[str, str, int, float, float]]) -> list[str]:
+        out = ["", title, "", "| function | calls/request | own µs/request | incl. µs/request |"]
+        out += ["|---|---:|---:|---:|"]
+        out += [
+            f"| `{name} ({where})` | {calls / requests:.2f} | {1e6 * tt / requests:.1f} "
+            f"| {1e6 * ct / requests:.1f} |"
+            for where, name, calls, tt, ct in chosen
+        ]
+        return out
+
+    jalur = sorted((r for r in rows if r[0].startswith("proxy/")), key=lambda r: -r[3])
+    others = sorted((r for r in rows if not r[0].startswith("proxy/")), key=lambda r: -r[3])
+    out = [
+        f"### cProfile of jalur-1: {requests:,} requests ({', '.join(args.sizes)}; "
+        f"{', '.join(map(str, args.conns))} connections)",
+        "",
+        f"The event-loop thread's profiled time: {1e6 * total / requests:.0f} µs per request "
+        "(cProfile's own overhead per call inflates it, small functions most: read the calls "
+        "per request, and py-spy's shares for where the time goes). A coroutine's calls are "
+        "its resumptions (2 for one await that suspends); start-up is included, amortised "
+        f"over the requests. Stats: `{stats_file}`.",
+    ]
+    out += table(f"Top {top} Jalur functions by own time:", jalur[:top])
+    out += table(f"Top {top} other functions by own time (C calls as `(C)`):", others[:top])
+    return "\n".join(out) + "\n"
+
+
 def before_source(ref: str, work: Path) -> tuple[Path, str]:
     """The ``proxy`` package as of git ``ref``, extracted under ``work`` (read-only use of
     the repository: ``git archive``, no worktree), and the commit it resolved to.
@@ -1097,6 +1174,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="--profile: py-spy samples per second")
     p.add_argument("--native", action="store_true", help="--profile: include C frames")
     p.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="--profile: cProfile instead of py-spy (exact calls per request, inflated times)",
+    )
+    p.add_argument(
         "--before",
         "--baseline",
         metavar="GIT_REF",
@@ -1193,6 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
             source: Path | None = None,
             cpu: int | None = proxy_cpu,
             bulk: str | None = None,
+            cprofile_to: Path | None = None,
         ) -> Contender:
             port = free_port()
             conf_path = work / f"{name}.yaml"
@@ -1204,7 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
                 conf["clusters"].update(cluster)
                 conf["routes"] += routes
             conf_path.write_text(yaml.safe_dump(conf))
-            proc = start_jalur(procs, name, conf_path, workers, cpu, work, source)
+            proc = start_jalur(procs, name, conf_path, workers, cpu, work, source, cprofile_to)
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(name, port, proc.pid, f"{workers} proc")
 
@@ -1224,10 +1307,18 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(f"http://127.0.0.1:{port}{SIZES['small'][0]}", deadline, proc)
             return Contender(f"floor-{kind}", port, proc.pid, "feature-less")
 
-        contenders.append(launch_jalur("jalur-1", 1))
         if args.profile:
-            profile(contenders[-1], args, load_cpu, started.strftime("%Y%m%dT%H%M%S"))
+            stamp = started.strftime("%Y%m%dT%H%M%S")
+            if args.cprofile:
+                (HERE / "reports").mkdir(parents=True, exist_ok=True)
+                stats = HERE / "reports" / f"cprofile-{stamp}.prof"
+                c = launch_jalur("jalur-1", 1, cprofile_to=stats)
+                proc = next(p for _, p in procs.procs if p.pid == c.pid)
+                print(cprofile(c, proc, args, load_cpu, stats))
+            else:
+                profile(launch_jalur("jalur-1", 1), args, load_cpu, stamp)
             return 0
+        contenders.append(launch_jalur("jalur-1", 1))
         before: Path | None = None
         if args.before:
             before, commit = before_source(args.before, work)

@@ -290,3 +290,33 @@ def test_profile_summary_charges_own_time_to_jalur_listener_and_loop(
     assert "| `RouteMetrics.observe (proxy/metrics.py)` | 15.0 % |" in text, text
     assert "| `_new_id (proxy/tracing.py)` | 5.0 % |" in text, text
     assert "_run (proxy/cli.py)` |" not in text.split("Top 20 Jalur functions")[1].split("Top")[0]
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not on PATH (Debian package 'wrk'; make test and make bench install it)",
+)
+async def test_cprofile_counts_calls_per_request_of_jalur_functions() -> None:
+    """``make profile ARGS=--cprofile`` at 1 s: jalur run under cProfile exits on SIGTERM with
+    its stats written, and the summary counts Jalur's handler about once per request."""
+    code, out = await run(
+        sys.executable,
+        str(LOADTESTS / "bench.py"),
+        "--profile",
+        "--cprofile",
+        *("--duration", "1", "--warmup", "0", "--conns", "10", "--sizes", "small"),
+        limit=90,
+    )
+    assert code == 0, out
+    requests = re.search(r"### cProfile of jalur-1: ([\d,]+) requests", out)
+    assert requests, out
+    assert int(requests.group(1).replace(",", "")) > 100, out
+    # Forwarder.upstream_headers runs once per request: ~1.00 calls per request.
+    row = re.search(r"^\| `upstream_headers \(proxy/forward\.py\)` \| ([\d.]+) \|", out, re.M)
+    assert row, out
+    assert 0.9 <= float(row.group(1)) <= 1.1, out
+    stats = re.search(r"Stats: `(\S+\.prof)`", out)
+    assert stats, out
+    written = LOADTESTS / "reports" / Path(stats.group(1)).name
+    assert written.is_file(), out
+    written.unlink()
