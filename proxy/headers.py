@@ -32,7 +32,7 @@ _NOT_NOMINABLE: Final = frozenset({"host", "idempotency-key"})
 VIA: Final = "1.1 jalur"
 
 
-def connection_named(values: list[str]) -> frozenset[str]:
+def connection_named(values: list[str] | tuple[()]) -> frozenset[str]:
     """Hop-by-hop fields plus every field named by any of the ``Connection`` header
     ``values`` (a field may be repeated: RFC 9110 §5.3 makes the lines one list)."""
     named = {t.strip().lower() for v in values for t in v.split(",")} - {""}
@@ -49,7 +49,8 @@ def upstream_headers(
     """The request's headers as forwarded (before the boundary's ``scrub``): hop-by-hop
     fields removed, X-Forwarded-* and Via set. Of a client's X-Forwarded-For only the last
     ``trusted_hops`` entries are kept (Envoy's ``xff_num_trusted_hops``)."""
-    drop = connection_named(incoming.getall("Connection", []))
+    nominated = incoming.getall("Connection", ())
+    drop = connection_named(nominated) if nominated else HOP_BY_HOP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         if name.lower() not in drop:
@@ -77,7 +78,20 @@ def response_headers(
     up: list[tuple[str, str]], request_id: str, out: CIMultiDict[str]
 ) -> CIMultiDict[str]:
     """The upstream's response header fields minus hop-by-hop ones, added to ``out``."""
-    drop = connection_named([v for n, v in up if n.lower() == "connection"])
-    out.extend([(n, v) for n, v in up if n.lower() not in drop])
+    kept: list[tuple[str, str]] = []
+    lowered: list[str] = []
+    nominated: list[str] = []
+    for name, value in up:
+        low = name.lower()
+        if low in HOP_BY_HOP:
+            if low == "connection":
+                nominated.append(value)
+            continue
+        kept.append((name, value))
+        lowered.append(low)
+    if nominated:  # rare: a back end naming fields in Connection
+        drop = connection_named(nominated)
+        kept = [pair for pair, low in zip(kept, lowered, strict=True) if low not in drop]
+    out.extend(kept)
     out["x-request-id"] = request_id
     return out

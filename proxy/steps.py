@@ -28,6 +28,7 @@ from typing import Final
 from . import errors, paths
 from . import idempotency as idem
 from .answers import block, body_failed, error_response, refuse_body, reject, unavailable
+from .boundary import NOTHING
 from .clientbody import ClientBody
 from .exchange import Answer, Exchange
 from .gate import check as gate_check
@@ -262,7 +263,7 @@ def scrub(ex: Exchange) -> Answer | None:
     assert cluster is not None
     assert out is not None
     stripped = ex.state.boundary.scrub(out, cluster.system)
-    if stripped.counts() or stripped.consent is not None:
+    if stripped is not NOTHING:  # something was removed or judged
         metrics = ex.services.metrics
         for kind, n in stripped.counts():
             metrics.stripped(cluster.system, kind, n)
