@@ -33,7 +33,16 @@ from proxy import errors, tls
 from proxy import tunnel as tn
 from proxy.upstream import Endpoint
 
-from .conftest import RawUpstream, Runner, free_port, raw_upstream, until
+from .conftest import (
+    RawUpstream,
+    Runner,
+    build_config,
+    cluster,
+    free_port,
+    one_route,
+    raw_upstream,
+    until,
+)
 
 NAME = "live.internal"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -1069,3 +1078,25 @@ def test_tls_upstream_not_trusted_is_refused(run: Runner, pki: Pki, tmp_path: Pa
             await up.runner.cleanup()
 
     run(main())
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_upgrade_settings_default_envoy_like_and_are_checked() -> None:
+    conf = build_config(one_route({"live": cluster("tiktok", "http://127.0.0.1:1")}, "live"))
+    assert conf.clusters["live"].upgrade == cfg.Upgrade(idle_timeout=300.0, max_bytes=None)
+    upgrade = {"idle_timeout": 30, "max_bytes": 1048576}
+    conf = build_config(
+        one_route({"live": cluster("tiktok", "http://127.0.0.1:1", upgrade=upgrade)}, "live")
+    )
+    assert conf.clusters["live"].upgrade == cfg.Upgrade(idle_timeout=30.0, max_bytes=1048576)
+    for bad, path in (
+        ({"idle_timeout": 0}, "$.clusters.live.upgrade.idle_timeout"),
+        ({"max_bytes": 0}, "$.clusters.live.upgrade.max_bytes"),
+        ({"idle": 5}, "$.clusters.live.upgrade.idle"),
+    ):
+        data = one_route({"live": cluster("tiktok", "http://127.0.0.1:1", upgrade=bad)}, "live")
+        with pytest.raises(cfg.ConfigError) as info:
+            build_config(data)
+        assert [e.path for e in info.value.errors] == [path], info.value.errors
