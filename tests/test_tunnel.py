@@ -251,10 +251,14 @@ class _FrontProtocol(asyncio.Protocol):
 
 
 @contextlib.asynccontextmanager
-async def front_for(endpoint: Endpoint, **kw: Any) -> AsyncIterator[Front]:
+async def front_for(
+    endpoint: Endpoint, listen_tls: ssl.SSLContext | None = None, **kw: Any
+) -> AsyncIterator[Front]:
     front = Front(endpoint, **kw)
     loop = asyncio.get_running_loop()
-    front.server = await loop.create_server(lambda: _FrontProtocol(front), "127.0.0.1", 0)
+    front.server = await loop.create_server(
+        lambda: _FrontProtocol(front), "127.0.0.1", 0, ssl=listen_tls
+    )
     front.port = front.server.sockets[0].getsockname()[1]
     try:
         yield front
@@ -1040,6 +1044,42 @@ def test_tls_upstream_tunnel_with_the_cluster_context(run: Runner, pki: Pki) -> 
                 assert await read_to_end(reader) == b""
                 assert (await front.result()).reason == "closed_by_client"
                 writer.close()
+        finally:
+            await up.runner.cleanup()
+
+    run(main())
+
+
+def test_tls_on_both_sides(run: Runner, pki: Pki) -> None:
+    """A TLS listener's client connection spliced to a TLS upstream: both transports taken
+    over are TLS transports (set_protocol on asyncio's and uvloop's SSL protocols)."""
+
+    async def main() -> None:
+        up = await start_upstream(pki.server)
+        client_ctx = ssl.create_default_context()
+        pki.ca.configure_trust(client_ctx)
+        ctx = cluster_context(up.port, pki.ca_file)
+        try:
+            async with front_for(
+                up.endpoint, listen_tls=pki.server, ssl_context=ctx, server_hostname=NAME
+            ) as front:
+                url = f"https://127.0.0.1:{front.port}/ws"  # the certificate names it too
+                connector = aiohttp.TCPConnector(ssl=client_ctx)
+                big = os.urandom(2 * MiB)
+                async with (
+                    aiohttp.ClientSession(connector=connector) as s,
+                    s.ws_connect(url, max_msg_size=0) as ws,
+                ):
+                    for _ in range(3):
+                        await ws.send_bytes(big)
+                        assert (await ws.receive(timeout=20)).data == big
+                    await ws.ping(b"tls ping")
+                    await ws.send_str("done")
+                    assert (await ws.receive(timeout=5)).data == "done"
+                result = await front.result()
+                assert result.reason in ("closed_by_client", "closed_by_upstream")
+                assert result.client_bytes > 3 * 2 * MiB
+                assert front.clients[0].get_extra_info("ssl_object") is not None
         finally:
             await up.runner.cleanup()
 
