@@ -67,7 +67,9 @@ Flow control
     side being written to is over it (``pause_writing``), the other side's reading is
     paused until it drained below a quarter of it (``resume_writing``): a client that stops
     reading stops the upstream being read, so a tunnel holds at most ``HIGH_WATER`` plus
-    one socket read per direction, whatever the upstream sends.
+    one socket read per direction (over TLS, plus the TLS layer's own bounded read
+    buffer), whatever the upstream sends. A side whose reading is paused is not watched:
+    its reset is seen at the next write to it or at the idle timeout.
 Half-close
     A side's EOF becomes ``write_eof`` on the other side when its transport supports it
     (plain TCP); bytes still flow the other way until that side ends too. Transports
@@ -553,7 +555,7 @@ class _Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
-        if tunnel.reason is not None and tunnel.aborted:
+        if tunnel.aborted:
             return
         n = len(data)
         limit = tunnel.limit

@@ -1,0 +1,231 @@
+"""WebSocket through Jalur: today's message re-framing path against the byte tunnel.
+
+The upstream (the demo back end's ``/_sim/ws`` echo) and the client (aiohttp's WebSocket
+client keeping ``--window`` messages in flight) run in their own processes; the proxy
+runs in this one, on uvloop, so its CPU time (``getrusage``) is the proxy's alone.
+
+``reframe``
+    a ``ProxyServer`` as ``jalur run`` serves it: aiohttp's listener and client, every
+    message parsed and written again (``forward._pump_websockets``).
+``tunnel``
+    a minimal listener handing its connection to ``tunnel.open_upgrade`` + ``tunnel.splice``
+    (no routing or policy: their cost is per upgrade, not per message).
+
+The client sends ``--per-connection`` messages (500) per WebSocket connection, then opens
+a new one, without ``permessage-deflate``: today's listener cuts a connection once its
+client sent ``listen.max_head_bytes`` on the wire (see
+``test_a_websocket_client_may_send_more_than_max_head_bytes``), so ``reframe`` runs with
+that limit at its maximum (1 MiB) and 500 KiB per connection. Both modes pay the same
+handshakes.
+
+Each mode ``--rounds`` times, interleaved, medians printed as a Markdown table: proxy CPU
+microseconds per message and MiB/s of echoed payload.
+
+    python loadtests/bench_tunnel.py [--messages 20000] [--size 1024] [--rounds 3]
+        [--window 16] [--per-connection 500] [--modes reframe,tunnel]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy import config as cfg  # noqa: E402
+from proxy import tunnel  # noqa: E402
+from proxy.server import ProxyServer  # noqa: E402
+from proxy.upstream import Endpoint  # noqa: E402
+
+CLIENT = """
+import asyncio, sys, time, aiohttp
+async def main(url, n, size, window, per_connection):
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    start = time.perf_counter()
+    async with aiohttp.ClientSession() as s:
+        done = 0
+        while done < n:
+            batch = min(per_connection, n - done)
+            async with s.ws_connect(url, max_msg_size=0, compress=0) as ws:
+                sent = got = 0
+                while got < batch:
+                    while sent < batch and sent - got < window:
+                        await ws.send_bytes(payload); sent += 1
+                    msg = await ws.receive()
+                    assert msg.data == payload, msg
+                    got += 1
+            done += batch
+    print(time.perf_counter() - start)
+asyncio.run(main(*sys.argv[1:2], *map(int, sys.argv[2:])))
+"""
+
+UPSTREAM = """
+import sys
+from aiohttp import web
+from proxy.demo.backend import BackendSpec, make_app
+web.run_app(make_app(BackendSpec(cluster="live", system="tiktok")), host="127.0.0.1",
+            port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Front(asyncio.Protocol):
+    """The listener's hand-over, as in tests/test_tunnel.py."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            self.transport.pause_reading()
+            head, rest = self.buf[:end], self.buf[end + 4 :]
+            asyncio.get_running_loop().create_task(self.serve(head, rest))
+
+    async def serve(self, head: bytes, rest: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        headers = [(k.strip(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:])]
+        up = await tunnel.open_upgrade(
+            self.endpoint,
+            None,
+            None,
+            lines[0].split(" ")[1],
+            headers,
+            connect_timeout=2,
+            head_timeout=5,
+            max_head_bytes=65536,
+        )
+        fields = "".join(f"{k}: {v}\r\n" for k, v in up.headers if k.lower().startswith("sec-"))
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            + fields.encode()
+            + b"\r\n"
+        )
+        await tunnel.splice(self.transport, rest, up, idle_timeout=60, max_bytes=None)
+
+
+@contextlib.asynccontextmanager
+async def proxy(mode: str, upstream: int) -> AsyncIterator[int]:
+    if mode == "tunnel":
+        endpoint = Endpoint.parse(f"http://127.0.0.1:{upstream}")
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Front(endpoint), "127.0.0.1", 0)
+        try:
+            yield server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+        return
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0, "max_head_bytes": 1024 * 1024},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "drain": {"delay": 0, "timeout": 1},
+        "systems": {"tiktok": {"kind": "social"}, "tokopedia": {"kind": "commerce"}},
+        "compliance": {"audit": {"path": "-"}},
+        "access_log": {"enabled": False},
+        "clusters": {"live": {"system": "tiktok", "endpoints": [f"http://127.0.0.1:{upstream}"]}},
+        "routes": [{"name": "live", "match": {}, "category": "promotion", "to": "live"}],
+    }
+    server = ProxyServer(cfg.parse(yaml.safe_dump(data)))
+    await server.start()
+    try:
+        yield server.data_port
+    finally:
+        await server.stop(drain_delay=0)
+
+
+async def one(mode: str, upstream: int, args: argparse.Namespace) -> tuple[float, float]:
+    async with proxy(mode, upstream) as port:
+        url = f"http://127.0.0.1:{port}/_sim/ws"
+        before = cpu()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CLIENT,
+            url,
+            str(args.messages),
+            str(args.size),
+            str(args.window),
+            str(args.per_connection),
+            stdout=subprocess.PIPE,
+        )
+        out, _ = await client.communicate()
+        used = cpu() - before
+    seconds = float(out.decode().strip())
+    per_message = used / args.messages * 1e6
+    mib_s = args.messages * args.size / seconds / (1 << 20)
+    return per_message, mib_s
+
+
+async def main(args: argparse.Namespace) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up = await asyncio.create_subprocess_exec(sys.executable, "-c", UPSTREAM, str(port), env=env)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        results: dict[str, list[tuple[float, float]]] = {m: [] for m in args.modes.split(",")}
+        for _ in range(args.rounds):
+            for mode in results:
+                results[mode].append(await one(mode, port, args))
+        print(
+            f"\n{args.messages} messages of {args.size} B, window {args.window}, "
+            f"{args.per_connection} per connection, uvloop\n"
+        )
+        print("| mode | proxy CPU µs/message | echoed MiB/s |")
+        print("|---|---:|---:|")
+        for mode, rows in results.items():
+            cpu_us = statistics.median(r[0] for r in rows)
+            rate = statistics.median(r[1] for r in rows)
+            print(f"| {mode} | {cpu_us:.1f} | {rate:.1f} |")
+    finally:
+        up.terminate()
+        await up.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="reframe,tunnel")
+    parser.add_argument("--per-connection", type=int, default=500)
+    uvloop.run(main(parser.parse_args()))
