@@ -28,7 +28,8 @@ API (two calls; the handler owns routing, policy, header filtering and reporting
 ``GET target HTTP/1.1`` with ``headers`` as given -- they must hold the client's
 ``Upgrade`` (one or more tokens) and, for ``websocket``, its ``Sec-WebSocket-Key``,
 ``-Version``, ``-Protocol`` and ``-Extensions``; any ``Connection`` field is replaced by
-``Connection: Upgrade``; ``Host`` is the endpoint's when absent -- and reads the response
+``Connection: Upgrade``; ``Host`` is the endpoint's when absent; a request announcing a
+body is refused -- and reads the response
 head with llhttp (``httptools``), skipping interim ``1xx`` answers.
 
 A ``101`` is accepted only when: its ``Upgrade`` names exactly one of the tokens asked;
@@ -101,8 +102,9 @@ Errors (``open_upgrade``; mapped here, at this one boundary)
     ``ResponseTimeout``; closed or reset before the head: ``UpstreamReset`` (a TLS alert:
     its TLS error); malformed head, or a head over ``max_head_bytes``:
     ``UpstreamProtocolError``; an invalid ``101``: ``InvalidUpgrade``; a request header or
-    target holding CR, LF or NUL, a WebSocket upgrade without a valid key, ``h2c``:
-    ``BadRequest`` (nothing connected).
+    target holding CR, LF or NUL, a WebSocket upgrade without a valid key: ``BadRequest``;
+    ``h2c``, or an upgrade request with a body (``Transfer-Encoding``, a ``Content-Length``
+    other than 0): ``BadRequest`` with reason ``upgrade_refused`` (nothing connected).
 """
 
 from __future__ import annotations
@@ -404,6 +406,12 @@ def _request(
             offered += [t.strip() for t in value.split(",") if t.strip()]
         elif lname == "host":
             host = True
+        elif lname == "transfer-encoding" or lname == "content-length":
+            if lname == "content-length" and value.strip() == "0":
+                continue  # no body: nothing to announce
+            # Body bytes would reach the upstream only after its 101, as tunnel bytes: what
+            # the upstream took for a body could be the client's next request (smuggling).
+            raise errors.BadRequest("an upgrade request with a body", reason="upgrade_refused")
         parts += (name, ": ", value, "\r\n")
     if not host:
         h = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host

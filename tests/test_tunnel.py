@@ -779,6 +779,7 @@ def test_upstream_requests_carry_the_client_handshake_fields(run: Runner) -> Non
                 ("Sec-WebSocket-Version", "13"),
                 ("Sec-WebSocket-Protocol", "chat, superchat"),
                 ("Sec-WebSocket-Extensions", "permessage-deflate"),
+                ("Content-Length", "0"),  # no body: dropped
             ],
             connect_timeout=2,
             head_timeout=2,
@@ -960,6 +961,12 @@ def test_requests_that_cannot_be_sent_are_refused_before_connecting(run: Runner)
             [("Upgrade", "websocket"), ("Sec-WebSocket-Key", "c2hvcnQ=")],  # not 16 bytes
             [("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA")],
             [("Sec-WebSocket-Key", new_key())],  # no Upgrade
+            [("Upgrade", "websocket"), ("Sec-WebSocket-Key", new_key()), ("Content-Length", "5")],
+            [
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Key", new_key()),
+                ("Transfer-Encoding", "chunked"),
+            ],
             [("Upgrade", "websocket"), ("Sec-WebSocket-Key", new_key()), ("X", "a\r\nInjected: 1")],
         ]
         for headers in cases:
