@@ -170,6 +170,8 @@ class Front:
     idle_timeout: float = 30.0
     max_bytes: int | None = None
     head_timeout: float = 5.0
+    # Awaited between writing the 101 and splice (what may happen in between, on purpose).
+    hold: Callable[[asyncio.Transport, tn.Upgraded], Awaitable[None]] | None = None
     outcomes: asyncio.Queue[Outcome] = field(default_factory=asyncio.Queue)
     clients: list[asyncio.Transport] = field(default_factory=list)
     upgraded: list[tn.Upgraded] = field(default_factory=list)
@@ -214,6 +216,8 @@ class Front:
             f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n"
             f"{relayed}\r\n".encode()
         )
+        if self.hold is not None:
+            await self.hold(transport, up)
         result = await tn.splice(
             transport, rest, up, idle_timeout=self.idle_timeout, max_bytes=self.max_bytes
         )
@@ -299,7 +303,12 @@ def frame(opcode: int, payload: bytes, mask: bytes = b"\x37\xfa\x21\x3d") -> byt
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """A server frame (unmasked): (first byte, payload)."""
+    """A server frame (unmasked): (first byte, payload), within 10 s."""
+    async with asyncio.timeout(10):
+        return await _read_frame(reader)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     b0, b1 = await reader.readexactly(2)
     n = b1 & 0x7F
     if n == 126:
@@ -333,6 +342,26 @@ async def raw_client(
     assert head.startswith("HTTP/1.1 101 "), head
     assert f"Sec-WebSocket-Accept: {accept_for(key)}" in head
     return reader, writer, head
+
+
+WS = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+ACCEPT = "Sec-WebSocket-Accept: {accept}\r\n"
+
+
+async def switch(
+    r: asyncio.StreamReader, w: asyncio.StreamWriter, fields: str = WS + ACCEPT, after: bytes = b""
+) -> None:
+    """A raw upstream's side of the handshake: read the request head, answer 101 with
+    ``fields`` (``{accept}``: the right Sec-WebSocket-Accept, ``{wrong}``: another key's)
+    and ``after`` in the same write."""
+    head = (await r.readuntil(b"\r\n\r\n")).decode("latin-1")
+    key = next(
+        ln.split(":", 1)[1].strip()
+        for ln in head.split("\r\n")
+        if ln.lower().startswith("sec-websocket-key")
+    )
+    text = fields.format(accept=accept_for(key), wrong=accept_for(key + "x"))
+    w.write(f"HTTP/1.1 101 Switching Protocols\r\n{text}\r\n".encode() + after)
 
 
 async def reset(writer: asyncio.StreamWriter) -> None:
@@ -408,17 +437,7 @@ def test_bytes_sent_with_the_heads_are_tunnelled(run: Runner) -> None:
     first frame in the same packet as its 101: both reach the other side."""
 
     async def upgrade_and_greet(raw: RawUpstream, r: asyncio.StreamReader, w: Any) -> None:
-        head = (await r.readuntil(b"\r\n\r\n")).decode("latin-1")
-        key = next(
-            ln.split(":", 1)[1].strip()
-            for ln in head.split("\r\n")
-            if ln.lower().startswith("sec-websocket-key")
-        )
-        w.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept_for(key)}\r\n\r\n".encode()
-            + b"\x81\x05hello"
-        )
+        await switch(r, w, after=b"\x81\x05hello")
         raw.requests.append(await r.readexactly(len(frame(0x1, b"early"))))
         w.close()
 
@@ -434,6 +453,51 @@ def test_bytes_sent_with_the_heads_are_tunnelled(run: Runner) -> None:
             assert result.reason == "closed_by_upstream"
             assert (result.client_bytes, result.upstream_bytes) == (len(frame(0x1, b"early")), 7)
         raw.server.close()
+
+    run(main())
+
+
+def test_an_upstream_gone_before_the_splice_still_delivers_its_bytes(run: Runner) -> None:
+    """The upstream sends its 101 and a first frame and closes before the handler gets to
+    ``splice`` (reading it is paused meanwhile): the frame reaches the client, then the
+    upstream's end."""
+    gone = asyncio.Event()
+
+    async def greet_and_go(raw: RawUpstream, r: asyncio.StreamReader, w: Any) -> None:
+        await switch(r, w, after=b"\x88\x02\x03\xe8")  # close frame, 1000
+        w.close()
+        await w.wait_closed()
+        gone.set()
+
+    async def until_gone(transport: asyncio.Transport, up: tn.Upgraded) -> None:
+        await asyncio.wait_for(gone.wait(), 5)
+
+    async def main() -> None:
+        raw = await raw_upstream(greet_and_go)
+        async with front_for(Endpoint.parse(raw.url), hold=until_gone) as front:
+            reader, writer, _ = await raw_client(front.port, "/x")
+            assert await read_frame(reader) == (0x88, b"\x03\xe8")
+            assert await read_to_end(reader) == b""
+            writer.close()
+            result = await front.result()
+            assert (result.reason, result.upstream_bytes) == ("closed_by_upstream", 4)
+        raw.server.close()
+
+    run(main())
+
+
+def test_a_client_connection_closed_before_the_splice_closes_the_upstream(run: Runner) -> None:
+    async def close_client(transport: asyncio.Transport, up: tn.Upgraded) -> None:
+        transport.close()
+
+    async def main() -> None:
+        async with rig(hold=close_client) as (up, front):
+            reader, writer, _ = await raw_client(front.port, "/ws")
+            assert await read_to_end(reader) == b""
+            result = await front.result()
+            assert result.reason == "closed_by_client"
+            await asyncio.wait_for(up.closed.wait(), 5)
+            writer.close()
 
     run(main())
 
@@ -797,26 +861,14 @@ def test_upstream_requests_carry_the_client_handshake_fields(run: Runner) -> Non
 
 
 def bad_101(fields: str) -> Callable[[RawUpstream, asyncio.StreamReader, Any], Awaitable[None]]:
-    """An upstream answering 101 with ``fields`` (``{accept}``: the right
-    Sec-WebSocket-Accept, ``{wrong}``: another key's) and a first frame."""
+    """An upstream answering 101 with ``fields`` (see ``switch``) and a first frame."""
 
     async def answer(raw: RawUpstream, r: asyncio.StreamReader, w: Any) -> None:
-        head = (await r.readuntil(b"\r\n\r\n")).decode("latin-1")
-        key = next(
-            ln.split(":", 1)[1].strip()
-            for ln in head.split("\r\n")
-            if ln.lower().startswith("sec-websocket-key")
-        )
-        text = fields.format(accept=accept_for(key), wrong=accept_for(key + "x"))
-        w.write(f"HTTP/1.1 101 Switching Protocols\r\n{text}\r\n".encode() + b"\x81\x02hi")
+        await switch(r, w, fields, after=b"\x81\x02hi")
         await w.drain()
         await r.read()
 
     return answer
-
-
-WS = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-ACCEPT = "Sec-WebSocket-Accept: {accept}\r\n"
 
 
 @pytest.mark.parametrize(
