@@ -22,7 +22,10 @@ Each mode ``--rounds`` times, interleaved, medians printed as a Markdown table: 
 microseconds per message and MiB/s of echoed payload.
 
     python loadtests/bench_tunnel.py [--messages 20000] [--size 1024] [--rounds 3]
-        [--window 16] [--per-connection 500] [--modes reframe,tunnel]
+        [--window 16] [--per-connection 500] [--modes reframe,tunnel] [--idle 1000]
+
+``--idle N`` also holds N upgraded connections open at once (a client process doing only
+the handshakes) and prints the proxy's RSS growth per connection.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import socket
@@ -73,6 +77,24 @@ async def main(url, n, size, window, per_connection):
             done += batch
     print(time.perf_counter() - start)
 asyncio.run(main(*sys.argv[1:2], *map(int, sys.argv[2:])))
+"""
+
+HOLD = """
+import asyncio, base64, os, sys
+async def main(port, n):
+    conns = []
+    for _ in range(n):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        w.write(f"GET /_sim/ws HTTP/1.1\\r\\nHost: x\\r\\nConnection: Upgrade\\r\\n"
+                f"Upgrade: websocket\\r\\nSec-WebSocket-Version: 13\\r\\n"
+                f"Sec-WebSocket-Key: {key}\\r\\n\\r\\n".encode())
+        head = await r.readuntil(b"\\r\\n\\r\\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        conns.append(w)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
 UPSTREAM = """
@@ -187,7 +209,42 @@ async def one(mode: str, upstream: int, args: argparse.Namespace) -> tuple[float
     return per_message, mib_s
 
 
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def idle(mode: str, upstream: int, n: int) -> float:
+    """KiB of proxy RSS per idle upgraded connection, ``n`` of them open at once."""
+    async with proxy(mode, upstream) as port:
+        gc.collect()
+        before = rss_kib()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            HOLD,
+            str(port),
+            str(n),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert client.stdout is not None
+        assert client.stdin is not None
+        assert (await client.stdout.readline()).strip() == b"ready"
+        gc.collect()
+        used = rss_kib() - before
+        client.stdin.close()
+        await client.wait()
+    return used / n
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.measure_idle:  # a child of the run below, in a fresh process
+        mode, upstream, n = args.measure_idle.split(":")
+        print(await idle(mode, int(upstream), int(n)))
+        return
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up = await asyncio.create_subprocess_exec(sys.executable, "-c", UPSTREAM, str(port), env=env)
@@ -215,6 +272,21 @@ async def main(args: argparse.Namespace) -> None:
             cpu_us = statistics.median(r[0] for r in rows)
             rate = statistics.median(r[1] for r in rows)
             print(f"| {mode} | {cpu_us:.1f} | {rate:.1f} |")
+        if args.idle:
+            print(f"\n{args.idle} idle upgraded connections open at once (fresh process each)\n")
+            print("| mode | proxy RSS KiB per connection |")
+            print("|---|---:|")
+            for mode in results:
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--measure-idle",
+                    f"{mode}:{port}:{args.idle}",
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                out, _ = await child.communicate()
+                print(f"| {mode} | {float(out.decode().split()[-1]):.1f} |")
     finally:
         up.terminate()
         await up.wait()
@@ -228,4 +300,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="reframe,tunnel")
     parser.add_argument("--per-connection", type=int, default=500)
+    parser.add_argument("--idle", type=int, default=0, help="also: RSS of N idle tunnels")
+    parser.add_argument("--measure-idle", default="", help=argparse.SUPPRESS)
     uvloop.run(main(parser.parse_args()))
