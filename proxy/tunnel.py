@@ -21,7 +21,7 @@ API (two calls; the handler owns routing, policy, header filtering and reporting
         write_101(client_transport, up.headers)   # filtered by the handler, see below
         result = await tunnel.splice(client_transport, client_leftover, up,
                                      idle_timeout=u.idle_timeout, max_bytes=u.max_bytes)
-        report(result.reason, result.client_bytes, result.upstream_bytes)
+        report(result.reason, result.flag, result.client_bytes, result.upstream_bytes)
 
 ``open_upgrade`` connects (plain, or TLS with the cluster's context: ``ssl_context`` is
 ``tls.for_cluster(...).context``, ``server_hostname`` the SNI and verified name), sends
@@ -92,7 +92,8 @@ Result
     ``closed_by_upstream`` (an EOF or orderly close), ``idle_timeout``, ``limit``, or
     ``error`` (a connection reset or failed; ``error_side`` and ``error`` say which and
     how, for the log). ``client_bytes`` went client to upstream, ``upstream_bytes``
-    upstream to client.
+    upstream to client; ``flag`` is Envoy's response flag for the access log (``SI``,
+    ``UC``, ``DC`` or ``-``).
 
 Errors (``open_upgrade``; mapped here, at this one boundary)
     connect refused / unreachable / timed out / TLS handshake or verification:
@@ -531,6 +532,16 @@ class SpliceResult:
     duration: float  # seconds from the takeover until both connections were closed
     error_side: Literal["client", "upstream"] | None = None  # for reason "error"
     error: str | None = None  # what failed, for the log only (may name an errno)
+
+    @property
+    def flag(self) -> str:
+        """Envoy's response flag for the access log: ``SI`` idle timeout, ``UC`` upstream
+        reset, ``DC`` client reset, ``-`` otherwise (an orderly close, the byte limit)."""
+        if self.reason == "idle_timeout":
+            return "SI"
+        if self.reason == "error":
+            return "DC" if self.error_side == "client" else "UC"
+        return "-"
 
 
 class _Side(asyncio.Protocol):

@@ -528,7 +528,7 @@ def test_client_closing_its_socket_closes_the_upstream(run: Runner) -> None:
             assert await read_frame(reader) == (0x81, b"one")
             writer.close()  # no close frame: just the TCP FIN
             result = await front.result()
-            assert result.reason == "closed_by_client"
+            assert (result.reason, result.flag) == ("closed_by_client", "-")
             await asyncio.wait_for(up.closed.wait(), 5)
 
     run(main())
@@ -589,7 +589,7 @@ def test_upstream_reset_mid_stream_ends_the_tunnel(run: Runner) -> None:
             writer.write(b"ping")
             assert await read_to_end(reader) == b"pong"  # what came before the reset
             result = await front.result()
-            assert (result.reason, result.error_side) == ("error", "upstream")
+            assert (result.reason, result.error_side, result.flag) == ("error", "upstream", "UC")
             assert "Reset" in (result.error or "")
             writer.close()
         raw.server.close()
@@ -605,7 +605,7 @@ def test_client_reset_mid_stream_closes_the_upstream(run: Runner) -> None:
             assert await read_frame(reader) == (0x82, b"\x01\x02")
             await reset(writer)
             result = await front.result()
-            assert (result.reason, result.error_side) == ("error", "client")
+            assert (result.reason, result.error_side, result.flag) == ("error", "client", "DC")
             await asyncio.wait_for(up.closed.wait(), 5)
 
     run(main())
@@ -635,7 +635,7 @@ def test_idle_tunnel_is_closed_on_both_sides(run: Runner) -> None:
             assert await read_frame(reader) == (0x81, b"still here")
             assert await read_to_end(reader) == b""  # closed by the proxy, nothing sent
             result = await front.result()
-            assert result.reason == "idle_timeout"
+            assert (result.reason, result.flag) == ("idle_timeout", "SI")
             assert result.duration >= 0.3
             await asyncio.wait_for(up.closed.wait(), 5)
             writer.close()
