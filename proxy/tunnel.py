@@ -29,8 +29,8 @@ API (two calls; the handler owns routing, policy, header filtering and reporting
 ``Upgrade`` (one or more tokens) and, for ``websocket``, its ``Sec-WebSocket-Key``,
 ``-Version``, ``-Protocol`` and ``-Extensions``; any ``Connection`` field is replaced by
 ``Connection: Upgrade``; ``Host`` is the endpoint's when absent; a request announcing a
-body is refused -- and reads the response
-head with llhttp (``httptools``), skipping interim ``1xx`` answers.
+body is refused -- and reads the response head with llhttp (``httptools``), skipping
+interim ``1xx`` answers.
 
 A ``101`` is accepted only when: its ``Upgrade`` names exactly one of the tokens asked;
 its ``Connection`` lists ``upgrade``; for ``websocket``, ``Sec-WebSocket-Accept`` equals
