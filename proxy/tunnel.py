@@ -61,6 +61,18 @@ the upstream's own leftover (bytes after its ``101`` head) to the client, and re
 write to ``client`` after handing it over, and must not close it. Cancelling ``splice``
 aborts both connections.
 
+Wiring (for the request handler and the listener)
+    ``headers``: the request's end-to-end fields after the boundary scrub, *keeping*
+    ``Upgrade`` and every ``Sec-WebSocket-*`` field (today's aiohttp path drops the key,
+    version and extensions because its client makes its own). ``ssl_context``: the
+    cluster's ``Rotating.context`` read per upgrade (``None`` for ``http://``);
+    ``server_hostname``: ``cluster.tls.server_name`` or the endpoint's host. Timeouts:
+    ``cluster.timeouts.connect`` and ``.response_headers``; ``idle_timeout`` and
+    ``max_bytes``: ``cluster.upgrade``. ``client_leftover``: with llhttp, the request
+    parser raises ``HttpParserUpgrade(offset)`` after the head; the bytes of that read from
+    ``offset`` on (the listener pauses reading there). Drain: cancel the ``splice`` tasks
+    still running when ``drain.timeout`` ends (both connections are aborted).
+
 Behaviour of the tunnel
 -----------------------
 Flow control
