@@ -68,10 +68,11 @@ Wiring (for the request handler and the listener)
     cluster's ``Rotating.context`` read per upgrade (``None`` for ``http://``);
     ``server_hostname``: ``cluster.tls.server_name`` or the endpoint's host. Timeouts:
     ``cluster.timeouts.connect`` and ``.response_headers``; ``idle_timeout`` and
-    ``max_bytes``: ``cluster.upgrade``. ``client_leftover``: with llhttp, the request
-    parser raises ``HttpParserUpgrade(offset)`` after the head; the bytes of that read from
-    ``offset`` on (the listener pauses reading there). Drain: cancel the ``splice`` tasks
-    still running when ``drain.timeout`` ends (both connections are aborted).
+    ``max_bytes``: ``cluster.upgrade``. ``(client, client_leftover)``: what the listener's
+    ``Request.detach()`` returns after the ``101`` was written (llhttp's
+    ``HttpParserUpgrade(offset)`` marks where the leftover starts; reading is paused and
+    ``splice`` resumes it). Drain: cancel the ``splice`` tasks still running when
+    ``drain.timeout`` ends (both connections are aborted).
 
 Behaviour of the tunnel
 -----------------------
