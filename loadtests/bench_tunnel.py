@@ -25,7 +25,9 @@ microseconds per message and MiB/s of echoed payload.
         [--window 16] [--per-connection 500] [--modes reframe,tunnel] [--idle 1000]
 
 ``--idle N`` also holds N upgraded connections open at once (a client process doing only
-the handshakes) and prints the proxy's RSS growth per connection.
+the handshakes) and prints the proxy's RSS growth per connection. ``--stream N`` instead
+pushes N MiB through one tunnel (raw upgrade to a sink) and prints the rate, the proxy's
+CPU per GiB and its largest RSS growth while streaming.
 """
 
 from __future__ import annotations
@@ -95,6 +97,45 @@ async def main(port, n):
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+SINK = """
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1]))); srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    head = b""
+    while b"\\r\\n\\r\\n" not in head and (data := conn.recv(65536)):
+        head += data
+    if b"\\r\\n\\r\\n" not in head:  # a port probe
+        conn.close()
+        continue
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\\r\\nUpgrade: sink\\r\\n"
+                 b"Connection: Upgrade\\r\\n\\r\\n")
+    n = len(head.split(b"\\r\\n\\r\\n", 1)[1])
+    while chunk := conn.recv(1 << 20):
+        n += len(chunk)
+    conn.sendall(str(n).encode()); conn.close()
+"""
+
+PUSH = """
+import socket, sys, time
+mib = int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: Upgrade\\r\\nUpgrade: sink\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += s.recv(4096)
+assert head.startswith(b"HTTP/1.1 101 "), head
+chunk = b"z" * (1 << 20)
+start = time.perf_counter()
+for _ in range(mib):
+    s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+got = int(s.recv(64))
+assert got == mib << 20, got
+print(time.perf_counter() - start)
 """
 
 UPSTREAM = """
@@ -240,7 +281,55 @@ async def idle(mode: str, upstream: int, n: int) -> float:
     return used / n
 
 
+async def stream(mib: int) -> tuple[float, float, float]:
+    """Push ``mib`` MiB through one tunnel to a sink: (MiB/s, proxy CPU s per GiB, largest
+    proxy RSS growth in MiB seen while it streamed)."""
+    port = free_port()
+    sink = await asyncio.create_subprocess_exec(sys.executable, "-c", SINK, str(port))
+    try:
+        await wait_port(port)
+        async with proxy("tunnel", port) as front:
+            gc.collect()
+            base = rss_kib()
+            peak = base
+            before = cpu()
+            push = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", PUSH, str(front), str(mib), stdout=subprocess.PIPE
+            )
+            assert push.stdout is not None
+            reading = asyncio.ensure_future(push.stdout.read())
+            while not reading.done():
+                peak = max(peak, rss_kib())
+                await asyncio.wait([reading], timeout=0.05)
+            used = cpu() - before
+            await push.wait()
+        seconds = float(reading.result().decode())
+        return mib / seconds, used / mib * 1024, (peak - base) / 1024
+    finally:
+        sink.terminate()
+        await sink.wait()
+
+
+async def wait_port(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.stream:
+        rate, cpu_gib, peak = await stream(args.stream)
+        print(f"\n{args.stream} MiB through one tunnel, uvloop\n")
+        print("| MiB/s | proxy CPU s/GiB | largest proxy RSS growth MiB |")
+        print("|---:|---:|---:|")
+        print(f"| {rate:.0f} | {cpu_gib:.2f} | {peak:.1f} |")
+        return
     if args.measure_idle:  # a child of the run below, in a fresh process
         mode, upstream, n = args.measure_idle.split(":")
         print(await idle(mode, int(upstream), int(n)))
@@ -249,15 +338,7 @@ async def main(args: argparse.Namespace) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up = await asyncio.create_subprocess_exec(sys.executable, "-c", UPSTREAM, str(port), env=env)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        await wait_port(port)
         results: dict[str, list[tuple[float, float]]] = {m: [] for m in args.modes.split(",")}
         for _ in range(args.rounds):
             for mode in results:
@@ -302,4 +383,5 @@ if __name__ == "__main__":
     parser.add_argument("--per-connection", type=int, default=500)
     parser.add_argument("--idle", type=int, default=0, help="also: RSS of N idle tunnels")
     parser.add_argument("--measure-idle", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--stream", type=int, default=0, help="only: N MiB through one tunnel")
     uvloop.run(main(parser.parse_args()))
