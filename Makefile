@@ -133,9 +133,33 @@ soak: $(STAMP) test-tools
 	$(BIN)/python loadtests/soak.py --time $(SOAK_TIME)
 
 # Jalur (1 and 2 workers), two feature-less floors (loadtests/floor.py), NGINX and direct with
-# wrk; writes loadtests/RESULTS.md (~14 min).
+# wrk, rounds interleaved; then 1 vs 2 workers unpinned, and memory (1000 idle connections,
+# 1 GiB streamed up and down: loadtests/bench_memory.py); writes loadtests/RESULTS.md (~14 min).
+# BENCH_BEFORE=<git rev>: also `jalur-before`, the proxy/ package of that revision (git archive
+# into a temp dir, run by this venv's Python with PYTHONPATH; bench.py checks where `proxy`
+# imports from), interleaved with jalur-1 and reported side by side (same ~14 min).
+# BENCH_QUICK=1: 3 s per cell, 50 connections only (~4 min, for development).
+# ARGS: more bench.py options (--help), after these.
+BENCH_BEFORE ?=
+BENCH_QUICK  ?=
+BENCH_ARGS    = $(if $(BENCH_BEFORE),--before $(BENCH_BEFORE)) \
+                $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(ARGS)
+
 bench: $(STAMP) install-bench-tools
-	$(BIN)/python loadtests/bench.py
+	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+
+# Where jalur-1's CPU goes per request: py-spy samples it (500 Hz) while wrk drives 50
+# connections of small requests for PROFILE_SECONDS; writes the collapsed stacks and a summary
+# (the aiohttp listener's share, Jalur's own time by module and top functions) to
+# loadtests/reports/profile-*.{txt,md} and prints the summary (~20 s). ARGS: more options
+# (e.g. --sizes small,64k --conns 50,200; --cprofile: cProfile instead, exact calls per
+# request, stats in loadtests/reports/cprofile-*.prof).
+PROFILE_SECONDS ?= 8
+.PHONY: profile
+profile: $(STAMP) install-bench-tools
+	@test -x $(BIN)/py-spy || $(BIN)/pip install --quiet 'py-spy>=0.4'
+	$(BIN)/python loadtests/bench.py --profile --conns 50 --sizes small \
+		--duration $(PROFILE_SECONDS) --rate 500 $(ARGS)
 
 # TLS to the upstream: Jalur against NGINX's proxy_ssl (session reuse on), plain baseline in
 # the same run (loadtests/bench_tls.py, ~4 min); prints a Markdown table.

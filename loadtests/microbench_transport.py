@@ -11,7 +11,7 @@ Two measurements, both on loopback only, everything started here stopped by PID:
    of this process over the measured requests) and requests per second, and their ratio.
 2. **The whole proxy** (unless ``--no-wrk`` or ``wrk`` is missing). ``jalur run`` in a child
    process pinned to CPU 1, its clusters' transport chosen by this file: ``proxy-child`` mode
-   replaces the transport class ``forward.build_state`` constructs (``H1Transport``, the
+   replaces the transport class ``state.build_state`` constructs (``H1Transport``, the
    default) with a factory making the one asked for, which reports each transport it makes
    on stderr; the parent checks that report before measuring, so the two contenders are
    really different. ``wrk`` and the upstream on CPU 0. Reported: medians of req/s, p50/p99
@@ -105,7 +105,7 @@ def responder(port: int) -> None:
 def proxy_child(transport: str, config: str) -> int:
     """``jalur run -c config`` with the chosen upstream transport for every cluster (the
     WebSocket session, aiohttp's in both, is not used here)."""
-    import proxy.forward
+    import proxy.state
     from proxy import config as cfg
     from proxy.h1transport import H1Transport
     from proxy.upstream import AiohttpTransport
@@ -119,7 +119,7 @@ def proxy_child(transport: str, config: str) -> int:
         print(f"{TRANSPORT_MARK}{type(made).__name__}", file=sys.stderr, flush=True)
         return made
 
-    proxy.forward.H1Transport = make  # type: ignore[misc, assignment]
+    proxy.state.H1Transport = make  # type: ignore[misc, assignment]
     from proxy.cli import main
 
     return main(["--log-level", "INFO", "run", "-c", config])

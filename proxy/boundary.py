@@ -156,7 +156,8 @@ class Stripped(NamedTuple):
         return tuple((kind, n) for kind, n in zip(KINDS, counts, strict=True) if n)
 
 
-_NOTHING: Final = Stripped()
+# What ``scrub`` returns when it removed and judged nothing (compared by identity).
+NOTHING: Final = Stripped()
 
 
 def _safe_names(joined: str) -> bool:
@@ -327,6 +328,17 @@ class _Rules:
     identities: tuple[str, ...]  # another pair's identity headers: always stripped
     gated: tuple[CrossIdentity, ...]  # identities this system may get with consent
     cookies: frozenset[str]  # cookie_key of cookies owned by another system
+    # Every header name ``scrub`` removes, lower-cased, to the slot it is counted in
+    # (``_REMOVED``, ``_FORWARDING``, ``_IDENTITY``; ``_CONSENT``: read, then removed):
+    # one dict lookup per header instead of one ``popall`` per rule.
+    plan: Mapping[str, int]
+
+
+# Slots of ``_Rules.plan``.
+_REMOVED: Final = 0
+_FORWARDING: Final = 1
+_IDENTITY: Final = 2
+_CONSENT: Final = 3
 
 
 class Boundary:
@@ -387,11 +399,17 @@ class Boundary:
             # Trace context a client sent may carry user data (baggage: "user=..."): like
             # identity, dropped toward a system unless tracing.propagate lists it for it.
             foreign.update(set(TRACE_CONTEXT_FIELDS) - set(propagate.get(system or "", ())))
+            headers = tuple(sorted(foreign - gated_names - crossing))
+            plan = dict.fromkeys(crossing, _IDENTITY)  # later kinds win, as in ``scrub``
+            plan.update(dict.fromkeys(self._forwarding, _FORWARDING))
+            plan.update(dict.fromkeys(headers, _REMOVED))
+            plan[self._consent_header] = _CONSENT
             return _Rules(
-                headers=tuple(sorted(foreign - gated_names - crossing)),
+                headers=headers,
                 identities=tuple(sorted(crossing)),
                 gated=gated,
                 cookies=frozenset(k for k, owners in cookie_owners.items() if owners - {system}),
+                plan=plan,
             )
 
         self._rules: Final = {name: rules(name) for name in config.systems}
@@ -421,25 +439,35 @@ class Boundary:
     def scrub(self, headers: CIMultiDict[str], system: str) -> Stripped:
         """Remove from the outgoing request headers what ``system`` must not see."""
         rules = self._rules.get(system, self._unknown)
-        tokens = headers.popall(self._consent_header, ())
-
-        underscore = unsafe = 0
-        if not _safe_names("".join(headers.keys())):
-            for name in {n for n in headers if not _safe_names(n)}:
+        plan = rules.plan
+        safe = _safe_names("".join(headers.keys()))  # the common case: no name to judge
+        tokens: list[str] = []
+        kept: list[tuple[str, str]] | None = None  # made at the first removal
+        removed = forwarding = identities = underscore = unsafe = 0
+        for i, (name, value) in enumerate(headers.items()):
+            slot = plan.get(name.lower())
+            if slot is None and (safe or _safe_names(name)):
+                if kept is not None:
+                    kept.append((name, value))
+                continue
+            if kept is None:
+                kept = list(headers.items())[:i]
+            if slot == _CONSENT:
+                tokens.append(value)
+            elif not (safe or _safe_names(name)):
                 if "_" in name:
-                    underscore += len(headers.popall(name, ()))
+                    underscore += 1
                 else:
-                    unsafe += len(headers.popall(name, ()))
-
-        removed = 0
-        for name in rules.headers:
-            removed += len(headers.popall(name, ()))
-        forwarding = 0
-        for name in self._forwarding:
-            forwarding += len(headers.popall(name, ()))
-        identities = 0
-        for name in rules.identities:
-            identities += len(headers.popall(name, ()))
+                    unsafe += 1
+            elif slot == _REMOVED:
+                removed += 1
+            elif slot == _FORWARDING:
+                forwarding += 1
+            else:
+                identities += 1
+        if kept is not None:
+            headers.clear()
+            headers.extend(kept)
 
         consent: ConsentResult | None = None
         if rules.gated:
@@ -472,7 +500,7 @@ class Boundary:
         if not (removed or cookies or identities or underscore or unsafe or consent) and not (
             malformed or forwarding
         ):
-            return _NOTHING
+            return NOTHING
         return Stripped(
             removed, cookies, identities, underscore, unsafe, malformed, forwarding, consent
         )

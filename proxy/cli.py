@@ -473,6 +473,9 @@ def _worker(
     from .server import serve
 
     sock = socket.socket(fileno=fd)
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    ours = os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX)
+    alive = _hold_shared(metrics_dir) if ours else None
 
     def ready() -> None:
         if ready_fd is not None:
@@ -482,12 +485,39 @@ def _worker(
     try:
         _run(serve(config, config_path=config_path, data_sock=sock, on_ready=ready, parent=parent))
     finally:
-        if parentwatch.orphaned(parent):
-            # The supervisor cannot remove the metrics directory it made: its workers do.
-            metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-            if os.path.basename(metrics_dir).startswith(METRICS_DIR_PREFIX):
-                shutil.rmtree(metrics_dir, ignore_errors=True)
+        if alive is not None and parentwatch.parent_gone(parent) and _last_one(alive):
+            # The supervisor cannot remove the metrics directory it made: the last of its
+            # workers to stop does (one still writing its files would re-create some).
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+# A worker holds a shared lock on this file in the metrics directory while it may write
+# metrics; the one that can take it exclusively is the last.
+_ALIVE: Final = "workers.lock"
+
+
+def _hold_shared(metrics_dir: str) -> int | None:
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(metrics_dir, _ALIVE), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        return None
+    return fd
+
+
+def _last_one(fd: int) -> bool:
+    """Release this worker's shared lock: True if no other worker holds one."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def _load_or_report(path: str, err: TextIO, *, warn: bool = True) -> cfg.Config | None:

@@ -46,6 +46,22 @@ def orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
 
+def parent_gone(parent: int) -> bool:
+    """True once ``parent`` has died, even while this process is still its child: a process
+    killed with SIGKILL dies thread by thread, and the kernel first hands its children to a
+    surviving thread of the same process (``getppid()`` unchanged) and sends them the
+    parent-death signal then. Its main thread is a zombie by that time."""
+    if orphaned(parent):
+        return True
+    try:
+        with open(f"/proc/{parent}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return not sys.platform.startswith("linux")
+    # pid (comm) state ...: comm may hold spaces and parentheses; the state follows the last ")".
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
 async def watch_parent(
     parent: int, on_orphaned: Callable[[], None], interval: float = WATCH_INTERVAL
 ) -> None:

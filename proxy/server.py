@@ -96,7 +96,7 @@ class _Protocol(RequestHandler):
         self._limits = limits
         self._jalur = manager
         self.server_header = limits.server_header  # read by ``respond.ServerHeader``
-        self.body_timeout = limits.body_timeout  # read by ``forward._ClientBody``
+        self.body_timeout = limits.body_timeout  # read by ``clientbody.ClientBody``
         # Bytes of the request head being received (reset when a head is complete), and
         # the body of the last request parsed (bytes before its end are body, not head).
         self._head_bytes = 0
@@ -688,6 +688,12 @@ async def serve(
     if parent is not None:
         orphan_watch = asyncio.create_task(parentwatch.watch_parent(parent, stop.set))
     await stop.wait()
+    if parent is not None:
+        # Stopping already. A supervisor killed with SIGKILL dies thread by thread and its
+        # workers get the parent-death SIGTERM once per thread; one arriving after the loop
+        # closed (which restores the default action) would end the worker before it cleans up.
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if cert_watch is not None:
         cert_watch.cancel()
     if orphan_watch is not None:

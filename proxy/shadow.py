@@ -29,6 +29,7 @@ from typing import Final
 from multidict import CIMultiDict
 
 from . import errors
+from .boundary import Boundary
 from .config import Shadow
 from .upstream import ClusterRuntime
 
@@ -54,6 +55,17 @@ class Plan:
         if not has_body:
             return True
         return content_length is not None and content_length <= self.spec.max_body_bytes
+
+    def copy(
+        self, boundary: Boundary, route: str, method: str, target: str, headers: CIMultiDict[str]
+    ) -> Copy:
+        """The copy of a request whose forwarded headers are ``headers`` (before the
+        boundary's scrub for the real target): scrubbed for the shadow's own system."""
+        copied = headers.copy()
+        boundary.scrub(copied, self.cluster.system)
+        copied[SHADOW_HEADER] = "true"
+        digest = hashlib.sha256() if self.spec.compare_body else None
+        return Copy(self, route, method, target, copied, bytearray(), digest)
 
 
 @dataclass(slots=True)

@@ -47,12 +47,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from cryptography import x509
-
 from . import config as cfg
 from . import errors
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from .metrics import Metrics
 
 __all__ = [
@@ -340,6 +340,10 @@ def _reason(exc: ssl.SSLError) -> str:
 
 
 def _read_certs(path: str) -> list[x509.Certificate]:
+    # Imported here: cryptography is ~11 MiB of every process's memory, needed only when a
+    # config names certificate files.
+    from cryptography import x509
+
     with open(path, "rb") as f:
         data = f.read()
     certs = x509.load_pem_x509_certificates(data)

@@ -100,7 +100,8 @@ def test_a_new_user_finds_it_from_the_map(task: str, row: str, shown: list[str])
 
 def refusal_reasons() -> set[str]:
     """Every `reason` slug Jalur answers with: the path checker's, the error tree's, the
-    compliance guard's, the boundary's, and each literal passed as a reason in forward.py."""
+    compliance guard's, the boundary's, and each literal passed as a reason to
+    ``answers.reject`` / ``gate_refusal``."""
     out = set(paths._MESSAGES)
     todo: list[type[errors.ProxyError]] = [errors.ProxyError]
     while todo:
@@ -124,16 +125,16 @@ def refusal_reasons() -> set[str]:
                     assert isinstance(first, ast.Constant)
                     assert isinstance(first.value, str)
                     out.add(first.value)
-    tree = ast.parse((ROOT / "proxy" / "forward.py").read_text())
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr in {"_reject", "_gate_refusal"}  # (..., message, reason)
-        ):
-            last = node.args[-1]
-            if isinstance(last, ast.Constant) and isinstance(last.value, str):
-                out.add(last.value)
+    for module in sorted((ROOT / "proxy").glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in {"reject", "gate_refusal"}  # (ex, status, message, reason)
+            ):
+                last = node.args[-1]
+                if isinstance(last, ast.Constant) and isinstance(last.value, str):
+                    out.add(last.value)
     return out
 
 

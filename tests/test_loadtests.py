@@ -7,8 +7,9 @@
   aimed straight at a social back end (no proxy) must report those failures.
 * ``loadtests/soak.py`` (what ``make soak`` runs) for 6 s with one back-end restart and 5 %
   resets: it attributes every failure to an injected fault and reports its figures.
-* ``loadtests/bench.py --smoke`` (what ``make bench`` runs, 1 s per cell): it produces the
-  results table, with the two feature-less floor proxies of ``loadtests/floor.py``. It needs
+* ``loadtests/bench.py --smoke --before HEAD`` (what ``make bench BENCH_BEFORE=HEAD`` runs,
+  1 s per cell): it produces the results table, with the two feature-less floor proxies of
+  ``loadtests/floor.py``, jalur-before beside jalur-1 and the memory tables. It needs
   ``wrk`` (skipped without it); without ``nginx`` the NGINX contender is skipped and the
   report says so. ``make test`` installs both (Debian packages).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import importlib
 import json
 import os
 import re
@@ -191,8 +193,9 @@ async def test_transaction_answered_by_social_system_is_a_locust_failure(
 )
 async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
     out_file = tmp_path / "RESULTS.md"
+    bench = str(LOADTESTS / "bench.py")
     code, out = await run(
-        sys.executable, str(LOADTESTS / "bench.py"), "--smoke", "--out", str(out_file), limit=120
+        sys.executable, bench, "--smoke", "--before", "HEAD", "--out", str(out_file), limit=150
     )
     assert code == 0, out
     text = out_file.read_text()
@@ -212,6 +215,108 @@ async def test_bench_smoke_writes_a_results_table(tmp_path: Path) -> None:
     assert re.search(
         r"^\| 50 \| small \| (\d+|-) \| \d+ \| \d+ \| \d+ \| [+-]\d+ \|", text, re.M
     ), text
-    assert "| jalur-1 |" in text  # the idle-connections RSS row
+    # jalur-before: HEAD's proxy/ from `git archive`, imported from there (not from the
+    # editable install), measured in the same rounds and reported beside jalur-1.
+    imported = re.search(r"jalur-before imports proxy from (\S+)", out)
+    assert imported, out
+    assert imported.group(1).endswith("/before/proxy/__init__.py"), out
+    assert not imported.group(1).startswith(str(ROOT)), out
+    assert "| 50 | small | jalur-before |" in text, text
+    assert "Before / after in the same interleaved run" in text, text
+    assert re.search(r"^\| 50 \| small \| [\d,]+ \| [\d,]+ \| [\d.]+ \|", text, re.M), text
+    # Memory on fresh processes: idle connections (jalur-1, jalur-before and NGINX) and the
+    # streams up and down through both Jalur builds.
+    assert re.search(r"^\| jalur-1 \| [\d.]+ MiB \| [\d.]+ MiB \|", text, re.M), text
+    assert re.search(r"^\| jalur-before \| [\d.]+ MiB \| [\d.]+ MiB \|", text, re.M), text
+    for name in ("jalur-1", "jalur-before"):
+        for direction in ("upload", "download"):
+            assert re.search(rf"^\| {name} \| {direction} \| [\d,]+ \| ", text, re.M), text
     assert "- python: " in text
     assert "- kernel: " in text
+
+
+async def test_bench_refuses_a_before_tree_proxy_does_not_import_from(tmp_path: Path) -> None:
+    """The check behind jalur-before: with a tree that has no ``proxy`` package, ``import
+    proxy`` finds the editable install instead, and bench.py stops rather than measuring it."""
+    empty = tmp_path / "before"
+    empty.mkdir()
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench; "
+        "bench.check_imports_from(Path(sys.argv[2]), Path(sys.argv[2]))"
+    )
+    status, out = await run(sys.executable, "-c", code, str(LOADTESTS), str(empty), limit=60)
+    assert status == 1, out
+    assert "jalur-before would not run the tree asked for" in out, out
+    assert str(ROOT / "proxy" / "__init__.py") in out, out
+
+
+def test_profile_summary_charges_own_time_to_jalur_listener_and_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make profile``'s summary: a standard-library or metrics-library frame is charged to
+    the Jalur function that called it, aiohttp's frames to the listener, ``Runner.run``'s
+    own samples to the event loop, and other threads are left out."""
+    monkeypatch.syspath_prepend(str(LOADTESTS))
+    bench = importlib.import_module("bench")  # loadtests/bench.py (not a package)
+
+    base = "<module> (jalur:8);main (proxy/cli.py:10);_run (proxy/cli.py:20)"
+    base += ";run (uvloop/__init__.py:105);Runner.run (asyncio/runners.py:118)"
+    handler = ";RequestHandler._handle_request (aiohttp/web_protocol.py:500)"
+    handler += ";Forwarder.handle (proxy/forward.py:543)"
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "\n".join(
+            [
+                f"{base} 30",  # the loop's own
+                f"{base};RequestHandler.start (aiohttp/web_protocol.py:686) 20",
+                f"{base}{handler};RouteMetrics.observe (proxy/metrics.py:280)"
+                ";MutexValue.inc (prometheus_client/values.py:28) 15",
+                f"{base}{handler};_new_id (proxy/tracing.py:68);getrandbits (random.py:1) 5",
+                f"{base}{handler};StreamWriter._writelines (aiohttp/http_writer.py:116) 25",
+                f"{base}{handler} 5",
+                "Thread._bootstrap (threading.py:1002);AuditLog._run (proxy/compliance.py:767)"
+                ";Condition.wait (threading.py:327) 500",
+            ]
+        )
+        + "\n"
+    )
+    text = bench.summarize_profile(raw, "synthetic")
+    assert "100 samples of the event-loop thread (500 of other threads" in text, text
+    assert "| jalur | 25.0 % |" in text, text
+    assert "| aiohttp listener | 45.0 % |" in text, text
+    assert "| event loop | 30.0 % |" in text, text
+    assert "| `proxy/metrics.py` | 15.0 % | 15.0 % |" in text, text
+    assert "| `proxy/forward.py` | 5.0 % | 50.0 % |" in text, text
+    assert "| `RouteMetrics.observe (proxy/metrics.py)` | 15.0 % |" in text, text
+    assert "| `_new_id (proxy/tracing.py)` | 5.0 % |" in text, text
+    assert "_run (proxy/cli.py)` |" not in text.split("Top 20 Jalur functions")[1].split("Top")[0]
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not on PATH (Debian package 'wrk'; make test and make bench install it)",
+)
+async def test_cprofile_counts_calls_per_request_of_jalur_functions() -> None:
+    """``make profile ARGS=--cprofile`` at 1 s: jalur run under cProfile exits on SIGTERM with
+    its stats written, and the summary counts Jalur's handler about once per request."""
+    code, out = await run(
+        sys.executable,
+        str(LOADTESTS / "bench.py"),
+        "--profile",
+        "--cprofile",
+        *("--duration", "1", "--warmup", "0", "--conns", "10", "--sizes", "small"),
+        limit=90,
+    )
+    assert code == 0, out
+    requests = re.search(r"### cProfile of jalur-1: ([\d,]+) requests", out)
+    assert requests, out
+    assert int(requests.group(1).replace(",", "")) > 100, out
+    # Forwarder.upstream_headers runs once per request: ~1.00 calls per request.
+    row = re.search(r"^\| `upstream_headers \(proxy/forward\.py\)` \| ([\d.]+) \|", out, re.M)
+    assert row, out
+    assert 0.9 <= float(row.group(1)) <= 1.1, out
+    stats = re.search(r"Stats: `(\S+\.prof)`", out)
+    assert stats, out
+    written = LOADTESTS / "reports" / Path(stats.group(1)).name
+    assert written.is_file(), out
+    written.unlink()
