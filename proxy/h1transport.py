@@ -939,6 +939,14 @@ class H1Transport:
         pool = self._pools.get(endpoint.url)
         return len(pool.idle) if pool is not None else 0
 
+    def tls_for(self, endpoint: Endpoint) -> tuple[ssl.SSLContext | None, str | None]:
+        """What a connection to ``endpoint`` opened outside the pool (an upgrade,
+        ``tunnel.open_upgrade``) uses: the cluster's current TLS context (None for
+        ``http://``) and the SNI / verified name (None without TLS)."""
+        if self._tls is None:
+            return None, None
+        return self._tls.context, self._server_name or endpoint.host
+
     async def send(
         self,
         endpoint: Endpoint,

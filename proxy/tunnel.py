@@ -64,9 +64,9 @@ aborts both connections.
 Wiring (for the request handler and the listener)
     ``headers``: the request's end-to-end fields after the boundary scrub, *keeping*
     ``Upgrade`` and every ``Sec-WebSocket-*`` field (today's aiohttp path drops the key,
-    version and extensions because its client makes its own). ``ssl_context``: the
-    cluster's ``Rotating.context`` read per upgrade (``None`` for ``http://``);
-    ``server_hostname``: ``cluster.tls.server_name`` or the endpoint's host. Timeouts:
+    version and extensions because its client makes its own). ``ssl_context,
+    server_hostname = cluster.transport.tls_for(endpoint)`` (``H1Transport``): the
+    cluster's current TLS context and name, as its pooled connections use them. Timeouts:
     ``cluster.timeouts.connect`` and ``.response_headers``; ``idle_timeout`` and
     ``max_bytes``: ``cluster.upgrade``. ``(client, client_leftover)``: what the listener's
     ``Request.detach()`` returns after the ``101`` was written (llhttp's

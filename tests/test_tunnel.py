@@ -31,6 +31,7 @@ from aiohttp import web
 from proxy import config as cfg
 from proxy import errors, tls
 from proxy import tunnel as tn
+from proxy.h1transport import H1Transport
 from proxy.upstream import Endpoint
 
 from .conftest import (
@@ -1140,6 +1141,47 @@ def test_tls_on_both_sides(run: Runner, pki: Pki) -> None:
                 assert result.reason in ("closed_by_client", "closed_by_upstream")
                 assert result.client_bytes > 3 * 2 * MiB
                 assert front.clients[0].get_extra_info("ssl_object") is not None
+        finally:
+            await up.runner.cleanup()
+
+    run(main())
+
+
+def test_the_pool_gives_upgrades_its_tls_context_and_name(run: Runner, pki: Pki) -> None:
+    """``H1Transport.tls_for``: an upgrade to an https:// cluster uses the context (and
+    name) the cluster's pooled connections use."""
+
+    async def main() -> None:
+        up = await start_upstream(pki.server)
+        spec = cfg.Cluster(
+            system="tiktok",
+            endpoints=[f"https://127.0.0.1:{up.port}"],
+            tls=cfg.UpstreamTls(ca_file=pki.ca_file, server_name=NAME),
+        )
+        pool = H1Transport(spec, cfg.Listen(), tls=tls.for_cluster("live", spec))
+        plain = H1Transport(
+            cfg.Cluster(system="tiktok", endpoints=["http://127.0.0.1:1"]), cfg.Listen()
+        )
+        assert plain.tls_for(up.endpoint) == (None, None)
+        ctx, name = pool.tls_for(up.endpoint)
+        assert name == NAME
+        try:
+            upgraded = await tn.open_upgrade(
+                up.endpoint,
+                ctx,
+                name,
+                "/ws",
+                [
+                    ("Upgrade", "websocket"),
+                    ("Sec-WebSocket-Key", new_key()),
+                    ("Sec-WebSocket-Version", "13"),
+                ],
+                connect_timeout=2,
+                head_timeout=2,
+                max_head_bytes=4096,
+            )
+            assert (upgraded.upgraded, upgraded.status) == (True, 101)
+            upgraded.close()
         finally:
             await up.runner.cleanup()
 
