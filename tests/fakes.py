@@ -31,6 +31,7 @@ lazily), no Redis (the memory store), no listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
@@ -128,8 +129,8 @@ class Attempt:
         if not self.body_read:
             self.body_read = True
             if self.source is not None:
-                parts = [chunk async for chunk in self.source]
-                self.body = b"".join(parts)
+                async for chunk in self.source:
+                    self.body += chunk  # what arrived before a failure stays recorded
         return self.body
 
 
@@ -160,9 +161,9 @@ class FakeTransport:
             resp = await out if inspect.isawaitable(out) else out
         except errors.UpstreamError as exc:
             if exc.request_bytes_sent != 0:  # it got past the connect: the body went out
-                await attempt.read_body()
+                await _upload(attempt)
             raise
-        await attempt.read_body()
+        await _upload(attempt)
         self.responses.append(resp)
         return resp
 
@@ -175,11 +176,25 @@ class FakeTransport:
         return [a.endpoint for a in self.attempts]
 
 
+async def _upload(attempt: Attempt) -> None:
+    """The body as the transport sends it: a failure to produce it (the client broke off,
+    a body limit) is an ``UpstreamError`` after the head went out, as in ``H1Transport``."""
+    try:
+        await attempt.read_body()
+    except Exception as exc:
+        raise errors.UpstreamError(
+            f"request body failed: {type(exc).__name__}: {exc}", request_bytes_sent=1
+        ) from exc
+
+
 class _Hang:
     """An outcome that never comes (a per-try or route timeout must cut it)."""
 
 
 HANG: Final = _Hang()
+# Seconds a ``HANG`` attempt waits for the timeout under test before it fails the test
+# (bounds a test whose timeout never fires).
+HANG_LIMIT: Final = 10.0
 Outcome = FakeResponse | errors.UpstreamError | _Hang | Callable[[Attempt], FakeResponse]
 
 
@@ -192,8 +207,10 @@ def script(*outcomes: Outcome) -> Handler:
         assert left, f"unexpected attempt {attempt}"
         outcome = left.pop(0)
         if isinstance(outcome, _Hang):
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HANG_LIMIT):
+                    await asyncio.Event().wait()
+            raise AssertionError(f"nothing cut {attempt} within {HANG_LIMIT}s")
         if isinstance(outcome, errors.UpstreamError):
             raise outcome
         if isinstance(outcome, FakeResponse):
