@@ -33,6 +33,8 @@ A = "http://127.0.0.1:9001"
 B = "http://127.0.0.1:9002"
 SOCIAL = "http://127.0.0.1:9003"
 FUTURE = "2099-01-01T00:00:00+00:00"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
 PAYER = {"Host": "shop.test", "Authorization": "Bearer u1"}
 
 
@@ -197,13 +199,18 @@ async def test_a_retried_payment_sends_the_same_key_and_body_each_time(handler: 
     # Before a byte went out a keyed payment may go to the other endpoint; once one did, it
     # is not sent again.
     handler.unit.transport.handler = script(reset(sent=0), reset(sent=50))
-    key = {**PAYER, "Idempotency-Key": "k-3"}
+    key = {**PAYER, "Idempotency-Key": "k-3", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
     resp = await handler(FakeRequest("POST", "/pay", headers=key, body=b"amount=7"))
     assert resp.status == 502
     sent = handler.unit.transport.attempts
     assert [a.headers["Idempotency-Key"] for a in sent] == ["k-3", "k-3"]
     assert [a.body for a in sent] == [b"", b"amount=7"]
     assert sent[0].endpoint != sent[1].endpoint
+    # Each try is its own span of the client's trace (the headers as sent on each try).
+    parents = [a.headers["traceparent"].split("-") for a in sent]
+    assert [p[1] for p in parents] == [TRACE_ID, TRACE_ID]
+    assert parents[0][2] != parents[1][2]
+    assert PARENT_ID not in (parents[0][2], parents[1][2])
     handler.idle()
 
 
