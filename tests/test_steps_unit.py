@@ -568,3 +568,16 @@ async def test_scrub_of_a_clean_request_counts_nothing(unit: Unit) -> None:
     assert steps.scrub(ex) is None
     assert ex.consent is None
     assert unit.value("jalur_boundary_stripped_total", system="tokopedia", kind="headers") == 0
+
+
+async def test_buffer_body_answers_408_to_a_body_that_stalls_and_closes_at_once() -> None:
+    conf = build_config({**CONFIG, "listen": {"host": "127.0.0.1", "body_idle_timeout": 0.05}})
+    async with unit_state(conf) as u:
+        request = FakeRequest(
+            "POST", "/promo", content=FakeContent([b"a=1"], stall=True), content_length=10
+        )
+        ex = upto(u, request, steps.buffer_body)
+        status, body = answer(await cast(Any, steps.buffer_body(ex)))
+        assert (status, body["reason"]) == (408, "body_timeout")
+        assert request[LINGER] == 0  # a stalled client sends nothing more: no lingering
+        assert u.value("jalur_requests_rejected_total", reason="body_timeout") == 1
