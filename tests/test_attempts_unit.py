@@ -545,3 +545,50 @@ async def test_a_body_a_retry_would_need_that_breaks_off_is_answered_before_send
         assert out.status == 400
         assert ex.flags == "DC"
         assert unit.transport.attempts == []
+
+
+# -- the whole family: which failure of which method is sent again ------------------------
+
+CONNECT = ["connect-failure"]
+DEFAULT = ["connect-failure", "refused", "reset-before-request"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "method", "retry_on", "retried"),
+    [
+        (errors.ConnectFailed("x"), "POST", DEFAULT, True),
+        (errors.ConnectTimeout("x"), "PATCH", CONNECT, True),
+        (errors.ConnectRefused("x"), "GET", ["refused"], True),
+        (errors.ConnectRefused("x"), "GET", ["reset"], False),
+        (errors.ConnectFailed("x"), "GET", ["refused"], False),  # not refused: a failed connect
+        (errors.TlsVerifyFailed("x"), "GET", CONNECT, True),
+        (reset(sent=0), "POST", DEFAULT, True),
+        (reset(sent=0), "POST", ["reset"], True),  # reset implies reset-before-request
+        (reset(sent=10), "GET", DEFAULT, False),
+        (reset(sent=10), "GET", ["reset"], True),
+        (reset(sent=None), "PUT", ["reset"], True),
+        (reset(sent=None), "POST", ["reset"], False),  # unknown counts as sent
+        (reset(sent=10), "PATCH", ["reset"], False),
+        (errors.ResponseTimeout("x"), "GET", ["timeout"], True),
+        (errors.ResponseTimeout("x"), "DELETE", DEFAULT, False),
+        (errors.ResponseTimeout("x"), "POST", ["timeout"], False),
+        (errors.UpstreamProtocolError("x"), "GET", [*DEFAULT, "reset", "timeout"], False),
+    ],
+)
+async def test_which_failures_are_sent_again(
+    failure: errors.UpstreamError, method: str, retry_on: list[str], retried: bool
+) -> None:
+    ok = FakeResponse(200)
+    conf = config(retry={"retry_on": retry_on})
+    request = FakeRequest(method, "/items/1", body=b"v=1" if method != "GET" else None)
+    unit, ex, out = await run(conf, script(failure, ok), request)
+    async with unit:
+        if retried:
+            assert out is ok
+            assert len(unit.transport.attempts) == 2
+            if method != "GET":
+                assert unit.transport.attempts[1].body == b"v=1"
+        else:
+            assert len(unit.transport.attempts) == 1
+            assert out.status == failure.status
+            assert ex.flags == failure.flag

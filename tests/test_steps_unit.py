@@ -581,3 +581,32 @@ async def test_buffer_body_answers_408_to_a_body_that_stalls_and_closes_at_once(
         assert (status, body["reason"]) == (408, "body_timeout")
         assert request[LINGER] == 0  # a stalled client sends nothing more: no lingering
         assert u.value("jalur_requests_rejected_total", reason="body_timeout") == 1
+
+
+async def test_buffer_body_invites_a_waiting_body_once_and_only_when_reading_it(
+    unit: Unit,
+) -> None:
+    headers = {"Host": "s", "Expect": "100-continue"}
+    request = FakeRequest("POST", "/promo", headers=headers, body=[b"a=1", b"&b=2"])
+    ex = upto(unit, request, steps.buffer_body)
+    assert request.writer.written == []  # no step before it invited the body
+    assert await cast(Any, steps.buffer_body(ex)) is None
+    assert request.writer.written == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert ex.body is not None
+    assert ex.body.preread == b"a=1&b=2"
+    assert ex.body.bytes == 7
+
+
+async def test_no_step_invites_a_body_it_refuses(unit: Unit) -> None:
+    headers = {"Host": "s", "Expect": "100-continue", "Content-Length": "500"}
+    request = FakeRequest("POST", "/small", headers=headers, content=FakeContent([b"x" * 500]))
+    ex = exchange(unit, request)
+    for step in STEPS:
+        out = step(ex)
+        if inspect.isawaitable(out):
+            out = await out
+        if out is not None:
+            break
+    assert answer(out)[0] == 413
+    assert request.writer.written == []
+    assert request.content.read == 0
