@@ -24,6 +24,7 @@ from proxy import steps
 from proxy.answers import LINGER
 from proxy.compliance import SOCIAL_AFTER_DEADLINE
 from proxy.exchange import Exchange
+from proxy.gate import settle
 from proxy.health import Health
 from proxy.steps import STEPS, Step
 
@@ -407,7 +408,10 @@ async def test_idempotency_is_a_coroutine_only_on_a_gated_post(unit: Unit) -> No
     assert ex.ticket is not None
     assert ex.body is not None
     assert ex.body.preread == b"amount=1"
-    ex.ticket.settled = True  # stops its lease renewal
+    await settle(ex)  # nothing was sent: the key is released, its renewal stops
+    assert ex.ticket.renewer is not None
+    assert ex.ticket.settled
+    assert unit.value("jalur_idempotency_total", route="pay", outcome="released") == 1
     missing = upto(unit, FakeRequest("POST", "/pay", body=b"amount=1"), steps.idempotency)
     assert await cast(Any, steps.idempotency(missing)) is None  # not required by default
 
