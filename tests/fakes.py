@@ -18,10 +18,16 @@ be sent on the next try.
 ``FakeRequest`` is the client's request as the steps, the retry loop and ``ClientBody``
 read it: ``method``, ``raw_path``, ``version`` (``.major``/``.minor``, comparable with a
 tuple), ``headers``, ``content_length``, ``body_exists``, ``remote``, ``scheme``,
-``cookies``; for the body ``content`` (``readany``/``is_eof``/``total_bytes``),
-``protocol`` (``body_timeout``; None off a listener) and ``writer`` (``100 Continue``);
-``transport`` (None: no socket) and item assignment (``answers.LINGER``). Nothing else, and
-nothing aiohttp-specific: ``exchange()`` is the one place it is handed to ``Exchange``.
+``cookies``, and the body. It serves both request objects the request path has had while
+issue 20 lands: aiohttp's (``content.readany``/``is_eof``/``total_bytes``, ``protocol``,
+``writer`` for ``100 Continue``, ``request[LINGER]``) and Jalur's own listener's
+``Request`` (``read``/``at_eof``/``total_bytes``, ``body_timeout``, ``linger``,
+``stream`` for a streamed answer, a ``FakeStream`` that keeps what was written). Either
+way ``linger`` and ``writer.written`` say what happened; nothing else is aiohttp-specific,
+and ``exchange()`` is the one place the stand-in is handed to ``Exchange``.
+
+``json_answer`` and ``closes`` read an answer Jalur gave itself, whichever response class
+it is (aiohttp's ``web.Response`` or the listener's ``Response``).
 
 ``unit_state(config)`` compiles a real ``Config`` with ``state.build_state`` and puts one
 ``FakeTransport`` behind every cluster; no socket is opened (``H1Transport`` connects
@@ -38,6 +44,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, cast
 
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
@@ -241,6 +248,7 @@ class Version(NamedTuple):
 
 
 HTTP11: Final = Version(1, 1)
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class FakeContent:
@@ -296,6 +304,7 @@ class FakeRequest:
         scheme: str = "http",
         content: FakeContent | None = None,
         content_length: int | None = None,
+        body_timeout: float = 300.0,
     ) -> None:
         self.method = method
         self.raw_path = path
@@ -325,16 +334,94 @@ class FakeRequest:
                 name, eq, value = pair.strip().partition("=")
                 if eq:
                     self.cookies.setdefault(name, value)
-        self.protocol = None  # off a listener: no whole-body deadline
+        self.protocol = None  # aiohttp's listener: none, so no whole-body deadline
+        self.body_timeout = body_timeout  # Jalur's listener: ``listen.body_timeout``
         self.writer = FakeWriter()
         self.transport = None  # no socket to abort
         self.items: dict[Any, Any] = {}
+        # Seconds the listener lingers after the answer (set by a body refusal).
+        self.linger: float | None = None
+        self.streamed: FakeStream | None = None  # the streamed answer, once there is one
+        # The client waits for ``100 Continue`` before it sends the body.
+        self._continue = version >= HTTP11 and (
+            self.headers.get("Expect", "").lower() == "100-continue"
+        )
+
+    # -- the body, as Jalur's own listener's ``Request`` serves it ----------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return self.content.total_bytes
+
+    def at_eof(self) -> bool:
+        return self.content.is_eof()
+
+    async def read(self) -> bytes:
+        """The next body bytes (``b""`` at the end); ``100 Continue`` before the first."""
+        if self._continue:
+            self._continue = False
+            await self.writer.write(CONTINUE)
+        return await self.content.readany()
+
+    # -- answering --------------------------------------------------------------------
+
+    def stream(
+        self, status: int, headers: CIMultiDict[str], *, reason: str | None = None
+    ) -> FakeStream:
+        self.streamed = FakeStream(status, headers, reason)
+        return self.streamed
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        # aiohttp's request keys: the one the request path sets is the linger time.
         self.items[key] = value
+        if "linger" in str(key):
+            self.linger = value
 
     def __getitem__(self, key: Any) -> Any:
         return self.items[key]
+
+
+class FakeStream:
+    """A streamed answer (``Request.stream``) written to no socket: what went out is kept.
+    ``gone``: the client went away (every write raises ``ConnectionResetError``)."""
+
+    def __init__(self, status: int, headers: CIMultiDict[str], reason: str | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.reason = reason
+        self.head_sent = False
+        self.chunks: list[bytes] = []
+        self.close = False
+        self.aborted = False
+        self.gone = False
+
+    def force_close(self) -> None:
+        self.close = True
+
+    def send_head(self) -> None:
+        self._check()
+        self.head_sent = True
+
+    async def write(self, chunk: bytes) -> None:
+        self._check()
+        self.head_sent = True
+        if chunk:
+            self.chunks.append(chunk)
+
+    async def finish(self) -> None:
+        self._check()
+        self.head_sent = True
+
+    def abort(self) -> None:
+        self.aborted = self.close = True
+
+    def _check(self) -> None:
+        if self.gone:
+            raise ConnectionResetError("the client went away (fake)")
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 # -- a compiled config on the fake --------------------------------------------------------
@@ -387,3 +474,25 @@ def exchange(unit: Unit, request: FakeRequest, request_id: str = "rid-1") -> Exc
     """An ``Exchange`` for ``request`` (the one place the stand-in meets the type the
     request path declares), arrived now."""
     return Exchange(unit.state, unit.services, cast(Any, request), request_id, time.monotonic())
+
+
+# -- answers Jalur gives itself -----------------------------------------------------------
+
+
+def json_answer(out: object) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of an answer Jalur gave itself (never an upstream's response),
+    checked for the fields every such answer has."""
+    assert not isinstance(out, FakeResponse | FakeStream), f"not Jalur's own answer: {out!r}"
+    answer = cast(Any, out)
+    body = orjson.loads(answer.body)
+    assert isinstance(body, dict)
+    assert set(body) >= {"error", "reason", "request_id"}, body
+    assert answer.headers["x-request-id"] == body["request_id"]
+    status: int = answer.status
+    return status, body
+
+
+def closes(out: object) -> bool:
+    """Whether the answer is its connection's last (``close`` on the listener's responses,
+    ``keep_alive`` False on aiohttp's)."""
+    return getattr(out, "close", None) is True or getattr(out, "keep_alive", None) is False

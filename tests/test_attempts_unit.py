@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, cast
+from typing import Any
 
-import orjson
 import pytest
-from aiohttp import web
 
 from proxy import attempts, errors
 from proxy import config as cfg
@@ -42,6 +40,7 @@ from .fakes import (
     Handler,
     Unit,
     exchange,
+    json_answer,
     refused,
     reset,
     script,
@@ -121,10 +120,7 @@ async def send(ex: Exchange) -> UpstreamResponse | Answer:
 
 def error_of(out: UpstreamResponse | Answer) -> dict[str, Any]:
     """The JSON body of an answer Jalur gave itself."""
-    assert isinstance(out, web.Response), out
-    body = orjson.loads(cast(bytes, out.body))
-    assert isinstance(body, dict)
-    return body
+    return json_answer(out)[1]
 
 
 async def run(

@@ -16,12 +16,9 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-import orjson
 import pytest
-from aiohttp import web
 
 from proxy import steps
-from proxy.answers import LINGER
 from proxy.compliance import SOCIAL_AFTER_DEADLINE
 from proxy.exchange import Exchange
 from proxy.gate import settle
@@ -29,7 +26,16 @@ from proxy.health import Health
 from proxy.steps import STEPS, Step
 
 from .conftest import build_config
-from .fakes import FakeContent, FakeRequest, Unit, Version, exchange, unit_state
+from .fakes import (
+    FakeContent,
+    FakeRequest,
+    Unit,
+    Version,
+    closes,
+    exchange,
+    json_answer,
+    unit_state,
+)
 
 SHOP = "http://127.0.0.1:9001"
 FEED = "http://127.0.0.1:9002"
@@ -152,11 +158,7 @@ def upto(unit: Unit, request: FakeRequest, step: Step) -> Exchange:
 
 def answer(out: object) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of an answer a step gave."""
-    assert isinstance(out, web.Response), out
-    body = orjson.loads(cast(bytes, out.body))
-    assert isinstance(body, dict)
-    assert set(body) >= {"error", "reason", "request_id"}
-    return out.status, body
+    return json_answer(out)
 
 
 def allocated(call: Callable[[], object]) -> int:
@@ -197,7 +199,7 @@ async def test_framing_answers_505_to_a_version_not_served(unit: Unit, version: 
     out = steps.framing(ex)
     status, body = answer(out)
     assert (status, body["reason"]) == (505, "version")
-    assert not cast(web.Response, out).keep_alive  # what was pipelined after it is not trusted
+    assert closes(out)  # what was pipelined after it is not trusted
     assert unit.value("jalur_requests_rejected_total", reason="version") == 1
 
 
@@ -269,7 +271,7 @@ async def test_route_answers_404_when_nothing_matches() -> None:
         assert (status, body["reason"]) == (404, "no_route")
         assert ex.flags == "NR"
         assert ex.route is None
-        assert cast(web.Response, steps.route(ex)).keep_alive is not False  # a 404 keeps it
+        assert not closes(steps.route(ex))  # a 404 keeps the connection
         assert u.value("jalur_requests_rejected_total", reason="no_route") == 2
 
 
@@ -357,8 +359,8 @@ async def test_body_limit_answers_413_by_content_length_before_reading_a_byte(
     assert (status, body["reason"]) == (413, "body_too_large")
     assert request.content.read == 0  # never read, never invited (no 100 Continue)
     assert request.writer.written == []
-    assert request[LINGER] > 0  # the listener reads and drops the rest briefly
-    assert not cast(web.Response, out).keep_alive
+    assert request.linger  # the listener reads and drops the rest briefly
+    assert closes(out)
     assert unit.value("jalur_requests_rejected_total", reason="body_too_large") == 1
 
 
@@ -583,7 +585,7 @@ async def test_buffer_body_answers_408_to_a_body_that_stalls_and_closes_at_once(
         ex = upto(u, request, steps.buffer_body)
         status, body = answer(await cast(Any, steps.buffer_body(ex)))
         assert (status, body["reason"]) == (408, "body_timeout")
-        assert request[LINGER] == 0  # a stalled client sends nothing more: no lingering
+        assert request.linger == 0  # a stalled client sends nothing more: no lingering
         assert u.value("jalur_requests_rejected_total", reason="body_timeout") == 1
 
 
