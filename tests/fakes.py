@@ -342,6 +342,7 @@ class FakeRequest:
         # Seconds the listener lingers after the answer (set by a body refusal).
         self.linger: float | None = None
         self.streamed: FakeStream | None = None  # the streamed answer, once there is one
+        self.gone = False  # the client went away before its answer: writes fail
         # The client waits for ``100 Continue`` before it sends the body.
         self._continue = version >= HTTP11 and (
             self.headers.get("Expect", "").lower() == "100-continue"
@@ -369,6 +370,7 @@ class FakeRequest:
         self, status: int, headers: CIMultiDict[str], *, reason: str | None = None
     ) -> FakeStream:
         self.streamed = FakeStream(status, headers, reason)
+        self.streamed.gone = self.gone
         return self.streamed
 
     def __setitem__(self, key: Any, value: Any) -> None:

@@ -6,13 +6,16 @@ failures after the retries, route timeouts, idempotency replays), with what they
 behind: the audit record (a real ``AuditLog`` writing to a file), the idempotency store
 (the memory store), the metrics, and nothing still counted by a cluster.
 
-Not covered here: relaying a successful upstream answer (``relay.relay`` prepares an
-aiohttp response on the client's connection, which needs the listener); the tests with
-sockets (test_proxy.py, test_streaming.py, test_relay.py) cover it.
+Relayed answers (``relay.relay``) are tested on ``FakeRequest.stream`` (a ``FakeStream``
+that keeps what was written): that is how Jalur's own listener (``proxy/listener.py``,
+issue 20) takes a streamed answer. Until that listener is merged the relay writes through
+aiohttp's response on the client's socket, and those tests skip (``needs_listener``); the
+socket tests (test_proxy.py, test_streaming.py, test_relay.py) cover it meanwhile.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -223,3 +226,74 @@ async def test_a_route_timeout_is_a_504_and_releases_the_attempt(handler: Handle
     assert body_of(resp)["reason"] == "route_timeout"
     handler.idle()
     assert handler.unit.value("jalur_requests_in_flight", route="slow") == 0
+
+
+# -- relayed answers (on Jalur's own listener's streamed answers) -------------------------
+
+# Before the listener of issue 20 is merged, relay writes through aiohttp's response on the
+# client's socket, which a stand-in request cannot serve; after it, through
+# ``Request.stream``, which ``FakeRequest`` serves with a ``FakeStream``.
+needs_listener = pytest.mark.skipif(
+    importlib.util.find_spec("proxy.listener") is None,
+    reason="relay streams through Jalur's own listener (proxy/listener.py, issue 20)",
+)
+
+
+@needs_listener
+async def test_an_answer_is_relayed_without_hop_by_hop_fields(handler: Handler) -> None:
+    upstream = FakeResponse(
+        200,
+        [b"hello ", b"world"],
+        [("Content-Type", "text/plain"), ("Connection", "x-hop"), ("x-hop", "1"), ("TE", "x")],
+    )
+    handler.unit.transport.handler = script(upstream)
+    request = FakeRequest(path="/slow/a", headers={"Host": "shop.test"})
+    resp = await handler(request)
+    assert request.streamed is not None
+    assert resp is request.streamed
+    assert (resp.status, resp.body) == (200, b"hello world")
+    assert resp.headers["Content-Type"] == "text/plain"
+    for gone in ("Connection", "x-hop", "TE"):
+        assert gone not in resp.headers
+    assert resp.headers["x-request-id"]
+    assert upstream.released
+    assert not resp.aborted
+    handler.idle()
+
+
+@needs_listener
+async def test_an_upstream_failure_mid_answer_cuts_the_client_connection(
+    handler: Handler,
+) -> None:
+    upstream = FakeResponse(200, [b"part one"], fail=reset(sent=100))
+    handler.unit.transport.handler = script(upstream)
+    resp = await handler(FakeRequest(path="/slow/a"))
+    assert resp.body == b"part one"
+    assert resp.aborted  # never an error page appended to a half-sent body
+    assert upstream.closed
+    assert handler.unit.value("jalur_upstream_errors_total", cluster="shop", kind="reset") == 1
+    handler.idle()
+
+
+@needs_listener
+@pytest.mark.parametrize("client_gone", [False, True])
+async def test_a_relayed_payment_is_stored_and_replayed_never_sent_twice(
+    handler: Handler, client_gone: bool
+) -> None:
+    # The answer is the key's outcome even when its client went away mid-answer: the rest is
+    # read anyway and a repeat with the key gets it from the store.
+    upstream = FakeResponse(201, [b'{"paid":', b"true}"], [("Content-Type", "application/json")])
+    handler.unit.transport.handler = script(upstream)
+    key = {**PAYER, "Idempotency-Key": "k-relay"}
+    first_request = FakeRequest("POST", "/pay", headers=key, body=b"amount=9")
+    first_request.gone = client_gone
+    first = await handler(first_request)
+    assert first.status == 201
+    if not client_gone:
+        assert first.body == b'{"paid":true}'
+    again = await handler(FakeRequest("POST", "/pay", headers=key, body=b"amount=9"))
+    assert again.status == 201
+    assert again.body == b'{"paid":true}'
+    assert again.headers[idem.REPLAYED_HEADER] == "true"
+    assert len(handler.unit.transport.attempts) == 1
+    handler.idle()
