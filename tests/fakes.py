@@ -42,7 +42,7 @@ import inspect
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -57,7 +57,7 @@ from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 from proxy.shadow import Shadower
 from proxy.state import Services, State, build_state
-from proxy.upstream import Endpoint
+from proxy.upstream import Endpoint, Transport, UpstreamResponse
 
 # ``H1Transport`` marks an error raised on a pooled keep-alive connection with this
 # attribute (``h1transport.connection_reused`` reads it).
@@ -498,3 +498,8 @@ def closes(out: object) -> bool:
     """Whether the answer is its connection's last (``close`` on the listener's responses,
     ``keep_alive`` False on aiohttp's)."""
     return getattr(out, "close", None) is True or getattr(out, "keep_alive", None) is False
+
+
+if TYPE_CHECKING:  # mypy --strict holds the fakes to the protocols they stand in for
+    _TRANSPORT: Transport = FakeTransport(script())
+    _RESPONSE: UpstreamResponse = FakeResponse()
