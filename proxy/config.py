@@ -61,6 +61,7 @@ __all__ = [
     "Timeouts",
     "TlsVersion",
     "Tracing",
+    "Upgrade",
     "UpstreamTls",
     "load",
     "parse",
@@ -310,6 +311,19 @@ class Retry(_Base, frozen=True):
     buffer_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class Upgrade(_Base, frozen=True):
+    """Upgraded connections (WebSocket) to this cluster: after the upstream's validated
+    ``101`` the two sockets are joined as a byte tunnel (docs/websocket.md)."""
+
+    # Seconds without a byte in either direction before both connections are closed.
+    # Envoy applies its stream idle timeout (5 min) to an upgraded stream; live-stream
+    # clients ping well within it, and a dead peer behind a silent NAT is still reclaimed.
+    idle_timeout: Seconds = 300.0
+    # Bytes in both directions together after which the tunnel is cut; unset: no limit
+    # (as Envoy and NGINX). Bounds what one upgraded connection may move in its lifetime.
+    max_bytes: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
 class Cluster(_Base, frozen=True):
     system: Name
     endpoints: Annotated[list[str], msgspec.Meta(min_length=1)]
@@ -335,6 +349,8 @@ class Cluster(_Base, frozen=True):
     # TLS settings for ``https://`` endpoints (defaults apply when unset: system trust
     # store, SNI and verified name = the endpoint's host, TLS 1.2 or newer).
     tls: UpstreamTls | None = None
+    # WebSocket and other upgrades to this cluster: idle timeout and byte limit.
+    upgrade: Upgrade = Upgrade()
 
     def __post_init__(self) -> None:
         if (self.lb_policy == "hash") != (self.hash_on is not None):

@@ -22,6 +22,9 @@ The tree (status code, Envoy response flag, metric ``kind``)::
         ├── ResponseTimeout     504  UT   no response head (or a body chunk) in time
         ├── UpstreamReset       502  UC   upstream closed or reset before its response head
         └── UpstreamProtocolError 502 UPE upstream sent something that is not HTTP/1.1
+            └── InvalidUpgrade  502 UPE  a ``101`` that does not answer the upgrade asked
+                                         (wrong token, bad ``Sec-WebSocket-Accept``, a
+                                         subprotocol not offered; ``kind: upgrade``)
 
 Every ``UpstreamError`` says how much of the request reached the socket:
 ``request_bytes_sent`` is ``0`` when the transport knows no byte was written (connect
@@ -182,3 +185,11 @@ class UpstreamProtocolError(UpstreamError):
     flag = "UPE"
     kind = "protocol"
     public = "upstream sent an invalid response"
+
+
+class InvalidUpgrade(UpstreamProtocolError):
+    """The upstream switched protocols, but not as asked (see ``tunnel``): its ``101`` is
+    not relayed and nothing is tunnelled."""
+
+    kind = "upgrade"
+    public = "upstream sent an invalid protocol switch"

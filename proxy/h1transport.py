@@ -16,8 +16,8 @@ a connection is kept per endpoint and offered by the endpoint's next new connect
 that has since been rotated is not offered. The handshake counts against
 ``timeouts.connect``. TLS failures -- during the handshake, or an alert after it such as
 TLS 1.3's "certificate required" -- become ``TlsVerifyFailed``/``TlsHandshakeFailed``
-through ``tls.map_error`` in ``_connect`` and ``connection_lost``, the two places socket
-errors are mapped here.
+through ``tls.map_error`` in ``_connect`` (by way of ``upstream.map_connect_error``, shared
+with ``tunnel``) and ``connection_lost``, the two places socket errors are mapped here.
 
 Wiring (in ``forward.build_state``)::
 
@@ -110,6 +110,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from . import config as cfg
 from . import errors
 from . import tls as tls_mod
+from .upstream import map_connect_error
 
 if TYPE_CHECKING:
     from .upstream import Endpoint
@@ -938,6 +939,14 @@ class H1Transport:
         pool = self._pools.get(endpoint.url)
         return len(pool.idle) if pool is not None else 0
 
+    def tls_for(self, endpoint: Endpoint) -> tuple[ssl.SSLContext | None, str | None]:
+        """What a connection to ``endpoint`` opened outside the pool (an upgrade,
+        ``tunnel.open_upgrade``) uses: the cluster's current TLS context (None for
+        ``http://``) and the SNI / verified name (None without TLS)."""
+        if self._tls is None:
+            return None, None
+        return self._tls.context, self._server_name or endpoint.host
+
     async def send(
         self,
         endpoint: Endpoint,
@@ -1028,37 +1037,14 @@ class H1Transport:
                         ssl_handshake_timeout=self._t_connect,
                     )
                     conn._ssl_ctx = ctx
-        except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError) as exc:
-            mapped = tls_mod.map_error(exc, handshake=True) if tls is not None else None
+        except BaseException as exc:
+            self._release_slot()
+            mapped = map_connect_error(
+                exc, pool.url, over_tls=tls is not None, timeout=self._t_connect
+            )
             if mapped is None:
-                self._release_slot()
-                raise _stamp(
-                    errors.ConnectFailed(f"upstream connect to {pool.url} failed: {exc}"), 0, False
-                ) from exc
-            self._release_slot()
+                raise
             raise _stamp(mapped, 0, False) from exc
-        except TimeoutError:
-            self._release_slot()
-            raise _stamp(
-                errors.ConnectTimeout(
-                    f"upstream connect to {pool.url} timed out after {self._t_connect:g}s"
-                ),
-                0,
-                False,
-            ) from None
-        except ConnectionRefusedError as exc:
-            self._release_slot()
-            raise _stamp(
-                errors.ConnectRefused(f"upstream connect to {pool.url} refused: {exc}"), 0, False
-            ) from exc
-        except OSError as exc:
-            self._release_slot()
-            raise _stamp(
-                errors.ConnectFailed(f"upstream connect to {pool.url} failed: {exc}"), 0, False
-            ) from exc
-        except BaseException:
-            self._release_slot()
-            raise
         conn._counted = True
         if conn._closed:  # lost between connecting and now
             conn._counted = False

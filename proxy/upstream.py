@@ -32,6 +32,7 @@ the cluster is at that limit.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
@@ -244,6 +245,25 @@ class AiohttpTransport:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def map_connect_error(
+    exc: BaseException, url: str, *, over_tls: bool, timeout: float
+) -> errors.UpstreamError | None:
+    """A failed TCP connect (and TLS handshake, ``over_tls``) to ``url`` as the ``errors`` tree,
+    for transports that connect with ``loop.create_connection`` inside
+    ``asyncio.timeout(timeout)``; None when ``exc`` is no connect failure (cancellation:
+    the caller re-raises it). The message names the endpoint: it is only logged."""
+    if isinstance(exc, ssl.SSLError | ConnectionResetError | ConnectionAbortedError):
+        mapped = tls.map_error(exc, handshake=True) if over_tls else None
+        return mapped or errors.ConnectFailed(f"upstream connect to {url} failed: {exc}")
+    if isinstance(exc, TimeoutError):
+        return errors.ConnectTimeout(f"upstream connect to {url} timed out after {timeout:g}s")
+    if isinstance(exc, ConnectionRefusedError):
+        return errors.ConnectRefused(f"upstream connect to {url} refused: {exc}")
+    if isinstance(exc, OSError):
+        return errors.ConnectFailed(f"upstream connect to {url} failed: {exc}")
+    return None
 
 
 def map_exception(exc: BaseException) -> errors.ProxyError:

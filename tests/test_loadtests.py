@@ -311,8 +311,8 @@ async def test_cprofile_counts_calls_per_request_of_jalur_functions() -> None:
     requests = re.search(r"### cProfile of jalur-1: ([\d,]+) requests", out)
     assert requests, out
     assert int(requests.group(1).replace(",", "")) > 100, out
-    # Forwarder.upstream_headers runs once per request: ~1.00 calls per request.
-    row = re.search(r"^\| `upstream_headers \(proxy/forward\.py\)` \| ([\d.]+) \|", out, re.M)
+    # headers.upstream_headers runs once per request: ~1.00 calls per request.
+    row = re.search(r"^\| `upstream_headers \(proxy/headers\.py\)` \| ([\d.]+) \|", out, re.M)
     assert row, out
     assert 0.9 <= float(row.group(1)) <= 1.1, out
     stats = re.search(r"Stats: `(\S+\.prof)`", out)
