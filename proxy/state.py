@@ -26,7 +26,7 @@ from .migration import Migration
 from .router import Router
 from .shadow import Plan, Shadower
 from .split import Splitter
-from .upstream import AiohttpTransport, ClusterRuntime, Transport
+from .upstream import ClusterRuntime, Transport
 
 log = logging.getLogger("jalur")
 
@@ -63,9 +63,6 @@ class State:
     tracer: tracing.Tracer
     limiters: dict[str, ratelimit.Limiter] = field(default_factory=dict)
     transports: list[Transport] = field(default_factory=list)
-    # WebSocket upgrades go through aiohttp's client (H1Transport does not upgrade); one
-    # session per cluster, made on the first upgrade and closed with this state.
-    ws_transports: dict[str, AiohttpTransport] = field(default_factory=dict)
     active: int = 0  # requests currently using this state
     _idle: asyncio.Event | None = None  # set when retired and the last request is done
 
@@ -89,17 +86,10 @@ class State:
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clusters.values()))
-        closing = [*self.transports, *self.ws_transports.values()]
+        closing = list(self.transports)
         await asyncio.gather(*(t.close() for t in closing), return_exceptions=True)
         await ratelimit.close(self.limiters)
         await asyncio.to_thread(self.tracer.close)  # flushes spans; bounded, off the loop
-
-    def websocket_transport(self, cluster: ClusterRuntime) -> AiohttpTransport:
-        transport = self.ws_transports.get(cluster.name)
-        if transport is None:
-            transport = AiohttpTransport(cluster.spec, self.config.listen)
-            self.ws_transports[cluster.name] = transport
-        return transport
 
 
 def build_state(config: Config, metrics: Metrics) -> State:

@@ -419,8 +419,8 @@ async def test_an_upgrade_keeps_the_state_it_started_on_across_a_reload(
     harness: Harness,
 ) -> None:
     """A reload while an upgrade waits for the upstream's handshake: the upgrade finishes
-    on the config it started with (its session and its error count belong to that state),
-    even though the new config no longer has its cluster."""
+    on the config it started with (its error count belongs to that state), even though the
+    new config no longer has its cluster."""
     asked, release = asyncio.Event(), asyncio.Event()
 
     async def handler(
@@ -456,8 +456,6 @@ async def test_an_upgrade_keeps_the_state_it_started_on_across_a_reload(
             upgrade.cancel()
     up.server.close()
     assert failed.value.status == 502  # not a 500 from looking up "live" in the new config
-    assert set(old.ws_transports) == {"live"}
-    assert p.state.ws_transports == {}
     errors = p.services.metrics.registry.get_sample_value(
         "jalur_upstream_errors_total", {"cluster": "live", "kind": "reset"}
     )

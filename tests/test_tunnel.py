@@ -1247,12 +1247,6 @@ def test_upgrade_settings_default_envoy_like_and_are_checked() -> None:
 # -- through the proxy as it is wired today ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today's listener (server.py, aiohttp) keeps counting the client's WebSocket bytes "
-    "against listen.max_head_bytes after the 101 and answers 431 inside the stream; passes "
-    "once the upgrade is handed to tunnel.splice",
-)
 async def test_a_websocket_client_may_send_more_than_max_head_bytes(harness: Harness) -> None:
     b = await harness.backend("live", "tiktok")
     p = await harness.proxy(one_route({"live": cluster("tiktok", b.url)}, "live"))
