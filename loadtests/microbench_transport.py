@@ -105,10 +105,11 @@ def responder(port: int) -> None:
 def proxy_child(transport: str, config: str) -> int:
     """``jalur run -c config`` with the chosen upstream transport for every cluster (the
     WebSocket session, aiohttp's in both, is not used here)."""
+    from aiohttp_transport import AiohttpTransport
+
     import proxy.state
     from proxy import config as cfg
     from proxy.h1transport import H1Transport
-    from proxy.upstream import AiohttpTransport
 
     def make(spec: cfg.Cluster, listen: cfg.Listen, **kw: Any) -> Any:
         made: Any = (
@@ -192,9 +193,10 @@ def start_nginx(procs: Processes, nginx: str, work: Path) -> tuple[int, str]:
 
 
 def make_transport(name: str, url: str, concurrency: int) -> Any:
+    from aiohttp_transport import AiohttpTransport
+
     from proxy import config as cfg
     from proxy.h1transport import H1Transport
-    from proxy.upstream import AiohttpTransport
 
     spec = cfg.Cluster(system="s", endpoints=[url], max_connections=max(concurrency, 1))
     kind: Callable[..., Any] = H1Transport if name == "h1" else AiohttpTransport

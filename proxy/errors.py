@@ -36,10 +36,11 @@ What a client is told is the class's ``public`` text and ``kind`` with the reque
 ``message`` (which may name an upstream address, an errno or a parser detail) goes only to
 the log, under the same request id.
 
-``upstream.map_exception`` is the only function that looks at aiohttp/OS exceptions; the
-rest of the proxy sees only this tree. An error that happens after the response head was
-sent to the client is not answered at all: the client connection is aborted (see
-``forward``), because a 502 page inside a 200 would be a lie.
+Foreign exceptions become this tree at the transport boundary only: ``h1transport`` (its
+socket and parser errors) and ``upstream.map_connect_error`` (connect and TLS failures, also
+for ``tunnel``); the rest of the proxy sees only this tree. An error that happens after the
+response head was sent to the client is not answered at all: the client connection is
+aborted (see ``relay``), because a 502 page inside a 200 would be a lie.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 The rest of the proxy sees the upstream through ``Transport.send``: one call with a
 request head and a body stream, returning a response head and a body stream. The
-implementation here is aiohttp's ``ClientSession`` (one per cluster, pooled keep-alive
-connections); a faster one can replace it without touching routing or policy.
+implementation is ``h1transport.H1Transport`` (pooled keep-alive connections on asyncio
+Protocols, llhttp); unit tests use ``tests/fakes.FakeTransport``. WebSocket and other
+upgrades are ``tunnel.py``'s.
 
-``map_exception`` is the single boundary where aiohttp and OS exceptions become the
-``errors.UpstreamError`` tree.
+``map_connect_error`` is the one place a failed connect (OS, TLS, timeout) becomes the
+``errors.UpstreamError`` tree, for every transport that connects.
 
 ``ClusterRuntime`` is a cluster as served: its endpoints' health (``health``), its load
 balancer (``balancer``), its circuit breaker and retry budget (counters below) and its
@@ -31,14 +32,12 @@ the cluster is at that limit.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
-import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from . import config as cfg
@@ -120,133 +119,6 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-class _AiohttpResponse:
-    __slots__ = ("_resp",)
-
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-
-    @property
-    def status(self) -> int:
-        return self._resp.status
-
-    @property
-    def reason(self) -> str:
-        return self._resp.reason or ""
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._resp.headers
-
-    def header_items(self) -> list[tuple[str, str]]:
-        return list(self._resp.headers.items())
-
-    def body_ready(self) -> bool:
-        return False  # unknown: the head is written at once
-
-    async def read_chunk(self) -> bytes:
-        try:
-            return await self._resp.content.readany()
-        except Exception as exc:
-            raise map_exception(exc) from exc
-
-    def release(self) -> None:
-        self._resp.release()
-
-    def close(self) -> None:
-        self._resp.close()
-
-
-class AiohttpTransport:
-    """One pooled ``ClientSession`` per cluster, for the cluster's lifetime."""
-
-    def __init__(self, cluster: cfg.Cluster, limits: cfg.Listen) -> None:
-        self._timeouts = cluster.timeouts
-        # https:// endpoints: the cluster's own trust decision (tls.for_cluster), never
-        # aiohttp's default context; SNI and the verified name as in H1Transport.
-        self._tls = tls.for_cluster("websocket", cluster, warn=False)
-        self._server_name = cluster.tls.server_name if cluster.tls is not None else None
-        connector = aiohttp.TCPConnector(
-            limit=cluster.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=cluster.keepalive_idle_timeout,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=None,
-                sock_connect=cluster.timeouts.connect,
-                sock_read=cluster.timeouts.idle,
-            ),
-            # Send only the headers the client sent; no invented User-Agent or Accept.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            read_bufsize=READ_BUFSIZE,
-            max_line_size=limits.max_line_size,
-            max_field_size=limits.max_field_size,
-            raise_for_status=False,
-        )
-        # aiohttp silently re-sends GET/PUT/DELETE once when a pooled keep-alive connection
-        # turns out to be dead. A proxy must decide retries itself (it knows whether bytes
-        # reached the upstream), so the re-send is switched off.
-        self._session._retry_connection = False
-
-    async def send(
-        self,
-        endpoint: Endpoint,
-        method: str,
-        target: str,
-        headers: CIMultiDict[str],
-        body: AsyncIterable[bytes] | None,
-    ) -> UpstreamResponse:
-        url = URL(endpoint.url + target, encoded=True)
-        try:
-            async with asyncio.timeout(self._timeouts.response_headers):
-                resp = await self._session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                )
-        except Exception as exc:
-            raise map_exception(exc) from exc
-        return _AiohttpResponse(resp)
-
-    async def websocket(
-        self, endpoint: Endpoint, target: str, headers: CIMultiDict[str], protocols: list[str]
-    ) -> aiohttp.ClientWebSocketResponse:
-        url = URL(endpoint.url + target, encoded=True)
-        try:
-            async with asyncio.timeout(self._timeouts.response_headers):
-                if self._tls is None:
-                    return await self._session.ws_connect(
-                        url, headers=headers, protocols=protocols, autoping=True, max_msg_size=0
-                    )
-                return await self._session.ws_connect(
-                    url,
-                    headers=headers,
-                    protocols=protocols,
-                    autoping=True,
-                    max_msg_size=0,
-                    ssl=self._tls.context,
-                    server_hostname=self._server_name or endpoint.host,
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise errors.UpstreamProtocolError(
-                f"upstream refused the websocket upgrade: {exc.status}"
-            ) from exc
-        except Exception as exc:
-            raise map_exception(exc) from exc
-
-    async def close(self) -> None:
-        await self._session.close()
-
-
 def map_connect_error(
     exc: BaseException, url: str, *, over_tls: bool, timeout: float
 ) -> errors.UpstreamError | None:
@@ -264,35 +136,6 @@ def map_connect_error(
     if isinstance(exc, OSError):
         return errors.ConnectFailed(f"upstream connect to {url} failed: {exc}")
     return None
-
-
-def map_exception(exc: BaseException) -> errors.ProxyError:
-    """The one place a foreign exception becomes a ``ProxyError``."""
-    if isinstance(exc, errors.ProxyError):
-        return exc
-    cause = exc
-    if isinstance(exc, aiohttp.ClientSSLError):  # ClientConnectorCertificateError too
-        cause = getattr(exc, "certificate_error", None) or exc.os_error or exc
-    tls_error = tls.map_error(cause)
-    if tls_error is not None:
-        return tls_error
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return errors.ConnectTimeout(f"upstream connect timed out: {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        if isinstance(exc.os_error, ConnectionRefusedError):
-            return errors.ConnectRefused(f"upstream connect refused: {exc.os_error}")
-        return errors.ConnectFailed(f"upstream connect failed: {exc.os_error or exc}")
-    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
-        return errors.ResponseTimeout("upstream did not answer in time")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return errors.UpstreamReset(f"upstream closed the connection: {exc}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return errors.UpstreamReset(f"upstream body ended early: {exc}")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return errors.UpstreamProtocolError(f"invalid upstream response: {exc.message}")
-    if isinstance(exc, ConnectionError | OSError):
-        return errors.UpstreamReset(f"upstream connection error: {exc}")
-    return errors.UpstreamError(f"upstream error: {type(exc).__name__}: {exc}")
 
 
 class ClusterRuntime:

@@ -18,16 +18,13 @@ be sent on the next try.
 ``FakeRequest`` is the client's request as the steps, the retry loop and ``ClientBody``
 read it: ``method``, ``raw_path``, ``version`` (``.major``/``.minor``, comparable with a
 tuple), ``headers``, ``content_length``, ``body_exists``, ``remote``, ``scheme``,
-``cookies``, and the body. It serves both request objects the request path has had while
-issue 20 lands: aiohttp's (``content.readany``/``is_eof``/``total_bytes``, ``protocol``,
-``writer`` for ``100 Continue``, ``request[LINGER]``) and Jalur's own listener's
-``Request`` (``read``/``at_eof``/``total_bytes``, ``body_timeout``, ``linger``,
-``stream`` for a streamed answer, a ``FakeStream`` that keeps what was written). Either
-way ``linger`` and ``writer.written`` say what happened; nothing else is aiohttp-specific,
-and ``exchange()`` is the one place the stand-in is handed to ``Exchange``.
+``cookies``, and the body as the listener's ``Request`` serves it (``read``/``at_eof``/
+``total_bytes``, ``body_timeout``, ``linger``, ``stream`` for a streamed answer: a
+``FakeStream`` that keeps what was written; ``writer.written`` records ``100 Continue``).
+``exchange()`` is the one place the stand-in is handed to ``Exchange``.
 
-``json_answer`` and ``closes`` read an answer Jalur gave itself, whichever response class
-it is (aiohttp's ``web.Response`` or the listener's ``Response``).
+``json_answer`` and ``closes`` read an answer Jalur gave itself (the listener's
+``Response``).
 
 ``unit_state(config)`` compiles a real ``Config`` with ``state.build_state`` and puts one
 ``FakeTransport`` behind every cluster; no socket is opened (``H1Transport`` connects
@@ -334,11 +331,9 @@ class FakeRequest:
                 name, eq, value = pair.strip().partition("=")
                 if eq:
                     self.cookies.setdefault(name, value)
-        self.protocol = None  # aiohttp's listener: none, so no whole-body deadline
         self.body_timeout = body_timeout  # Jalur's listener: ``listen.body_timeout``
         self.writer = FakeWriter()
         self.transport = None  # no socket to abort
-        self.items: dict[Any, Any] = {}
         # Seconds the listener lingers after the answer (set by a body refusal).
         self.linger: float | None = None
         self.streamed: FakeStream | None = None  # the streamed answer, once there is one
@@ -372,15 +367,6 @@ class FakeRequest:
         self.streamed = FakeStream(status, headers, reason)
         self.streamed.gone = self.gone
         return self.streamed
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        # aiohttp's request keys: the one the request path sets is the linger time.
-        self.items[key] = value
-        if "linger" in str(key):
-            self.linger = value
-
-    def __getitem__(self, key: Any) -> Any:
-        return self.items[key]
 
 
 class FakeStream:

@@ -7,15 +7,13 @@ behind: the audit record (a real ``AuditLog`` writing to a file), the idempotenc
 (the memory store), the metrics, and nothing still counted by a cluster.
 
 Relayed answers (``relay.relay``) are tested on ``FakeRequest.stream`` (a ``FakeStream``
-that keeps what was written): that is how Jalur's own listener (``proxy/listener.py``,
-issue 20) takes a streamed answer. Until that listener is merged the relay writes through
-aiohttp's response on the client's socket, and those tests skip (``needs_listener``); the
-socket tests (test_proxy.py, test_streaming.py, test_relay.py) cover it meanwhile.
+that keeps what was written): that is how Jalur's own listener (``proxy/listener.py``)
+takes a streamed answer; the socket tests (test_proxy.py, test_streaming.py) cover the
+same on real connections.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -230,16 +228,9 @@ async def test_a_route_timeout_is_a_504_and_releases_the_attempt(handler: Handle
 
 # -- relayed answers (on Jalur's own listener's streamed answers) -------------------------
 
-# Before the listener of issue 20 is merged, relay writes through aiohttp's response on the
-# client's socket, which a stand-in request cannot serve; after it, through
-# ``Request.stream``, which ``FakeRequest`` serves with a ``FakeStream``.
-needs_listener = pytest.mark.skipif(
-    importlib.util.find_spec("proxy.listener") is None,
-    reason="relay streams through Jalur's own listener (proxy/listener.py, issue 20)",
-)
+# Relay writes through ``Request.stream``, which ``FakeRequest`` serves with a ``FakeStream``.
 
 
-@needs_listener
 async def test_an_answer_is_relayed_without_hop_by_hop_fields(handler: Handler) -> None:
     upstream = FakeResponse(
         200,
@@ -261,7 +252,6 @@ async def test_an_answer_is_relayed_without_hop_by_hop_fields(handler: Handler) 
     handler.idle()
 
 
-@needs_listener
 async def test_an_upstream_failure_mid_answer_cuts_the_client_connection(
     handler: Handler,
 ) -> None:
@@ -275,7 +265,6 @@ async def test_an_upstream_failure_mid_answer_cuts_the_client_connection(
     handler.idle()
 
 
-@needs_listener
 @pytest.mark.parametrize("client_gone", [False, True])
 async def test_a_relayed_payment_is_stored_and_replayed_never_sent_twice(
     handler: Handler, client_gone: bool
