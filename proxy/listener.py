@@ -111,6 +111,10 @@ READ_HIGH_WATER: Final = 64 * 1024
 # requests, ~200) is parsed beyond ``max_pipelined``. Body bytes go in larger slices.
 FEED_SLICE: Final = 4096
 BODY_SLICE: Final = 256 * 1024
+# Body pieces shorter than this (a client's tiny chunks: ``1\r\nx\r\n`` ...) are gathered
+# into one buffer. Each piece kept as its own bytes object costs ~40 bytes beside its
+# payload, so 64 KiB of 2-byte chunks held ~2 MiB per connection, not ``READ_HIGH_WATER``.
+SMALL_PIECE: Final = 512
 # Seconds an answered connection whose request body was not wholly received still reads
 # and discards before closing (unless the handler set ``Request.linger``).
 UNREAD_LINGER: Final = 1.0
@@ -257,6 +261,7 @@ class Request:
         "_error",
         "_keep",
         "_size",
+        "_small",
         "_upgrade",
         "_waiter",
         "body_exists",
@@ -288,8 +293,9 @@ class Request:
         self._chunked = chunked
         self.body_exists = chunked or (content_length is not None and content_length > 0)
         self._complete = not self.body_exists  # every body byte has arrived
-        self._body: deque[bytes] = deque()
+        self._body: deque[bytes | bytearray] = deque()
         self._size = 0  # bytes in _body
+        self._small: bytearray | None = None  # the last piece of _body, gathering small ones
         self.total_bytes = 0  # body bytes received so far
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -351,13 +357,26 @@ class Request:
                 self._waiter = None
         body = self._body
         data = body.popleft() if len(body) == 1 else b"".join(body)
+        if isinstance(data, bytearray):
+            data = bytes(data)
         body.clear()
+        self._small = None
         self._size = 0
         self._conn.body_taken()
         return data
 
     def _feed(self, data: bytes) -> None:
-        self._body.append(data)
+        if len(data) < SMALL_PIECE:
+            small = self._small
+            if small is None:
+                small = self._small = bytearray()
+                self._body.append(small)
+            small += data
+            if len(small) >= SMALL_PIECE:
+                self._small = None
+        else:
+            self._small = None
+            self._body.append(data)
         self._size += len(data)
         self.total_bytes += len(data)
         self._wake()
@@ -383,6 +402,12 @@ class Request:
     ) -> Stream:
         """A streamed answer; nothing is written until its first ``write``/``send_head``."""
         return Stream(self, status, headers, reason)
+
+    @property
+    def sent_ahead(self) -> int:
+        """Bytes the client sent after this upgrade request's head, before any answer."""
+        tail = self._conn._tail
+        return len(tail) if tail is not None and self._conn.current is self else 0
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Take the client socket after a ``101`` was written: ``(transport, bytes the
