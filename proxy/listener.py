@@ -576,6 +576,7 @@ class Connection(asyncio.Protocol):
         "_deadline",
         "_detached",
         "_drain_waiter",
+        "_framing",
         "_head_bytes",
         "_headers",
         "_heads",
@@ -639,6 +640,9 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0  # bytes of the head being received
         self._heads = 0  # heads completed (tells whether a feed completed one)
         self._in_body = False  # the parser is inside a request body
+        # Bytes fed inside a body since its last body bytes: chunk size lines, extensions,
+        # the trailer section (-1: body bytes came in the last feed).
+        self._framing = 0
         self._parsing: Request | None = None  # the request whose body is being parsed
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
@@ -739,7 +743,7 @@ class Connection(asyncio.Protocol):
         assert parser is not None
         heads = self._heads
         awaiting = not self._in_body  # these bytes start in a head (counted if it goes on)
-        size = len(data)
+        size = fed = len(data)
         try:
             if size <= FEED_SLICE:
                 parser.feed_data(data)
@@ -756,6 +760,7 @@ class Connection(asyncio.Protocol):
                     pos += step
                     if len(self.queue) >= limit and pos < size:
                         self._pending = bytes(view[pos:])
+                        fed = pos
                         break
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[int(exc.args[0]) :])
@@ -769,6 +774,14 @@ class Connection(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as exc:
             self._malformed(str(exc) or "malformed request")
+        if self._in_body:
+            # llhttp hands body bytes over as they come, but httptools gathers a trailer
+            # field whole before ``on_header`` sees it, and nothing bounds extensions or the
+            # trailer section: their run is bounded like a head (one read's overshoot).
+            framing = self._framing
+            self._framing = 0 if framing < 0 or awaiting else framing + fed
+            if self._framing > self.limits.max_head_bytes and not self._broken:
+                self._malformed("chunk framing or trailer section over listen.max_head_bytes")
         if awaiting and self._heads == heads:
             # Still in the same head. (Bytes of a next head after a body's end are not
             # counted: at most one read's worth beyond max_head_bytes, as aiohttp's.)
@@ -857,6 +870,7 @@ class Connection(asyncio.Protocol):
         self.queue.append(request)
 
     def on_body(self, body: bytes) -> None:
+        self._framing = -1
         request = self._parsing
         if request is not None and not request._error:
             request._feed(body)

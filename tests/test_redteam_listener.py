@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import socket
 from collections.abc import AsyncIterator
@@ -280,3 +281,55 @@ async def test_a_body_of_tiny_chunks_is_buffered_at_its_size_not_per_chunk(
         await j.proc.wait()
         feed.close()
         j.pay.close()
+
+
+async def _flood(j: Jalur, prefix: bytes, total: int) -> tuple[bytes, int]:
+    """Write ``prefix`` then ``total`` bytes of ``a`` (bounded, drained as they go), then
+    read the answer; (the answer's bytes, KiB the proxy's RSS grew while the client was
+    still connected)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", j.port)
+    base = j.rss_kib()
+    piece = b"a" * 65536
+    raw = b""
+    try:
+        writer.write(prefix)
+        sent = 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while sent < total:
+                writer.write(piece)
+                sent += len(piece)
+                async with asyncio.timeout(10):
+                    await writer.drain()
+        grown = j.rss_kib() - base
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(65536):
+                    raw += chunk
+        return raw, grown
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix"),
+    [
+        # httptools gathers a header field whole before ``on_header`` (and its size check)
+        # sees it; in a trailer the listener's head-size check did not apply: 64 MiB of one
+        # trailer field grew the proxy by 66 MiB (and would go on).
+        ("trailer-field", b"2\r\nab\r\n0\r\nX-A: "),
+        ("trailer-fields", b"2\r\nab\r\n0\r\n"),
+        ("chunk-extension", b"2;a="),
+    ],
+)
+async def test_chunk_framing_and_trailers_are_bounded_like_a_head(
+    jalur: Jalur, name: str, prefix: bytes
+) -> None:
+    before = await jalur.rejected("malformed")
+    head = b"POST /api/feed/x HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n"
+    if name == "trailer-fields":
+        prefix += b"X-A: b\r\n" * 2048  # 16 KiB of small trailer fields
+    raw, grown = await _flood(jalur, head + prefix, 32 * 1024 * 1024)
+    assert grown < 8 * 1024, f"{name}: RSS grew {grown} KiB"
+    json_refusal(raw, 400, "malformed")
+    assert await jalur.rejected("malformed") == before + 1
+    assert jalur.feed.messages == []  # never forwarded whole
