@@ -54,7 +54,8 @@ Errors
 Upgrades
     After writing a ``101`` the handler takes the socket with ``Request.detach()``:
     ``(transport, leftover bytes)``, reading paused (the new owner sets its protocol and
-    resumes reading). The listener stops parsing and counts the connection gone.
+    resumes reading). The listener stops parsing and draining it; it still counts against
+    ``max_connections`` until the handler calls ``Request.tunnel_ended()``.
 """
 
 from __future__ import annotations
@@ -412,8 +413,13 @@ class Request:
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Take the client socket after a ``101`` was written: ``(transport, bytes the
         client sent after the upgrade request)``. Reading is paused; the listener no
-        longer reads, writes or closes it, and no longer counts it."""
+        longer reads, writes, closes or drains it, but counts it open (``max_connections``)
+        until ``tunnel_ended``."""
         return self._conn.detach(self)
+
+    def tunnel_ended(self) -> None:
+        """The detached connection is closed: it no longer counts (idempotent)."""
+        self._conn.tunnel_ended()
 
 
 class Stream:
@@ -544,9 +550,14 @@ class Listener:
         return Connection(self)
 
     def connection_gone(self, conn: Connection) -> None:
-        """One connection fewer (closed, or detached by an upgrade)."""
-        self.connections.discard(conn)
+        """One connection fewer (closed, or a detached one whose tunnel ended)."""
+        self.handed_over(conn)
         self.open_connections -= 1
+
+    def handed_over(self, conn: Connection) -> None:
+        """``conn`` is no longer drained here (closed, or detached by an upgrade: it still
+        counts against ``max_connections`` until ``Request.tunnel_ended``)."""
+        self.connections.discard(conn)
         if not self.connections and self._empty is not None:
             self._empty.set()
 
@@ -594,6 +605,7 @@ class Connection(asyncio.Protocol):
         "_task",
         "_timer",
         "_timer_kind",
+        "_tunnel",
         "_url",
         "_url_size",
         "_why",
@@ -631,6 +643,7 @@ class Connection(asyncio.Protocol):
         self._lost = False
         self._broken = False  # the parser refused input: nothing more is parsed
         self._detached = False
+        self._tunnel = False  # detached and still counted as open (until tunnel_ended)
         self._lingering = False
         self._pending: bytes = b""  # input not parsed yet (pipelining queue full)
         self._tail: bytes | None = None  # input after an upgrade request
@@ -1278,8 +1291,16 @@ class Connection(asyncio.Protocol):
         self._tail = None
         self.queue.clear()
         self.parser = None
-        self.listener.connection_gone(self)
+        # Still open: an upgraded connection holds a socket (and an upstream one) like any
+        # other, so it counts against max_connections until its tunnel ends.
+        self._tunnel = True
+        self.listener.handed_over(self)
         return transport, tail
+
+    def tunnel_ended(self) -> None:
+        if self._tunnel:
+            self._tunnel = False
+            self.listener.connection_gone(self)
 
 
 class _BodyOnly:

@@ -190,9 +190,12 @@ async def websocket(ex: Exchange) -> Answer:
         up.close()
         return switched
     limits = cluster.spec.upgrade
-    result = await tunnel.splice(
-        client, leftover, up, idle_timeout=limits.idle_timeout, max_bytes=limits.max_bytes
-    )
+    try:
+        result = await tunnel.splice(
+            client, leftover, up, idle_timeout=limits.idle_timeout, max_bytes=limits.max_bytes
+        )
+    finally:
+        request.tunnel_ended()  # counted against listen.max_connections until now
     ex.bytes_out += result.upstream_bytes
     if result.flag != "-":
         ex.flags = result.flag

@@ -75,6 +75,12 @@ class Jalur:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    async def stop(self) -> None:
+        self.proc.terminate()
+        await self.proc.wait()
+        self.feed.close()
+        self.pay.close()
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -82,11 +88,13 @@ class Jalur:
         raise AssertionError("no VmRSS")
 
 
-async def _start(tmp_path: Path, feed: WireUpstream, **extra: Any) -> Jalur:
+async def _start(
+    tmp_path: Path, feed: WireUpstream, max_connections: int = 1000, **extra: Any
+) -> Jalur:
     pay = await wire_upstream(upstream_answer)
     conf = _config(feed, pay)  # social feed for everything but /api/payment (commerce)
     conf["clusters"]["feed"].update(extra)
-    conf["listen"] = {"host": "127.0.0.1", "port": 0, "max_connections": 1000}
+    conf["listen"] = {"host": "127.0.0.1", "port": 0, "max_connections": max_connections}
     proc, url, admin = await start_proxy(tmp_path, conf)
     return Jalur(proc, int(url.rsplit(":", 1)[1]), admin, feed, pay)
 
@@ -97,10 +105,7 @@ async def jalur(tmp_path: Path) -> AsyncIterator[Jalur]:
     try:
         yield j
     finally:
-        j.proc.terminate()
-        await j.proc.wait()
-        j.feed.close()
-        j.pay.close()
+        await j.stop()
 
 
 async def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, bool]:
@@ -277,10 +282,7 @@ async def test_a_body_of_tiny_chunks_is_buffered_at_its_size_not_per_chunk(
     finally:
         for c in clients:
             c.close()
-        j.proc.terminate()
-        await j.proc.wait()
-        feed.close()
-        j.pay.close()
+        await j.stop()
 
 
 async def _flood(j: Jalur, prefix: bytes, total: int) -> tuple[bytes, int]:
@@ -333,3 +335,40 @@ async def test_chunk_framing_and_trailers_are_bounded_like_a_head(
     json_refusal(raw, 400, "malformed")
     assert await jalur.rejected("malformed") == before + 1
     assert jalur.feed.messages == []  # never forwarded whole
+
+
+async def test_upgraded_connections_count_against_max_connections(tmp_path: Path) -> None:
+    """A detached (upgraded) connection was no longer counted: 60 WebSocket tunnels stood
+    open on a listener with ``max_connections: 20`` (each holding a client and an upstream
+    socket), so the operator's descriptor budget did not bound them. Envoy's and NGINX's
+    connection limits count upgraded connections too."""
+    feed = await wire_upstream(upstream_answer)
+    j = await _start(tmp_path, feed, max_connections=5)
+    tunnels: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", j.port)
+            tunnels.append(writer)
+            writer.write(b"GET /live/x HTTP/1.1\r\nHost: shop\r\n" + HANDSHAKE + b"\r\n")
+            async with asyncio.timeout(5):
+                assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+        before = await j.rejected("max_connections")
+        raw, closed = await exchange(j.port, b"GET /live/x HTTP/1.1\r\nHost: shop\r\n\r\n")
+        assert closed
+        assert raw == b""  # closed before a byte was read
+        assert await j.rejected("max_connections") == before + 1
+        # A tunnel that ends frees its place.
+        tunnels.pop().close()
+        await feed.until(lambda f: f.closed >= 1)
+
+        async def served() -> bool:
+            raw, _ = await exchange(j.port, b"GET /x HTTP/1.1\r\nHost: shop\r\n\r\n", wait=1)
+            return raw.startswith(b"HTTP/1.1 200 ")
+
+        async with asyncio.timeout(10):
+            while not await served():  # bounded by the timeout
+                pass
+    finally:
+        for w in tunnels:
+            w.close()
+        await j.stop()
