@@ -372,3 +372,64 @@ async def test_upgraded_connections_count_against_max_connections(tmp_path: Path
         for w in tunnels:
             w.close()
         await j.stop()
+
+
+# -- the audit trail ---------------------------------------------------------------------
+
+PAY_HEAD = b"POST /api/payment/x HTTP/1.1\r\nHost: shop\r\n"
+PRE_ROUTE = pytest.mark.xfail(
+    strict=True,
+    reason="red team: a request to a payment path refused before routing (by the listener, "
+    "or by the framing/names steps) leaves no audit record: the trail cannot show that "
+    "payment-path traffic was refused, nor by whom",
+)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Refused after routing: audited (held).
+        pytest.param(
+            PAY_HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nX-A: " + b"a" * 200_000,
+            id="trailer-bomb",
+        ),
+        pytest.param(
+            PAY_HEAD.replace(b"POST", b"GET") + HANDSHAKE + b"\r\n" + PAYMENT,
+            id="websocket-with-bytes-ahead",
+        ),
+        # Refused before routing.
+        pytest.param(
+            PAY_HEAD + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            id="duplicate-content-length",
+            marks=PRE_ROUTE,
+        ),
+        pytest.param(
+            PAY_HEAD + b"Transfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+            id="transfer-encoding-identity",
+            marks=PRE_ROUTE,
+        ),
+        pytest.param(
+            PAY_HEAD + b"X_Amount: 1\r\nContent-Length: 0\r\n\r\n",
+            id="underscore-header",
+            marks=PRE_ROUTE,
+        ),
+    ],
+)
+async def test_a_refused_request_to_the_payment_route_is_audited(
+    jalur: Jalur, tmp_path: Path, data: bytes
+) -> None:
+    raw, closed = await exchange(jalur.port, data)
+    assert closed
+    head, _, body = raw.rpartition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 4") or head.startswith(b"HTTP/1.1 5"), raw[:120]
+    request_id = orjson.loads(body)["request_id"]
+    assert b"/api/payment/smuggled" not in jalur.pay.received
+
+    def audited() -> bool:
+        (trail,) = tmp_path.glob("audit-*.log")
+        return any(
+            orjson.loads(line).get("request_id") == request_id
+            for line in trail.read_text().splitlines()
+        )
+
+    await until(audited, 3)
