@@ -167,7 +167,15 @@ class MalformedBody(ValueError):
 
 
 class _Refused(Exception):
-    """Raised from a parser callback: the request head is refused (400 ``malformed``)."""
+    """Raised from a parser callback: the request head is refused (400 ``malformed``);
+    also queued for a head refused while an earlier request is being answered."""
+
+    def __init__(
+        self, why: str, status: bytes = b"400 Bad Request", reason: str = "malformed"
+    ) -> None:
+        super().__init__(why)
+        self.status = status
+        self.reason = reason
 
 
 class _Stop(Exception):
@@ -954,18 +962,18 @@ class Connection(asyncio.Protocol):
         )
 
     def _refuse_raw(self, status: bytes, error: str, reason: str) -> None:
-        """Response a head that never became a request, then close (no handler involved)."""
+        """Answer a head that never became a request, then close (no handler involved).
+        While an earlier request is being answered, the refusal waits its turn (counted
+        then), as a malformed head does: the client gets every answer, in order."""
         self._broken = True
+        if self.current is not None and not self._lost:
+            self.queue.append(_Refused(error, status, reason))
+            return
         self.listener.on_error(reason)
         transport = self.transport
-        current = self.current
-        if transport is not None and not self._lost and current is None:
+        if transport is not None and not self._lost:
             transport.write(head_refusal(status, error, reason, new_id()))
             self._close()
-        else:
-            self.queue.clear()  # the answer in progress is the last one
-            if current is not None:
-                current._keep = False
 
     # -- flow control ------------------------------------------------------------------
 
@@ -1094,7 +1102,7 @@ class Connection(asyncio.Protocol):
     def _next(self) -> None:
         item = self.queue.popleft()
         if isinstance(item, _Refused):
-            self._refuse_raw(b"400 Bad Request", str(item), "malformed")
+            self._refuse_raw(item.status, str(item), item.reason)
             return
         self._served += 1
         self._wrote = False

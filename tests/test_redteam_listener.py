@@ -40,6 +40,8 @@ HANDSHAKE = (
 )
 PAYMENT = b"POST /api/payment/smuggled HTTP/1.1\r\nHost: shop\r\nContent-Length: 0\r\n\r\n"
 REFUSE = "/live/refuse"  # the upstreams answer an upgrade to this target 426
+STALL = "/stall"  # ... and never answer this one
+SILENT = Answer(None)
 
 
 def upstream_answer(up: WireUpstream, index: int) -> Answer:
@@ -53,6 +55,8 @@ def upstream_answer(up: WireUpstream, index: int) -> Answer:
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
+    if m.target == STALL:
+        return SILENT
     return Answer(OK)
 
 
@@ -433,3 +437,34 @@ async def test_a_refused_request_to_the_payment_route_is_audited(
         )
 
     await until(audited, 3)
+
+
+# -- error answers ---------------------------------------------------------------------
+
+
+async def test_a_head_too_large_behind_a_request_in_progress_is_answered_in_its_turn(
+    tmp_path: Path,
+) -> None:
+    """A malformed head pipelined behind a request being answered got its 400 in its turn,
+    but a head over ``max_head_bytes`` was dropped without an answer (the connection just
+    closed after the first answer), though counted: no JSON refusal reached the client."""
+    j = await _start(
+        tmp_path, await wire_upstream(upstream_answer), timeouts={"response_headers": 1}
+    )
+    try:
+        before = await j.rejected("head_too_large")
+        reader, writer = await asyncio.open_connection("127.0.0.1", j.port)
+        writer.write(b"GET " + STALL.encode() + b" HTTP/1.1\r\nHost: shop\r\n\r\n")
+        await j.feed.until(lambda f: f.targets() == [STALL])
+        writer.write(b"GET /b HTTP/1.1\r\nHost: shop\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n")
+        raw = b""
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                raw += chunk
+        writer.close()
+        first, _, second = raw.partition(b"HTTP/1.1 431 ")
+        assert first.startswith(b"HTTP/1.1 504 ")
+        json_refusal(b"HTTP/1.1 431 " + second, 431, "head_too_large")
+        assert await j.rejected("head_too_large") == before + 1
+    finally:
+        await j.stop()
