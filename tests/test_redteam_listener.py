@@ -229,6 +229,27 @@ async def test_an_upgrade_the_upstream_refuses_tunnels_nothing_pipelined(jalur: 
     assert jalur.pay.connections == 0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="red team: a WebSocket upgrade on a payment route is tunnelled to the commerce "
+    "cluster; HTTP requests inside the tunnel reach it past the audit, the idempotency gate "
+    "and the rate limits (docs/websocket.md only advises routing upgrades to promotion "
+    "clusters; nothing enforces it)",
+)
+async def test_a_websocket_upgrade_on_a_payment_route_is_refused(jalur: Jalur) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", jalur.port)
+    try:
+        writer.write(b"GET /api/payment/ws HTTP/1.1\r\nHost: shop\r\n" + HANDSHAKE + b"\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 101 "):
+            writer.write(PAYMENT)  # after the 101: the tunnel carries it as it came
+            await jalur.pay.until(lambda p: "/api/payment/smuggled" in p.targets())
+        assert head.startswith(b"HTTP/1.1 400 ")
+    finally:
+        writer.close()
+
+
 # -- resource limits --------------------------------------------------------------------
 
 
