@@ -19,6 +19,7 @@ import base64
 import contextlib
 import hashlib
 import socket
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,21 @@ class Jalur:
 
 
 async def _start(
-    tmp_path: Path, feed: WireUpstream, max_connections: int = 1000, **extra: Any
+    tmp_path: Path,
+    feed: WireUpstream,
+    max_connections: int = 1000,
+    listen: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> Jalur:
     pay = await wire_upstream(upstream_answer)
     conf = _config(feed, pay)  # social feed for everything but /api/payment (commerce)
     conf["clusters"]["feed"].update(extra)
-    conf["listen"] = {"host": "127.0.0.1", "port": 0, "max_connections": max_connections}
+    conf["listen"] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "max_connections": max_connections,
+        **(listen or {}),
+    }
     proc, url, admin = await start_proxy(tmp_path, conf)
     return Jalur(proc, int(url.rsplit(":", 1)[1]), admin, feed, pay)
 
@@ -487,5 +497,35 @@ async def test_a_head_too_large_behind_a_request_in_progress_is_answered_in_its_
         assert first.startswith(b"HTTP/1.1 504 ")
         json_refusal(b"HTTP/1.1 431 " + second, 431, "head_too_large")
         assert await j.rejected("head_too_large") == before + 1
+    finally:
+        await j.stop()
+
+
+@pytest.mark.parametrize("cut", ["half-close", "reset"])
+async def test_a_body_cut_short_never_frames_the_next_request_upstream(
+    tmp_path: Path, cut: str
+) -> None:
+    """Held: a client announcing 100 body bytes and sending 50 before it half-closes or
+    resets leaves the upstream connection that carried them half-fed; it is never pooled,
+    so the next client's request is its own request upstream, not the first one's body."""
+    feed = await wire_upstream(upstream_answer)
+    j = await _start(tmp_path, feed, listen={"buffer_body_bytes": 0})  # the body streams
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", j.port)
+        writer.write(b"POST /first HTTP/1.1\r\nHost: shop\r\nContent-Length: 100\r\n\r\n")
+        writer.write(b"p" * 50)
+        await feed.until(lambda f: f.received.endswith(b"p" * 50))
+        if cut == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            writer.write_eof()
+        writer.close()
+        raw, _ = await exchange(
+            j.port, b"GET /second HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 200 "), raw[:100]
+        assert feed.targets() == ["/second"]  # /first never completed upstream
+        assert feed.connections == 2
     finally:
         await j.stop()
