@@ -54,7 +54,8 @@ Errors
 Upgrades
     After writing a ``101`` the handler takes the socket with ``Request.detach()``:
     ``(transport, leftover bytes)``, reading paused (the new owner sets its protocol and
-    resumes reading). The listener stops parsing and counts the connection gone.
+    resumes reading). The listener stops parsing and draining it; it still counts against
+    ``max_connections`` until the handler calls ``Request.tunnel_ended()``.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ READ_HIGH_WATER: Final = 64 * 1024
 # requests, ~200) is parsed beyond ``max_pipelined``. Body bytes go in larger slices.
 FEED_SLICE: Final = 4096
 BODY_SLICE: Final = 256 * 1024
+# Body pieces shorter than this (a client's tiny chunks: ``1\r\nx\r\n`` ...) are gathered
+# into one buffer. Each piece kept as its own bytes object costs ~40 bytes beside its
+# payload, so 64 KiB of 2-byte chunks held ~2 MiB per connection, not ``READ_HIGH_WATER``.
+SMALL_PIECE: Final = 512
 # Seconds an answered connection whose request body was not wholly received still reads
 # and discards before closing (unless the handler set ``Request.linger``).
 UNREAD_LINGER: Final = 1.0
@@ -162,7 +167,15 @@ class MalformedBody(ValueError):
 
 
 class _Refused(Exception):
-    """Raised from a parser callback: the request head is refused (400 ``malformed``)."""
+    """Raised from a parser callback: the request head is refused (400 ``malformed``);
+    also queued for a head refused while an earlier request is being answered."""
+
+    def __init__(
+        self, why: str, status: bytes = b"400 Bad Request", reason: str = "malformed"
+    ) -> None:
+        super().__init__(why)
+        self.status = status
+        self.reason = reason
 
 
 class _Stop(Exception):
@@ -257,6 +270,7 @@ class Request:
         "_error",
         "_keep",
         "_size",
+        "_small",
         "_upgrade",
         "_waiter",
         "body_exists",
@@ -288,8 +302,9 @@ class Request:
         self._chunked = chunked
         self.body_exists = chunked or (content_length is not None and content_length > 0)
         self._complete = not self.body_exists  # every body byte has arrived
-        self._body: deque[bytes] = deque()
+        self._body: deque[bytes | bytearray] = deque()
         self._size = 0  # bytes in _body
+        self._small: bytearray | None = None  # the last piece of _body, gathering small ones
         self.total_bytes = 0  # body bytes received so far
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -351,13 +366,26 @@ class Request:
                 self._waiter = None
         body = self._body
         data = body.popleft() if len(body) == 1 else b"".join(body)
+        if isinstance(data, bytearray):
+            data = bytes(data)
         body.clear()
+        self._small = None
         self._size = 0
         self._conn.body_taken()
         return data
 
     def _feed(self, data: bytes) -> None:
-        self._body.append(data)
+        if len(data) < SMALL_PIECE:
+            small = self._small
+            if small is None:
+                small = self._small = bytearray()
+                self._body.append(small)
+            small += data
+            if len(small) >= SMALL_PIECE:
+                self._small = None
+        else:
+            self._small = None
+            self._body.append(data)
         self._size += len(data)
         self.total_bytes += len(data)
         self._wake()
@@ -384,11 +412,22 @@ class Request:
         """A streamed answer; nothing is written until its first ``write``/``send_head``."""
         return Stream(self, status, headers, reason)
 
+    @property
+    def sent_ahead(self) -> int:
+        """Bytes the client sent after this upgrade request's head, before any answer."""
+        tail = self._conn._tail
+        return len(tail) if tail is not None and self._conn.current is self else 0
+
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Take the client socket after a ``101`` was written: ``(transport, bytes the
         client sent after the upgrade request)``. Reading is paused; the listener no
-        longer reads, writes or closes it, and no longer counts it."""
+        longer reads, writes, closes or drains it, but counts it open (``max_connections``)
+        until ``tunnel_ended``."""
         return self._conn.detach(self)
+
+    def tunnel_ended(self) -> None:
+        """The detached connection is closed: it no longer counts (idempotent)."""
+        self._conn.tunnel_ended()
 
 
 class Stream:
@@ -519,9 +558,14 @@ class Listener:
         return Connection(self)
 
     def connection_gone(self, conn: Connection) -> None:
-        """One connection fewer (closed, or detached by an upgrade)."""
-        self.connections.discard(conn)
+        """One connection fewer (closed, or a detached one whose tunnel ended)."""
+        self.handed_over(conn)
         self.open_connections -= 1
+
+    def handed_over(self, conn: Connection) -> None:
+        """``conn`` is no longer drained here (closed, or detached by an upgrade: it still
+        counts against ``max_connections`` until ``Request.tunnel_ended``)."""
+        self.connections.discard(conn)
         if not self.connections and self._empty is not None:
             self._empty.set()
 
@@ -551,6 +595,7 @@ class Connection(asyncio.Protocol):
         "_deadline",
         "_detached",
         "_drain_waiter",
+        "_framing",
         "_head_bytes",
         "_headers",
         "_heads",
@@ -568,6 +613,7 @@ class Connection(asyncio.Protocol):
         "_task",
         "_timer",
         "_timer_kind",
+        "_tunnel",
         "_url",
         "_url_size",
         "_why",
@@ -605,6 +651,7 @@ class Connection(asyncio.Protocol):
         self._lost = False
         self._broken = False  # the parser refused input: nothing more is parsed
         self._detached = False
+        self._tunnel = False  # detached and still counted as open (until tunnel_ended)
         self._lingering = False
         self._pending: bytes = b""  # input not parsed yet (pipelining queue full)
         self._tail: bytes | None = None  # input after an upgrade request
@@ -614,6 +661,9 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0  # bytes of the head being received
         self._heads = 0  # heads completed (tells whether a feed completed one)
         self._in_body = False  # the parser is inside a request body
+        # Bytes fed inside a body since its last body bytes: chunk size lines, extensions,
+        # the trailer section (-1: body bytes came in the last feed).
+        self._framing = 0
         self._parsing: Request | None = None  # the request whose body is being parsed
         self._url: list[bytes] = []
         self._headers: list[tuple[str, str]] = []
@@ -714,7 +764,7 @@ class Connection(asyncio.Protocol):
         assert parser is not None
         heads = self._heads
         awaiting = not self._in_body  # these bytes start in a head (counted if it goes on)
-        size = len(data)
+        size = fed = len(data)
         try:
             if size <= FEED_SLICE:
                 parser.feed_data(data)
@@ -731,6 +781,7 @@ class Connection(asyncio.Protocol):
                     pos += step
                     if len(self.queue) >= limit and pos < size:
                         self._pending = bytes(view[pos:])
+                        fed = pos
                         break
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[int(exc.args[0]) :])
@@ -744,6 +795,14 @@ class Connection(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as exc:
             self._malformed(str(exc) or "malformed request")
+        if self._in_body:
+            # llhttp hands body bytes over as they come, but httptools gathers a trailer
+            # field whole before ``on_header`` sees it, and nothing bounds extensions or the
+            # trailer section: their run is bounded like a head (one read's overshoot).
+            framing = self._framing
+            self._framing = 0 if framing < 0 or awaiting else framing + fed
+            if self._framing > self.limits.max_head_bytes and not self._broken:
+                self._malformed("chunk framing or trailer section over listen.max_head_bytes")
         if awaiting and self._heads == heads:
             # Still in the same head. (Bytes of a next head after a body's end are not
             # counted: at most one read's worth beyond max_head_bytes, as aiohttp's.)
@@ -832,6 +891,7 @@ class Connection(asyncio.Protocol):
         self.queue.append(request)
 
     def on_body(self, body: bytes) -> None:
+        self._framing = -1
         request = self._parsing
         if request is not None and not request._error:
             request._feed(body)
@@ -902,18 +962,18 @@ class Connection(asyncio.Protocol):
         )
 
     def _refuse_raw(self, status: bytes, error: str, reason: str) -> None:
-        """Response a head that never became a request, then close (no handler involved)."""
+        """Answer a head that never became a request, then close (no handler involved).
+        While an earlier request is being answered, the refusal waits its turn (counted
+        then), as a malformed head does: the client gets every answer, in order."""
         self._broken = True
+        if self.current is not None and not self._lost:
+            self.queue.append(_Refused(error, status, reason))
+            return
         self.listener.on_error(reason)
         transport = self.transport
-        current = self.current
-        if transport is not None and not self._lost and current is None:
+        if transport is not None and not self._lost:
             transport.write(head_refusal(status, error, reason, new_id()))
             self._close()
-        else:
-            self.queue.clear()  # the answer in progress is the last one
-            if current is not None:
-                current._keep = False
 
     # -- flow control ------------------------------------------------------------------
 
@@ -1042,7 +1102,7 @@ class Connection(asyncio.Protocol):
     def _next(self) -> None:
         item = self.queue.popleft()
         if isinstance(item, _Refused):
-            self._refuse_raw(b"400 Bad Request", str(item), "malformed")
+            self._refuse_raw(item.status, str(item), item.reason)
             return
         self._served += 1
         self._wrote = False
@@ -1239,8 +1299,16 @@ class Connection(asyncio.Protocol):
         self._tail = None
         self.queue.clear()
         self.parser = None
-        self.listener.connection_gone(self)
+        # Still open: an upgraded connection holds a socket (and an upstream one) like any
+        # other, so it counts against max_connections until its tunnel ends.
+        self._tunnel = True
+        self.listener.handed_over(self)
         return transport, tail
+
+    def tunnel_ended(self) -> None:
+        if self._tunnel:
+            self._tunnel = False
+            self.listener.connection_gone(self)
 
 
 class _BodyOnly:

@@ -19,7 +19,7 @@ from .exchange import Answer, Exchange
 from .gate import capture_rest, settle
 from .h1transport import MAX_HEAD_BYTES, H1Transport
 from .headers import response_headers
-from .listener import Response
+from .listener import HTTP11, Response
 from .upstream import ClusterRuntime, UpstreamResponse
 
 
@@ -111,6 +111,25 @@ def is_websocket(ex: Exchange) -> bool:
     return upgrade is not None and upgrade.lower() == "websocket"
 
 
+def _not_a_handshake(ex: Exchange) -> str | None:
+    """Why the request cannot be switched as it came (None: it can). The upstream is asked
+    with ``GET``, HTTP/1.1, ``Connection: Upgrade`` and no body, so anything else would be
+    a different request from the one routed and audited (RFC 6455 4.1, RFC 9110 7.8)."""
+    request = ex.request
+    if request.body_exists:
+        # Transfer-Encoding is hop-by-hop, so the tunnel's own check never sees it.
+        return "an upgrade request with a body"
+    if request.method != "GET":
+        return "a WebSocket upgrade must be a GET request"
+    if request.version < HTTP11:
+        return "an upgrade needs HTTP/1.1"
+    tokens = (t.strip().lower() for v in ex.headers.getall("Connection", ()) for t in v.split(","))
+    if "upgrade" not in tokens:
+        # The listener then parsed what followed as HTTP requests: they are not tunnel bytes.
+        return "an upgrade request without Connection: Upgrade"
+    return None
+
+
 async def websocket(ex: Exchange) -> Answer:
     """Ask the endpoint to switch protocols with the client's own handshake fields; after
     its validated ``101``, hand the client's socket over (``Request.detach``) and join the
@@ -121,6 +140,9 @@ async def websocket(ex: Exchange) -> Answer:
     assert endpoint is not None
     assert headers is not None
     request, request_id = ex.request, ex.request_id
+    refused = _not_a_handshake(ex)
+    if refused is not None:
+        return reject(ex, 400, refused, "upgrade_refused")
     items = [*headers.items(), *(("Upgrade", v) for v in ex.headers.getall("Upgrade"))]
     transport = cluster.transport
     ctx, name = transport.tls_for(endpoint) if isinstance(transport, H1Transport) else (None, None)
@@ -151,6 +173,12 @@ async def websocket(ex: Exchange) -> Answer:
         out.popall("Content-Length", None)
         ex.bytes_out += len(up.body)
         return Response(up.status, up.body, out, reason=up.reason)
+    if request.sent_ahead:
+        # RFC 6455 4.1: a client waits for the 101 before sending. Bytes sent with the
+        # handshake were never frames; tunnelled, they would reach this cluster unrouted
+        # (an HTTP request pipelined behind the upgrade: a payment to a social cluster).
+        up.close()
+        return reject(ex, 400, "bytes sent before the upgrade was answered", "upgrade_refused")
     out["Upgrade"] = next(v for k, v in up.headers if k.lower() == "upgrade")
     out["Connection"] = "Upgrade"
     switched = request.stream(101, out, reason=up.reason)
@@ -162,9 +190,12 @@ async def websocket(ex: Exchange) -> Answer:
         up.close()
         return switched
     limits = cluster.spec.upgrade
-    result = await tunnel.splice(
-        client, leftover, up, idle_timeout=limits.idle_timeout, max_bytes=limits.max_bytes
-    )
+    try:
+        result = await tunnel.splice(
+            client, leftover, up, idle_timeout=limits.idle_timeout, max_bytes=limits.max_bytes
+        )
+    finally:
+        request.tunnel_ended()  # counted against listen.max_connections until now
     ex.bytes_out += result.upstream_bytes
     if result.flag != "-":
         ex.flags = result.flag
