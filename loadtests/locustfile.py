@@ -180,7 +180,10 @@ def _wait_time() -> Any:
 
 
 class Shopper(FastHttpUser):
-    """One shopper with a stable user id (``x-user-id``: the sticky split key)."""
+    """One shopper with a stable user id (``x-user-id``: the sticky split key) and a session
+    with the commerce system (``Authorization``: the identity its rate limits and payment
+    scopes count per shopper; without it every shopper would share the load generator's
+    address, and the demo's per-shopper payment limit would refuse them as one)."""
 
     host = "http://127.0.0.1:8080"
     wait_time = _wait_time()
@@ -188,7 +191,7 @@ class Shopper(FastHttpUser):
 
     def on_start(self) -> None:
         self.user_id = f"shopper-{uuid.uuid4().hex[:12]}"
-        self.headers = {"x-user-id": self.user_id}
+        self.headers = {"x-user-id": self.user_id, "Authorization": f"Bearer {self.user_id}"}
         self.rng = random.Random(self.user_id)
         self.cart: list[int] = []
         self.orders: list[str] = []

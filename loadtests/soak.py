@@ -424,7 +424,10 @@ class Hostile:
             return
         try:
             writer.write(
+                # Each drip its own session: this wave tests the body deadline, not the
+                # per-shopper rate limit (which would refuse one address's drips with 429).
                 f"POST /api/payment HTTP/1.1\r\nHost: shop\r\nX-Request-Id: {rid}\r\n"
+                f"Authorization: Bearer {rid}\r\n"
                 "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n".encode()
             )
             answer = asyncio.ensure_future(reader.read(4096))

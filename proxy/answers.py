@@ -16,7 +16,7 @@ from typing import Final
 import orjson
 from multidict import CIMultiDict
 
-from . import errors
+from . import errors, paths
 from .exchange import Exchange
 from .listener import Response
 from .metrics import ClusterMetrics
@@ -74,7 +74,24 @@ def reject(ex: Exchange, status: int, message: str, reason: str) -> Response:
         # A malformed or ambiguous request: what the client pipelined after it is not
         # trusted to be framed as the client meant (NGINX also closes after a 400).
         resp.force_close()
+        _audit_refusal(ex, reason)
     return resp
+
+
+def _audit_refusal(ex: Exchange, reason: str) -> None:
+    """A request refused before routing whose target a transaction route would take is
+    still a transaction decision: it is audited under that route (best effort: a target
+    that has no canonical reading cannot be said to address any route)."""
+    state = ex.state
+    try:
+        host = paths.canonical_host(ex.headers.getall("Host", []))
+        target = paths.canonicalize(ex.request.raw_path, ex.headers.get("Host"))
+    except paths.PathError:
+        return
+    route = state.router.match(ex.method, host, target.path, ex.headers)
+    if route is not None and route.category in state.transaction_categories:
+        ex.refused_route = route
+        ex.reason = reason
 
 
 def block(ex: Exchange, status: int, reason: str, message: str) -> Response:

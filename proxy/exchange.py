@@ -50,6 +50,7 @@ class Exchange:
         "out_headers",
         "policy",
         "reason",
+        "refused_route",
         "request",
         "request_id",
         "retrying",
@@ -103,6 +104,8 @@ class Exchange:
         self.status = 0
         self.flags = "-"
         self.reason = ""  # compliance/boundary refusal slug, for the audit log
+        # The transaction route a request refused before routing was addressed to (audited).
+        self.refused_route: Route | None = None
         self.consent: str | None = None  # the consent check's outcome, for the audit log
         self.bytes_out = 0
         self.upstream_time: float | None = None

@@ -33,13 +33,14 @@ def record(ex: Exchange, duration: float) -> None:
     access = services.access
     if access.keep(ex.status):  # sampled before anything is formatted
         _access_log(access, ex, duration, bytes_in)
-    if route is not None and (ex.reason or route.category in state.transaction_categories):
+    audited = route if route is not None else ex.refused_route
+    if audited is not None and (ex.reason or audited.category in state.transaction_categories):
         services.audit.record(
             {
                 "request_id": ex.request_id,
                 "trace_id": trace.trace_id if trace is not None else None,
-                "route": route.name,
-                "category": route.category,
+                "route": audited.name,
+                "category": audited.category,
                 "cluster": cluster_name,
                 "system": cluster.system if cluster else None,
                 "status": ex.status,

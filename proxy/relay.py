@@ -14,7 +14,7 @@ from __future__ import annotations
 from multidict import CIMultiDict
 
 from . import errors, tunnel
-from .answers import body_refused, failure_response, reject
+from .answers import block, body_refused, failure_response, reject
 from .exchange import Answer, Exchange
 from .gate import capture_rest, settle
 from .h1transport import MAX_HEAD_BYTES, H1Transport
@@ -143,6 +143,14 @@ async def websocket(ex: Exchange) -> Answer:
     refused = _not_a_handshake(ex)
     if refused is not None:
         return reject(ex, 400, refused, "upgrade_refused")
+    route = ex.route
+    assert route is not None
+    if route.category in ex.state.transaction_categories:
+        # A tunnel is opaque: what a client sent inside it would reach the commerce system
+        # past the audit, the idempotency gate and the rate limits (Envoy, too, upgrades
+        # only routes that enable it). Refused and audited like any compliance decision.
+        message = f"no WebSocket upgrade on {route.category} routes"
+        return block(ex, 400, "upgrade_refused", message)
     items = [*headers.items(), *(("Upgrade", v) for v in ex.headers.getall("Upgrade"))]
     transport = cluster.transport
     ctx, name = transport.tls_for(endpoint) if isinstance(transport, H1Transport) else (None, None)

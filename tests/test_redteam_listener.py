@@ -239,13 +239,6 @@ async def test_an_upgrade_the_upstream_refuses_tunnels_nothing_pipelined(jalur: 
     assert jalur.pay.connections == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="red team: a WebSocket upgrade on a payment route is tunnelled to the commerce "
-    "cluster; HTTP requests inside the tunnel reach it past the audit, the idempotency gate "
-    "and the rate limits (docs/websocket.md only advises routing upgrades to promotion "
-    "clusters; nothing enforces it)",
-)
 async def test_a_websocket_upgrade_on_a_payment_route_is_refused(jalur: Jalur) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", jalur.port)
     try:
@@ -414,9 +407,10 @@ async def test_upgraded_connections_count_against_max_connections(tmp_path: Path
 PAY_HEAD = b"POST /api/payment/x HTTP/1.1\r\nHost: shop\r\n"
 PRE_ROUTE = pytest.mark.xfail(
     strict=True,
-    reason="red team: a request to a payment path refused before routing (by the listener, "
-    "or by the framing/names steps) leaves no audit record: the trail cannot show that "
-    "payment-path traffic was refused, nor by whom",
+    reason="red team: a request to a payment path that the listener itself refuses (its "
+    "head never became a request: duplicate Content-Length, bad framing) leaves no audit "
+    "record, only jalur_requests_rejected_total; refusals by the steps before routing are "
+    "audited under the route their target addresses",
 )
 
 
@@ -432,7 +426,7 @@ PRE_ROUTE = pytest.mark.xfail(
             PAY_HEAD.replace(b"POST", b"GET") + HANDSHAKE + b"\r\n" + PAYMENT,
             id="websocket-with-bytes-ahead",
         ),
-        # Refused before routing.
+        # Refused before routing: by the steps (audited), by the listener (not yet).
         pytest.param(
             PAY_HEAD + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\nx",
             id="duplicate-content-length",
@@ -441,12 +435,10 @@ PRE_ROUTE = pytest.mark.xfail(
         pytest.param(
             PAY_HEAD + b"Transfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
             id="transfer-encoding-identity",
-            marks=PRE_ROUTE,
         ),
         pytest.param(
             PAY_HEAD + b"X_Amount: 1\r\nContent-Length: 0\r\n\r\n",
             id="underscore-header",
-            marks=PRE_ROUTE,
         ),
     ],
 )
