@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable
+from typing import Final
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -16,7 +17,11 @@ from yarl import URL
 
 from proxy import config as cfg
 from proxy import errors, tls
-from proxy.upstream import READ_BUFSIZE, Endpoint, UpstreamResponse
+from proxy.upstream import Endpoint, UpstreamResponse
+
+# Bytes read from an upstream socket before the reader pauses it: bounds the memory one
+# response can hold in the proxy whatever its size.
+READ_BUFSIZE: Final = 64 * 1024
 
 
 def map_exception(exc: BaseException) -> errors.ProxyError:

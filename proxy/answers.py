@@ -74,7 +74,8 @@ def reject(ex: Exchange, status: int, message: str, reason: str) -> Response:
         # A malformed or ambiguous request: what the client pipelined after it is not
         # trusted to be framed as the client meant (NGINX also closes after a 400).
         resp.force_close()
-        _audit_refusal(ex, reason)
+        if ex.route is None:  # after routing, the route's own record says it
+            _audit_refusal(ex, reason)
     return resp
 
 
@@ -83,11 +84,13 @@ def _audit_refusal(ex: Exchange, reason: str) -> None:
     still a transaction decision: it is audited under that route (best effort: a target
     that has no canonical reading cannot be said to address any route)."""
     state = ex.state
-    try:
-        host = paths.canonical_host(ex.headers.getall("Host", []))
-        target = paths.canonicalize(ex.request.raw_path, ex.headers.get("Host"))
-    except paths.PathError:
-        return
+    host, target = ex.host_name, ex.target  # read by ``steps.canonical_path`` if it ran
+    if target is None:
+        try:
+            host = paths.canonical_host(ex.headers.getall("Host", []))
+            target = paths.canonicalize(ex.request.raw_path, ex.headers.get("Host"))
+        except paths.PathError:
+            return
     route = state.router.match(ex.method, host, target.path, ex.headers)
     if route is not None and route.category in state.transaction_categories:
         ex.refused_route = route

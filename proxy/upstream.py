@@ -35,7 +35,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -48,10 +48,6 @@ from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .metrics import ClusterMetrics
-
-# Bytes read from an upstream socket before the reader pauses it: bounds the memory one
-# response can hold in the proxy whatever its size.
-READ_BUFSIZE: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
